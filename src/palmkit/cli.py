@@ -1,0 +1,119 @@
+"""`palmkit <command>`: a thin layer that turns API functions into subcommands.
+
+Each command is a typed Python function; its parameters become `--options` (underscores as dashes)
+and its docstring becomes `--help`. Parameters named in the function's `__cli_positional__` are
+positional. Errors a user can fix (bad paths, corrupt files, bad values) print one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import importlib
+import inspect
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable
+
+from palmkit.errors import USER_ERRORS
+
+# "command words" -> ("module:function", one-line help). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("palmkit.model:describe", "parameters and training FLOPs per token of a preset"),
+    "generate": ("palmkit.generate:generate_command", "complete a prompt, streaming to the terminal"),
+    "export": ("palmkit.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),
+}
+
+
+def _unwrap(tp) -> tuple[object, bool]:
+    """(base type, is_list) for an annotation such as `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else (str, False)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return _unwrap(typing.get_args(tp)[0])[0], True
+    return tp, False
+
+
+def add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    """Add one argument per parameter of `fn` to `parser`."""
+    hints = typing.get_type_hints(fn)
+    positional = getattr(fn, "__cli_positional__", ())
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+            continue
+        tp, is_list = _unwrap(hints.get(name, str))
+        required = param.default is inspect.Parameter.empty
+        kwargs: dict = {} if required else {"default": param.default}
+        if typing.get_origin(tp) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+            tp = type(kwargs["choices"][0])
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp if tp in (int, float, str) else str
+            if is_list:
+                kwargs["nargs"] = "+" if required else "*"
+        if name in positional:
+            parser.add_argument(name, **kwargs)
+        else:
+            kwargs["help"] = "(required)" if required else f"(default: {param.default})"
+            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required and tp is not bool,
+                                **kwargs)
+
+
+def _command_parser(words: list[str]) -> tuple[argparse.ArgumentParser, Callable]:
+    target, _ = COMMANDS[" ".join(words)]
+    module, _, func = target.partition(":")
+    fn = getattr(importlib.import_module(module), func)
+    parser = argparse.ArgumentParser(prog="palmkit " + " ".join(words), description=inspect.getdoc(fn),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_function(parser, fn)
+    return parser, fn
+
+
+def _usage(prefix: list[str]) -> str:
+    """The list of commands under `prefix` (all of them for an empty prefix)."""
+    n = len(prefix)
+    rows = [(c, h) for c, (_, h) in COMMANDS.items() if c.split()[:n] == prefix]
+    width = max(len(c) for c, _ in rows)
+    lines = [f"usage: palmkit {' '.join(prefix) + ' ' if prefix else ''}<command> [options]", "", "commands:"]
+    lines += [f"  {c.ljust(width)}  {h}" for c, h in rows]
+    lines += ["", "Run `palmkit COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `palmkit` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words: list[str] = []
+    while argv and not argv[0].startswith("-") and any(
+            c.split()[: len(words) + 1] == [*words, argv[0]] for c in COMMANDS):
+        words.append(argv.pop(0))
+        if " ".join(words) in COMMANDS:
+            break
+    if " ".join(words) not in COMMANDS:
+        print(_usage(words), file=sys.stdout if {"-h", "--help"} & set(argv) else sys.stderr)
+        return 0 if {"-h", "--help"} & set(argv) else 2
+    parser, fn = _command_parser(words)
+    args = vars(parser.parse_args(argv))
+    try:
+        result = fn(**args)
+    except USER_ERRORS as exc:
+        if os.environ.get("PALMKIT_DEBUG"):
+            raise
+        print(f"palmkit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npalmkit: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, str):
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

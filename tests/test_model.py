@@ -1,0 +1,127 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from palmkit.model import KVCache, apply_rotary, build_model, describe, lm_loss, preset
+from tests.conftest import random_model
+
+
+@pytest.mark.parametrize(("name", "billions"), [("palm-8b", 8.63), ("palm-62b", 62.50), ("palm-540b", 540.35)])
+def test_paper_parameter_counts(name, billions):
+    model = build_model(preset(name), device="meta")
+    assert abs(model.num_params() / 1e9 - billions) / billions < 0.005
+    assert model.num_params() == model.config.num_params()
+
+
+def test_cpu_presets_sizes():
+    assert build_model(preset("tiny"), "meta").num_params() < 2_000_000
+    assert 18e6 < build_model(preset("small"), "meta").num_params() < 30e6
+    assert 100e6 < build_model(preset("base"), "meta").num_params() < 150e6
+
+
+def test_no_biases_and_tied_embeddings():
+    model = random_model(300)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.endswith("bias") for n in names)
+    assert model.layers[0].self_attn.k_proj.weight.shape[0] == model.config.head_dim  # one shared KV head
+    assert sum("input_layernorm" in n for n in names) == model.config.n_layers  # one LayerNorm per block
+
+
+def test_parallel_block_matches_formula():
+    torch.manual_seed(0)
+    model = random_model(300)
+    block = model.layers[0]
+    x = torch.randn(2, 7, model.config.d_model)
+    positions = torch.arange(7).expand(2, 7)
+    cos, sin = model.rope_cos[positions].unsqueeze(1), model.rope_sin[positions].unsqueeze(1)
+    h = F.layer_norm(x, (model.config.d_model,), block.input_layernorm.weight, None, 1e-5)
+    # Independent attention: explicit heads, explicit causal softmax.
+    att = block.self_attn
+    q = att.q_proj(h).view(2, 7, att.n_heads, -1).transpose(1, 2)
+    k = att.k_proj(h).view(2, 7, 1, -1).transpose(1, 2)
+    v = att.v_proj(h).view(2, 7, 1, -1).transpose(1, 2)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(att.head_dim)
+    scores = scores.masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    a = att.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, -1))
+    m = block.mlp.down_proj(F.silu(block.mlp.gate_proj(h)) * block.mlp.up_proj(h))
+    torch.testing.assert_close(block(x, cos, sin), x + a + m, atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_is_a_rotation_of_interleaved_pairs():
+    x = torch.randn(1, 1, 3, 8)
+    angle = torch.tensor([0.3, 0.3, 1.1, 1.1, -0.7, -0.7, 2.0, 2.0])
+    y = apply_rotary(x, angle.cos(), angle.sin())
+    for i in range(4):
+        a = angle[2 * i]
+        x0, x1 = x[..., 2 * i], x[..., 2 * i + 1]
+        torch.testing.assert_close(y[..., 2 * i], x0 * a.cos() - x1 * a.sin())
+        torch.testing.assert_close(y[..., 2 * i + 1], x1 * a.cos() + x0 * a.sin())
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_loss_is_cross_entropy_plus_z_loss():
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    targets[0, 0] = -100
+    total, ce, z = lm_loss(logits, targets, z_loss=1e-4)
+    valid = targets != -100
+    ref_ce = -torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0][valid].mean()
+    ref_z = 1e-4 * torch.logsumexp(logits, -1)[valid].pow(2).mean()
+    torch.testing.assert_close(ce, ref_ce)
+    torch.testing.assert_close(z, ref_z)
+    torch.testing.assert_close(total, ref_ce + ref_z)
+
+
+def test_initialisation_follows_palm():
+    model = build_model(preset("small", vocab_size=4000), seed=0)
+    assert abs(model.embed_tokens.weight.std().item() - 1.0) < 0.02
+    w = model.layers[0].mlp.down_proj.weight
+    assert abs(w.std().item() - w.shape[1] ** -0.5) < 0.1 * w.shape[1] ** -0.5
+    assert model.logit_scale == pytest.approx(384 ** -0.5)
+
+
+def test_padding_mask_left_padded_rows_equal_unpadded():
+    model = random_model(300)
+    seq = torch.randint(3, 300, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+    pad_mask = torch.tensor([[False] * 3 + [True] * 6])
+    positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        full = model(seq)
+        left = model(padded, positions=positions, pad_mask=pad_mask)
+    assert torch.isfinite(left).all()
+    torch.testing.assert_close(left[:, 3:], full, atol=1e-5, rtol=1e-5)
+
+
+def test_incremental_logits_equal_full_forward():
+    model = random_model(300, n_kv_heads=2)
+    seq = torch.randint(3, 300, (2, 12))
+    cache = KVCache(model.config, 2, 16)
+    with torch.no_grad():
+        full = model(seq)
+        parts = [model(seq[:, :5], torch.arange(5).expand(2, 5), cache=cache)]
+        for t in range(5, 12):
+            parts.append(model(seq[:, t:t + 1], torch.full((2, 1), t), cache=cache))
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_context_overflow_is_a_clear_error():
+    model = random_model(300)
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, model.config.max_seq_len + 1, dtype=torch.long))
+
+
+def test_bf16_keeps_rotary_tables_fp32():
+    model = random_model(300).to(torch.bfloat16)
+    assert model.rope_cos.dtype == torch.float32
+    assert model(torch.randint(0, 300, (1, 4))).dtype == torch.bfloat16
+
+
+def test_describe_prints_flops():
+    text = describe("palm-8b")
+    cfg = preset("palm-8b")
+    assert "8,632,012,800" in text
+    assert f"{6 * cfg.num_params() + 12 * 32 * 4096 * 2048:.4g}" in text
