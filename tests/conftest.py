@@ -32,3 +32,30 @@ def checkpoint(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, random_model(tokenizer.vocab_size), tokenizer)
     return path
+
+
+def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> Path:
+    """A miniature built corpus (text, tokenizer, shards) in three languages from the sample text."""
+    import json
+    import random
+
+    from palmkit.data import write_shards
+
+    lines = (FIXTURES / "sample.txt").read_text(encoding="utf-8").splitlines()
+    rng = random.Random(0)
+    langs = {"en": lines[0:3] + lines[11:13], "de": lines[3:5], "zh": lines[9:10]}
+    for lang, pool in langs.items():
+        (root / "text" / lang).mkdir(parents=True, exist_ok=True)
+        docs = [" ".join(rng.sample(pool, len(pool))) for _ in range(docs_per_lang)]
+        cut = docs_per_lang * 5 // 6
+        for split, chunk in (("train", docs[:cut]), ("valid", docs[cut:])):
+            with open(root / "text" / lang / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"text": d, "source": "sample"}, ensure_ascii=False) + "\n" for d in chunk)
+    tok = train_tokenizer(lines * 4, root / "tokenizer.model", vocab_size=vocab_size)
+    write_shards(root, tok)
+    return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))

@@ -74,9 +74,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
     try:
-        return load(path.read_bytes())
+        tensors = load(path.read_bytes())
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
+    # A fixed key order: every rank must walk the tensors in the same order to shard them (FSDP2).
+    return {k: tensors[k] for k in sorted(tensors)}
 
 
 def load_json(path: str | os.PathLike) -> Any:

@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("palmkit.model:describe", "parameters and training FLOPs per token of a preset"),
     "generate": ("palmkit.generate:generate_command", "complete a prompt, streaming to the terminal"),
     "export": ("palmkit.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),
+    "pretrain": ("palmkit.train:pretrain_command", "pretrain on a corpus (one process or torchrun: DDP/FSDP2)"),
+    "plot": ("palmkit.metrics:plot_run", "PNG of a run's training and per-language validation loss"),
 }
 
 
@@ -45,7 +47,8 @@ def add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
     for name, param in inspect.signature(fn).parameters.items():
         if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
             continue
-        tp, is_list = _unwrap(hints.get(name, str))
+        annotation = param.annotation if param.annotation is not inspect.Parameter.empty else str
+        tp, is_list = _unwrap(hints.get(name, annotation))
         required = param.default is inspect.Parameter.empty
         kwargs: dict = {} if required else {"default": param.default}
         if typing.get_origin(tp) is typing.Literal:
