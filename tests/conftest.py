@@ -59,3 +59,12 @@ def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> P
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread; on a busy 2-core machine two threads spin-wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -89,3 +89,19 @@ def test_errors_are_clear(tmp_path, corpus):
         MixtureLoader(corpus, 16, 4, langs=["xx"])
     with pytest.raises(PalmkitError, match="build the corpus first"):
         write_shards(tmp_path, None)
+
+
+def test_unigram_perplexity_matches_hand_computation(corpus):
+    from palmkit.data import unigram_perplexity
+
+    train = np.asarray(TokenStream(corpus / "shards" / "zh", "train", 8).tokens)
+    valid = np.asarray(TokenStream(corpus / "shards" / "zh", "valid", 8).tokens)
+    vocab = json.loads((corpus / "shards" / "zh" / "index.json").read_text())["vocab_size"]
+    counts = {t: 1.0 for t in range(vocab)}
+    for t in train.tolist():
+        counts[t] += 1
+    total = sum(counts.values())
+    import math
+
+    expected = math.exp(-sum(math.log(counts[t] / total) for t in valid.tolist()) / len(valid))
+    assert unigram_perplexity(corpus, "zh") == pytest.approx(expected, rel=1e-9)

@@ -70,7 +70,7 @@ def test_kv_cache_decoding_matches(exported, tokenizer):
     assert (step - full).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("text", SAMPLES + ["<|user|>hi<|end|><|assistant|>"])
+@pytest.mark.parametrize("text", [*SAMPLES, "<|user|>hi<|end|><|assistant|>"])
 def test_autotokenizer_gives_the_same_ids(exported, tokenizer, text):
     _, _, root = exported
     hf_tok = transformers.AutoTokenizer.from_pretrained(root / "hf")

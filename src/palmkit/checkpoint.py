@@ -19,6 +19,7 @@ from safetensors.torch import load, save
 
 from palmkit.errors import PalmkitError
 from palmkit.model import ModelConfig, PaLM, rotary_tables
+from palmkit.optimize import restore_layout, saved_layout, storable_state
 from palmkit.tokenizer import Tokenizer
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
@@ -96,7 +97,9 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     model = getattr(model, "module", model)  # DistributedDataParallel
     # FSDP2 shards parameters as DTensors; full_tensor() gathers them (a collective: call on every rank).
-    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    # Fused projections are a runtime layout; an int8 embedding is stored once (issue 7).
+    return storable_state(model, state)
 
 
 def save_checkpoint(path: str | os.PathLike, model: PaLM, tokenizer: Tokenizer | str | os.PathLike,
@@ -108,6 +111,8 @@ def save_checkpoint(path: str | os.PathLike, model: PaLM, tokenizer: Tokenizer |
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         config = {"model": model.config.to_dict(), **(extra or {})}
+        for section, layout in saved_layout(model).items():  # int8 or low-rank layers: how to rebuild them
+            config[section] = {**config.get(section, {}), **layout}
         save_tensors(staging / MODEL_FILE, model_state(model), metadata={"format": "pt"})
         atomic_write_json(staging / CONFIG_FILE, config)
         shutil.copyfile(tok_file, staging / TOKENIZER_FILE)
@@ -156,6 +161,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(str(exc)) from None
     with torch.device("meta"):
         model = PaLM(cfg)
+    state = restore_layout(model, config, state)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

@@ -26,6 +26,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("palmkit.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),
     "pretrain": ("palmkit.train:pretrain_command", "pretrain on a corpus (one process or torchrun: DDP/FSDP2)"),
     "plot": ("palmkit.metrics:plot_run", "PNG of a run's training and per-language validation loss"),
+    "quantize": ("palmkit.optimize:quantize_command", "int8-weight copy of a checkpoint for CPU inference"),
+    "compress": ("palmkit.optimize:compress_command", "low-rank (SVD) copy of a checkpoint, optionally healed"),
+    "finetune classify": ("palmkit.finetune:finetune_classify_command", "fine-tune a text classifier (full or LoRA)"),
+    "finetune ner": ("palmkit.finetune:finetune_ner_command", "fine-tune a named-entity tagger (BIO)"),
+    "finetune chat": ("palmkit.finetune:finetune_chat_command", "supervised fine-tuning on conversations"),
+    "evaluate": ("palmkit.evaluate:evaluate_command", "report on a fine-tuned model beside a TF-IDF baseline"),
+    "classify": ("palmkit.finetune:classify_command", "classify texts with a fine-tuned classifier"),
+    "tag": ("palmkit.finetune:tag_command", "find named entities with a fine-tuned tagger"),
+    "serve": ("palmkit.serve:serve", "OpenAI-compatible HTTP server with streaming and batching"),
+    "corpus fetch": ("palmkit.corpus:fetch", "download the built-in multilingual text sources into the cache"),
+    "corpus build": ("palmkit.corpus:build", "clean, deduplicate and split text, train a tokenizer, write shards"),
 }
 
 

@@ -225,3 +225,15 @@ def validation_batches(corpus_dir: str | os.PathLike, lang: str, seq_len: int, b
             yield seqs[:, :-1], targets
 
     return batches(), n, bytes_per_token
+
+
+def unigram_perplexity(corpus_dir: str | os.PathLike, lang: str) -> float:
+    """Held-out perplexity of a add-one-smoothed unigram model fitted on the training tokens: the floor a
+    language model must beat."""
+    root = Path(corpus_dir) / "shards" / lang
+    index = json.loads((root / "index.json").read_text())
+    train = np.memmap(root / "train.bin", dtype=index["dtype"], mode="r")
+    valid = np.memmap(root / "valid.bin", dtype=index["dtype"], mode="r")
+    counts = np.bincount(train, minlength=index["vocab_size"]).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(np.exp(-log_p[valid].mean()))

@@ -21,6 +21,7 @@ from palmkit.checkpoint import (
     save_tensors,
 )
 from palmkit.model import ModelConfig
+from palmkit.optimize import dense_weights
 from palmkit.tokenizer import CHAT_SYMBOLS
 
 
@@ -53,6 +54,12 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
+def hf_state_dict(state: dict) -> dict:
+    """palmkit weight names to CohereForCausalLM's: a prefix, nothing else."""
+    # The output layer is the tied input embedding, so lm_head.weight is not written.
+    return {f"model.{name}": t for name, t in state.items()}
+
+
 def tokenizer_config(cfg: ModelConfig) -> dict:
     """tokenizer_config.json: a SentencePiece LlamaTokenizer that adds nothing of its own."""
     return {
@@ -75,10 +82,12 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline."""
     checkpoint, out = Path(checkpoint), Path(out)
-    cfg = ModelConfig.from_dict(load_config(checkpoint)["model"])
+    config = load_config(checkpoint)
+    cfg = ModelConfig.from_dict(config["model"])
     state = load_tensors(checkpoint / MODEL_FILE)
-    # The output layer is the tied input embedding, so lm_head.weight is not written.
-    tensors = {f"model.{name}": t for name, t in state.items()}
+    if "quantization" in config or "low_rank" in config:  # transformers gets the dense weights they stand for
+        state = dense_weights(state)
+    tensors = hf_state_dict(state)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:

@@ -154,24 +154,28 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
     cache_len = min(ctx, longest + budget)
     cache = KVCache(model.config, len(prompts), cache_len, model.embed_tokens.weight.dtype, device)
     rows = [_Row(p, make_generator(p.seed)) for p in per_row]
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    batch = torch.full((len(prompts), longest), model.config.pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        batch[i, : len(p)] = torch.tensor(list(p), dtype=torch.long)
+    pad = model.config.pad_id
+    # One host-to-device copy for the whole batch, not one per row.
+    batch = torch.tensor([[*p, *[pad] * (longest - len(p))] for p in prompts], dtype=torch.long, device=device)
     positions = torch.arange(longest, device=device).expand(len(prompts), longest)
-    h = model.hidden_states(batch, positions, cache=cache)
-    logits = model.logits(h[torch.arange(len(prompts)), lengths - 1])
-    pos = lengths.clone()
+    h = model.hidden_states(batch, positions, cache=cache, n_keys=longest)
+    last_index = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    logits = model.logits(h[torch.arange(len(prompts), device=device), last_index])
+    # Positions live on the host: reading them from a device tensor would sync once per row per step (issue 2).
+    pos = [len(p) for p in prompts]
+    any_greedy = any(p.temperature == 0 for p in per_row)
     while True:
+        # Greedy rows share one argmax and one device-to-host copy (the same ids as sample() row by row).
+        greedy = logits.argmax(-1).tolist() if any_greedy else None
         step: list[int | None] = []
         for i, row in enumerate(rows):
             if row.done:
                 step.append(None)
                 continue
-            tok = sample(logits[i], row.params, row.generator)
+            tok = greedy[i] if row.params.temperature == 0 else sample(logits[i], row.params, row.generator)
             row.tokens.append(tok)
             row.done = ((row.params.stop_at_eos and tok == model.config.eos_id)
-                        or len(row.tokens) >= row.params.max_new_tokens or int(pos[i]) >= cache_len)
+                        or len(row.tokens) >= row.params.max_new_tokens or pos[i] >= cache_len)
             step.append(tok)
         if all(t is None for t in step):
             return
@@ -181,10 +185,12 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
                 rows[i].done = True
         if all(r.done for r in rows):
             return
-        last = torch.tensor([[r.tokens[-1] if r.tokens else model.config.pad_id] for r in rows], device=device)
-        pos_in = pos.clamp(max=cache_len - 1)[:, None]
-        logits = model(last, pos_in, cache=cache)[:, -1]
-        pos += 1
+        last = torch.tensor([[r.tokens[-1] if r.tokens else pad] for r in rows], device=device)
+        pos_in = [min(q, cache_len - 1) for q in pos]
+        h = model.hidden_states(last, torch.tensor(pos_in, device=device)[:, None], cache=cache,
+                                n_keys=max(pos_in) + 1)
+        logits = model.logits(h[:, -1])
+        pos = [q + 1 for q in pos]
 
 
 def generate(model: PaLM, tokenizer: Tokenizer, prompts: str | Sequence[str],

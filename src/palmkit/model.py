@@ -107,10 +107,17 @@ def rotary_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Te
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (B, H, T, hd) by angles given per (B, 1, T, hd)."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate pairs (x[2i], x[2i+1]) of x (B, H, T, hd) by angles given per (B, 1, T, hd) or (T, hd)."""
+    if torch.compiler.is_compiling():
+        # inductor generates no code for complex numbers, and fuses this real form into one kernel
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    # Eager: the pair (x0, x1) times cos + i sin is one complex multiply, 4-5x faster than the
+    # separate passes of the real form, forward and backward (issue 4)
+    turn = torch.complex(cos[..., 0::2], sin[..., 0::2])
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
 class KVCache:
@@ -207,6 +214,7 @@ class PaLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         # Shared input/output embeddings; logits scaled by 1/sqrt(d) (section 2, "Shared embeddings")
         self.logit_scale = cfg.d_model ** -0.5
+        self.lm_head: nn.Module | None = None  # None: the shared embedding; palmkit.optimize sets an int8 copy
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -232,23 +240,28 @@ class PaLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def hidden_states(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                      pad_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      pad_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                      n_keys: int | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, d).
 
         positions (B, T): each token's position, 0..T-1 by default. pad_mask (B, T): False at padding
         (needed only for left padding; right padding is already hidden by causality). cache: keys and
         values are written at `positions`, and each query sees the cached positions up to its own.
+        n_keys: with a cache, the largest position + 1 if the caller knows it (it saves a device sync).
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})")
+        if positions is None and cache is not None:  # the cache is written at explicit positions
+            positions = torch.arange(T, device=idx.device).expand(idx.shape[0], T)
         if positions is None:
-            positions = torch.arange(T, device=idx.device).expand(B, T)
-        cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
-        mask, n_keys = None, T
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # broadcast over the batch: no gather
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = None
         if cache is not None:
-            n_keys = int(positions.max()) + 1
+            if n_keys is None:  # reading positions waits for the device; decode loops pass it (issue 2)
+                n_keys = int(positions.max()) + 1
             keys = torch.arange(n_keys, device=idx.device)
             mask = (keys <= positions[..., None]).unsqueeze(1)
         elif pad_mask is not None:
@@ -258,6 +271,9 @@ class PaLM(nn.Module):
             mask = (causal & pad_mask[:, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=idx.device)
             mask = mask.unsqueeze(1)
         x = self.embed_tokens(idx)
+        if mask is not None:
+            # Additive form once, not in every layer's attention: the same 0 / -inf that SDPA would make.
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.k[i], cache.v[i], n_keys) if cache is not None else None
             x = layer(x, cos, sin, mask, positions, layer_cache)
@@ -265,12 +281,21 @@ class PaLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output logits from hidden states through the shared embedding."""
+        if self.lm_head is not None:
+            return self.lm_head(h) * self.logit_scale
         return F.linear(h, self.embed_tokens.weight) * self.logit_scale
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-                pad_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T)."""
-        return self.logits(self.hidden_states(idx, positions, pad_mask, cache))
+                pad_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab) for token ids (B, T); with targets, `fused_lm_loss` (total, ce, z) instead.
+
+        The loss goes through forward so that DDP, FSDP2 and torch.compile, which wrap forward, see it.
+        """
+        h = self.hidden_states(idx, positions, pad_mask, cache)
+        if targets is None:
+            return self.logits(h)
+        return fused_lm_loss(h, self.embed_tokens.weight, targets, self.logit_scale, self.config.z_loss)
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 1e-4,
@@ -283,6 +308,86 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 1e-4,
     log_z = torch.logsumexp(logits, dim=-1)
     ce = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum") / n
     z = z_loss * (log_z.square() * valid).sum() / n
+    return ce + z, ce, z
+
+
+def _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, with_grad):
+    """Means of cross-entropy and z-loss over valid rows, and the gradients of their sum if asked for.
+
+    The full (rows, vocab) logits never exist: they are the largest tensors of a training step and the
+    passes over them are memory-bound (issue 4). Making the gradients here, while a chunk's soft-max is
+    at hand, costs no more matmuls than autograd would, and one exp per logit instead of two.
+    """
+    dev = h.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    # (d, vocab) contiguous: oneDNN's bf16 matmul would repack a transposed weight on every call; MKL's
+    # fp32 matmul reads either layout at the same speed, so fp32 skips the copy
+    wt = weight.t() if compute == weight.dtype else weight.t().to(compute, memory_format=torch.contiguous_format)
+    hs = (h * scale).float()  # (h s) W^T: the logit scale is paid on (rows, d), not on (rows, vocab)
+    hs_c = hs.to(compute)
+    valid = targets != ignore_index
+    safe = torch.where(valid, targets, 0)
+    n = valid.sum().clamp(min=1)
+    ce_sum = z_sum = h.new_zeros((), dtype=torch.float32)
+    grad_h = torch.empty_like(h) if with_grad else None
+    grad_w = None
+    with torch.autocast(dev, enabled=False):
+        for i in range(0, h.shape[0], chunk):
+            rows = slice(i, i + chunk)
+            t, ok = safe[rows], valid[rows]
+            logits = hs_c[rows] @ wt
+            # In bf16 the soft-max accumulates in fp32 and rounds once, as the matmul below would
+            p = torch.softmax(logits, dim=-1)
+            # The largest probability is exp(max logit - log Z) >= 1/vocab, so its log never underflows
+            log_z = logits.amax(-1).float() - p.amax(-1).float().log()
+            ce_sum = ce_sum + ((log_z - logits.gather(1, t[:, None])[:, 0].float()) * ok).sum()
+            z_sum = z_sum + (log_z.square() * ok).sum()
+            del logits
+            if not with_grad:
+                continue
+            # d(ce + z log^2 Z)/d logits = a p - b onehot(target) with per-row a and b; applying them to
+            # the (rows, d) sides of the matmuls spares a pass over the (rows, vocab) soft-max
+            a = (1 + 2 * z_loss * log_z) * ok / n
+            b = (ok / n)[:, None]
+            grad_h[rows] = ((a[:, None] * (p @ wt.T).float() - b * weight[t].float()) * scale).to(h.dtype)
+            rhs = (a[:, None] * hs[rows]).to(compute)
+            if grad_w is None:
+                grad_w = (p.T @ rhs).float()
+            elif grad_w.dtype == compute:
+                grad_w.addmm_(p.T, rhs)  # accumulates inside the matmul
+            else:
+                grad_w.add_(p.T @ rhs)  # a mixed-dtype add_ reads the bf16 product once
+            grad_w.index_add_(0, t, -b * hs[rows])
+    return ce_sum / n, z_loss * z_sum / n, grad_h, grad_w
+
+
+class _FusedLMLoss(torch.autograd.Function):
+    """Output layer + cross-entropy + z-loss whose backward only scales gradients made in the forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, scale, z_loss, ignore_index, chunk):
+        ce, z, grad_h, grad_w = _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, True)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ctx.mark_non_differentiable(ce, z)
+        return ce + z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_ce, _grad_z):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_total, grad_w * grad_total, None, None, None, None, None
+
+
+def fused_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+                  z_loss: float = 1e-4, ignore_index: int = -100,
+                  chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lm_loss(F.linear(h, weight) * scale, targets, ...)` computed `chunk` rows at a time.
+
+    Gradients flow through `total` only: cross-entropy and z-loss come back detached, for logging.
+    """
+    h, targets = h.flatten(0, -2), targets.flatten()
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _FusedLMLoss.apply(h, weight, targets, scale, z_loss, ignore_index, chunk)
+    ce, z, _, _ = _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, False)
     return ce + z, ce, z
 
 

@@ -1,0 +1,70 @@
+"""The main job on embedded defaults: corpus subset -> tokenizer -> pretraining -> evaluation -> samples."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from palmkit.checkpoint import load_checkpoint
+from palmkit.data import unigram_perplexity
+from palmkit.generate import SamplingParams, generate
+from palmkit.metrics import read_metrics
+from palmkit.train import pretrain
+
+SAMPLE_PROMPTS = {"en": "The company said", "de": "Die Datei wird", "zh": "中国人民", "fr": "Le fichier",
+                  "es": "El programa", "ru": "Эта программа", "ja": "このコマンドは"}
+
+
+def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str = "small",
+               langs: list[str] | None = None, vocab_size: int = 16000, seq_len: int = 256,
+               batch_tokens: int = 8192, seed: int = 0, cache: str = "") -> str:
+    """Fetch a small multilingual corpus, train a tokenizer, pretrain for MINUTES, then evaluate and sample.
+
+    Everything lands in OUT: corpus/ (text, report, tokenizer, shards), model/ (checkpoints, metrics.jsonl,
+    loss.png, final/) and summary.md with per-language perplexity against a unigram baseline.
+    """
+    from palmkit import corpus as corpus_mod
+
+    out_dir = Path(out)
+    corpus_dir = out_dir / "corpus"
+    langs = [x for part in (langs or ["en", "zh", "de", "fr", "es", "ru", "ja"]) for x in part.split(",") if x]
+    started = time.perf_counter()
+    fetch_kwargs = {"cache": cache} if cache else {}
+    corpus_mod.fetch(langs=langs, subset="small", **fetch_kwargs)
+    if not (corpus_dir / "shards").is_dir():
+        corpus_mod.build(out=str(corpus_dir), langs=langs, subset="small", vocab_size=vocab_size, seed=seed,
+                         **fetch_kwargs)
+    prep = time.perf_counter() - started
+    # Calibrate: a few steps tell how many fit in the time budget, so the cosine schedule ends on time.
+    probe = pretrain(str(corpus_dir), str(out_dir / "probe"), preset=preset, seq_len=seq_len,
+                     batch_tokens=batch_tokens, max_steps=4, warmup_steps=1, eval_every=0, save_every=0,
+                     seed=seed)
+    steps = max(20, int(minutes * 60 * probe["tokens_per_s"] * 0.85 / batch_tokens))
+    print(f"training {preset} for {steps} steps (~{minutes:g} min at {probe['tokens_per_s']:,.0f} tokens/s)")
+    metrics = pretrain(str(corpus_dir), str(out_dir / "model"), preset=preset, seq_len=seq_len,
+                       batch_tokens=batch_tokens, max_steps=steps, warmup_steps=max(10, steps // 20),
+                       eval_every=max(25, steps // 8), eval_sequences=32, save_every=max(50, steps // 4),
+                       seed=seed, resume=True)
+    model, tokenizer, _ = load_checkpoint(out_dir / "model" / "final")
+    rows = ["| language | validation perplexity | unigram baseline | bits per byte |", "|---|---|---|---|"]
+    for lang in sorted({k.split("/")[1] for k in metrics if k.startswith("val/")}):
+        rows.append(f"| {lang} | {metrics[f'val/{lang}/ppl']:.1f} | {unigram_perplexity(corpus_dir, lang):.1f} | "
+                    f"{metrics[f'val/{lang}/bpb']:.3f} |")
+    samples = []
+    for lang in [x for x in ("en", "de", "zh") if x in langs] or langs[:3]:
+        prompt = SAMPLE_PROMPTS.get(lang, "")
+        text = generate(model, tokenizer, prompt, SamplingParams(max_new_tokens=48, temperature=0.8, top_p=0.95,
+                                                                  seed=seed))[0].text
+        samples.append(f"**{lang}**: {prompt}{text}".replace("\n", " "))
+    train_records = [r for r in read_metrics(out_dir / "model" / "metrics.jsonl") if "loss" in r]
+    summary = "\n".join([
+        "# palmkit quickstart", "",
+        f"Corpus and tokenizer: {prep / 60:.1f} min; training: {len(train_records) and train_records[-1]['step']} "
+        f"steps of {batch_tokens} tokens, final training loss {metrics.get('loss', float('nan')):.3f}.", "",
+        *rows, "", "## Samples (temperature 0.8, top-p 0.95)", "", *[s + "\n" for s in samples],
+        f"Loss plot: {out_dir / 'model' / 'loss.png'}", f"Model: {out_dir / 'model' / 'final'}",
+        f"Corpus report: {corpus_dir / 'report.md'}", "",
+        f"Next: palmkit generate --checkpoint {out_dir / 'model' / 'final'} --prompt 'The'",
+    ])
+    (out_dir / "summary.md").write_text(summary + "\n", encoding="utf-8")
+    return summary
