@@ -293,3 +293,28 @@ def test_bad_inputs_are_user_errors(checkpoint, tmp_path):
         finetune_classify(str(checkpoint), str(tmp_path / "x"))
     with pytest.raises(Exception, match="not a classify checkpoint"):
         load_classifier(checkpoint)
+
+
+def test_served_classifier_answers_v1_classify(checkpoint, tmp_path):
+    """A `finetune classify` folder served by `palmkit serve` gets POST /v1/classify, matching the Python API."""
+    import httpx
+
+    from palmkit.serve import create_app
+    from tests.test_serve import running
+
+    data = easy_task(tmp_path, n=40)
+    out = tmp_path / "served"
+    finetune_classify(str(checkpoint), str(out), train_file=str(data), text_field="sentence",
+                      label_field="animal", epochs=1, batch_size=16, lr=2e-3, max_len=32)
+    texts = ["a quick fox", "a lazy dog"]
+    expected = load_classifier(out).predict(texts)
+    with running(create_app(out)) as base:
+        r = httpx.post(f"{base}/v1/classify", json={"model": "served", "input": texts}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert [d["label"] for d in body["data"]] == [label for label, _ in expected]
+        for d, (_, probs) in zip(body["data"], expected, strict=True):
+            assert d["probabilities"] == pytest.approx(probs, abs=1e-5)
+        assert httpx.post(f"{base}/v1/classify", json={"model": "served", "input": []}).status_code == 400
+        assert httpx.post(f"{base}/v1/classify", json={"model": "nope", "input": "x"}).status_code == 404
+        assert httpx.post(f"{base}/v1/classify", json={"model": "served", "input": 3}).status_code == 400

@@ -21,6 +21,7 @@ from palmkit.errors import USER_ERRORS
 
 # "command words" -> ("module:function", one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("palmkit.quickstart:quickstart", "the main job: corpus, tokenizer, pretraining, samples"),
     "info": ("palmkit.model:describe", "parameters and training FLOPs per token of a preset"),
     "generate": ("palmkit.generate:generate_command", "complete a prompt, streaming to the terminal"),
     "export": ("palmkit.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),

@@ -898,6 +898,8 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
         metrics=Metrics(), created=int(time.time()))
     _install_error_handlers(app)
     app.include_router(_api_router(), dependencies=[Depends(_check_key)])
+    if config.get("task") == "classify":
+        routers = [*routers, classify_router(source, engine)]
     for router in routers:
         app.include_router(router, dependencies=[Depends(_check_key)])
 
@@ -914,6 +916,35 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
     app.add_middleware(_Instrument, state=state)
     return app
+
+
+class ClassifyRequest(BaseModel):
+    """POST /v1/classify: one text or a list of them."""
+
+    model: str
+    input: str | list[str]
+
+
+def classify_router(checkpoint: str | os.PathLike, engine: Engine) -> APIRouter:
+    """`POST /v1/classify` for a `palmkit finetune classify` checkpoint: labels and their probabilities."""
+    from palmkit.finetune import load_classifier
+
+    classifier = load_classifier(checkpoint, model=engine.model, tokenizer=engine.tokenizer)
+    router = APIRouter()
+
+    @router.post("/v1/classify")
+    async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+        state = _state(request)
+        state.check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > 256:
+            raise APIError(400, "input must hold 1 to 256 texts", param="input")
+        results = await state.engine.run(lambda: classifier.predict(texts))
+        return JSONResponse({"object": "list", "model": state.model_name, "labels": classifier.labels,
+                             "data": [{"index": i, "label": label, "probabilities": probs}
+                                      for i, (label, probs) in enumerate(results)]})
+
+    return router
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
