@@ -16,12 +16,15 @@ the median over repeats with their range, which shows how noisy a shared machine
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from palmkit.export import hf_config, hf_state_dict
 from palmkit.model import PaLM, build_model, preset
@@ -37,7 +40,18 @@ from palmkit.train import (
     parallelize,
 )
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf32": torch.float32}
+
+
+@contextlib.contextmanager
+def matmul_precision(dtype: str):
+    """bf32: fp32 everywhere, but matmuls round their inputs to bf16 (oneDNN's fp32 route, issue 4)."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium" if dtype == "bf32" else saved)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def transformers_twin(model: PaLM) -> torch.nn.Module:
@@ -74,23 +88,64 @@ def transformers_step(model, optimizer, cfg: TrainConfig) -> Callable:
     return step
 
 
-def median_step(step: Callable, batches: list, warmup: int, steps: int) -> float:
-    """Median seconds of one step, after `warmup` untimed steps (compilation happens there)."""
+def fp32_gemm_routes(seconds: float = 1.0) -> str:
+    """GFLOP/s and error of an fp32 linear layer of the model's shape through each public torch route."""
+    x, w = torch.randn(2048, 384, dtype=torch.float64), torch.randn(1536, 384, dtype=torch.float64)
+    exact = x @ w.T
+    x, w = x.float(), w.float()
+
+    def best(f) -> float:
+        f()
+        t, deadline = math.inf, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            f()
+            t = min(t, time.perf_counter() - t0)
+        return 2 * x.shape[0] * x.shape[1] * w.shape[0] / t / 1e9
+
+    def error(y) -> str:
+        return f"{((y.double() - exact).norm() / exact.norm()).item():.1e}"
+
+    rows = []
+    matmul = torch.backends.mkldnn.matmul
+    saved = torch.get_float32_matmul_precision(), matmul.fp32_precision
+    settings = [("ieee", False), ("tf32", False), ("bf16", False), ("high", True), ("medium", True)]
+    for setting, global_api in settings:
+        if global_api:
+            torch.set_float32_matmul_precision(setting)
+            name = f"`torch.set_float32_matmul_precision('{setting}')`"
+        else:
+            matmul.fp32_precision = setting
+            name = f"`torch.backends.mkldnn.matmul.fp32_precision = '{setting}'`"
+        rows.append((name, best(lambda: F.linear(x, w)), error(F.linear(x, w))))
+        torch.set_float32_matmul_precision(saved[0])
+        matmul.fp32_precision = saved[1]
+    # oneDNN's own fp32 kernel, which inductor uses for frozen (inference-only) linear layers
+    rows.append(("oneDNN fp32 (`torch.ops.mkldnn._linear_pointwise`)",
+                 best(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")),
+                 error(torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))))
+    rows.append(("default (MKL sgemm)", best(lambda: F.linear(x, w)), error(F.linear(x, w))))
+    lines = ["| fp32 linear 2048x384 @ 384x1536 through | GFLOP/s | relative error |", "|---|---:|---:|"]
+    return "\n".join(lines + [f"| {name} | {g:.0f} | {e} |" for name, g, e in rows])
+
+
+def time_steps(step: Callable, batches: list, warmup: int, steps: int) -> tuple[float, float]:
+    """Median wall-clock and CPU seconds of one step, after `warmup` untimed steps (which compile)."""
     for i in range(warmup):
         step(*batches[i % len(batches)])
-    times = []
+    wall, cpu = [], []
     for i in range(steps):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         step(*batches[i % len(batches)])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
-def fmt_range(values: list[float], spec: str) -> str:
-    mid = statistics.median(values)
-    if len(values) == 1:
-        return format(mid, spec)
-    return f"{format(mid, spec)} ({format(min(values), spec)}–{format(max(values), spec)})"
+def cell(values: list[float], spec: str) -> str:
+    """The best value, and the range over repeats when there are several."""
+    best = format(max(values), spec)
+    return best if len(values) == 1 else f"{best} ({format(min(values), spec)}–{format(max(values), spec)})"
 
 
 def main() -> None:
@@ -98,18 +153,25 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
+                    help="bf16: autocast; bf32: fp32 with set_float32_matmul_precision('medium')")
     ap.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--impls", nargs="+", default=["palmkit", "transformers"], choices=["palmkit", "transformers"])
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per repeat (the first compiles)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per repeat")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default (one per core)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per repeat (the first ones compile)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per repeat")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over every configuration, interleaved")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc as it is instead of palmkit's training setting")
+    ap.add_argument("--gemm-routes", action="store_true", help="also time fp32 linear layers through each route")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # Process-wide, so transformers runs under the same allocator: the ratio compares the code only.
     kept = not args.default_malloc and keep_freed_memory()
 
+    if args.gemm_routes:
+        print(fp32_gemm_routes() + "\n", flush=True)
     torch.manual_seed(0)
     cfg = preset(args.preset, max_seq_len=args.seq_len)
     plain = build_model(cfg, seed=0).train()
@@ -120,7 +182,6 @@ def main() -> None:
     data = torch.randint(0, cfg.vocab_size, (4, args.batch, args.seq_len + 1))
     batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in data]
     make_step = {"palmkit": palmkit_step, "transformers": transformers_step}
-
     optimizers = {impl: make_optimizer(models[impl], TrainConfig()) for impl in args.impls}
     # palmkit compiles as its trainer does; transformers' model is compiled whole
     wrapped = {(impl, c): parallelize(plain, TrainConfig(compile=c == "on"), Dist()) if impl == "palmkit"
@@ -128,46 +189,56 @@ def main() -> None:
                for impl in args.impls for c in args.compile}
     # Implementations alternate innermost, so that both see the same load on a shared machine.
     runs = {(dtype, c, impl): make_step[impl](wrapped[impl, c], optimizers[impl],
-                                              TrainConfig(dtype=dtype, compile=c == "on"))
+                                              TrainConfig(dtype="bf16" if dtype == "bf16" else "fp32",
+                                                          compile=c == "on"))
             for dtype in args.dtypes for c in args.compile for impl in args.impls}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} preset "
           f"({plain.num_params() / 1e6:.1f}M parameters), batch {args.batch} x {args.seq_len}, "
           f"freed memory kept: {kept}, load average before {os.getloadavg()[0]:.2f}", flush=True)
     peaks: dict[str, list[float]] = {d: [] for d in args.dtypes}
-    seconds: dict[tuple, list[float]] = {key: [] for key in runs}
+    wall: dict[tuple, list[float]] = {key: [] for key in runs}
+    cpu: dict[tuple, list[float]] = {key: [] for key in runs}
     for r in range(args.repeats):
         for dtype in args.dtypes:
-            peaks[dtype].append(measure_matmul_peak(DTYPES[dtype], seconds=2.0))
+            with matmul_precision(dtype):
+                peaks[dtype].append(measure_matmul_peak(DTYPES[dtype], seconds=2.0))
         for key, step in runs.items():
-            t = median_step(step, batches, args.warmup, args.steps)
-            seconds[key].append(t)
-            print(f"repeat {r + 1}/{args.repeats} {' '.join(key):28s} {tokens / t:8,.0f} tok/s", flush=True)
+            with matmul_precision(key[0]):
+                w, c = time_steps(step, batches, args.warmup, args.steps)
+            wall[key].append(w)
+            cpu[key].append(c)
+            print(f"repeat {r + 1}/{args.repeats} {' '.join(key):28s} {tokens / w:8,.0f} tok/s "
+                  f"{tokens / c:8,.0f} tok per CPU-s", flush=True)
 
     flops = cfg.flops_per_token(args.seq_len)
+    peak = {d: max(p) for d, p in peaks.items()}
     print(f"\nload average after {os.getloadavg()[0]:.2f}; matmul peak (best of {args.repeats}): "
-          + ", ".join(f"{d} {max(p) / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
-          + f"; {flops / 1e6:.1f} MFLOP per token\n")
-    head = "| dtype | compile |"
-    rule = "|---|---|"
+          + ", ".join(f"{d} {p / 1e9:.0f} GFLOP/s" for d, p in peak.items())
+          + f"; {flops / 1e6:.1f} MFLOP per token. Cells: best repeat (range over repeats).\n")
+    both = len(args.impls) == 2
+    head, rule = "| dtype | compile |", "|---|---|"
     for impl in args.impls:
-        head += f" {impl} tok/s | {impl} MFU |"
+        head, rule = head + f" {impl} tok/s | {impl} MFU |", rule + "---:|---:|"
+    if both:
+        head += " palmkit / transformers, wall | palmkit / transformers, CPU time |"
         rule += "---:|---:|"
-    if len(args.impls) == 2:
-        head += " palmkit / transformers |"
-        rule += "---:|"
     print(head + "\n" + rule)
     for dtype in args.dtypes:
-        for compiled in args.compile:
-            row = f"| {dtype} | {compiled} |"
+        for c in args.compile:
+            row = f"| {dtype} | {c} |"
             for impl in args.impls:
-                tok_s = [tokens / t for t in seconds[dtype, compiled, impl]]
-                mfu = [flops * v / max(peaks[dtype]) * 100 for v in tok_s]
-                row += f" {fmt_range(tok_s, ',.0f')} | {fmt_range(mfu, '.0f')}% |"
-            if len(args.impls) == 2:
-                ratios = [b / a for a, b in zip(seconds[dtype, compiled, "palmkit"],
-                                                seconds[dtype, compiled, "transformers"], strict=True)]
-                row += f" {fmt_range(ratios, '.2f')}x |"
+                tok_s = [tokens / t for t in wall[dtype, c, impl]]
+                row += f" {cell(tok_s, ',.0f')} | {cell([flops * v / peak[dtype] * 100 for v in tok_s], '.0f')}% |"
+            if both:
+                for times in (wall, cpu):
+                    p, h = times[dtype, c, "palmkit"], times[dtype, c, "transformers"]
+                    # best against best; the range is over each repeat's pair, which ran back to back
+                    row += f" {min(h) / min(p):.2f}x"
+                    if len(p) > 1:
+                        ratios = [b / a for a, b in zip(p, h, strict=True)]
+                        row += f" ({min(ratios):.2f}–{max(ratios):.2f})"
+                    row += " |"
             print(row)
 
 

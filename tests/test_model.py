@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palmkit.model import KVCache, apply_rotary, build_model, describe, fused_lm_loss, lm_loss, preset
+from palmkit.model import (
+    KVCache,
+    apply_rotary,
+    build_model,
+    causal_attention,
+    describe,
+    fused_lm_loss,
+    lm_loss,
+    preset,
+)
 from tests.conftest import random_model
 
 
@@ -62,6 +71,19 @@ def test_rotary_is_a_rotation_of_interleaved_pairs():
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_causal_attention_equals_sdpa(kv_heads):
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)
+    k, v = torch.randn(2, kv_heads, 9, 8, requires_grad=True), torch.randn(2, kv_heads, 9, 8, requires_grad=True)
+    g = torch.randn(2, 4, 9, 8)
+    got = causal_attention(q, k, v)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_loss_is_cross_entropy_plus_z_loss():
     logits = torch.randn(2, 5, 11)
     targets = torch.randint(0, 11, (2, 5))
@@ -114,6 +136,33 @@ def test_fused_loss_under_bf16_autocast_stays_close_to_fp32():
     assert (bh - gh).norm() / gh.norm() < 1e-2 and (bw - gw).norm() / gw.norm() < 1e-2
 
 
+def test_bf16_autocast_lowers_only_matmuls_and_attention():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OutputDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: dict[str, set] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            first = out[0] if isinstance(out, tuple | list) else out
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                self.seen.setdefault(func.overloadpacket.__name__, set()).add(first.dtype)
+            return out
+
+    model = random_model(300).train()
+    x = torch.randint(0, 300, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16), OutputDtypes() as mode:
+        total, _, _ = model(x, targets=x)
+        total.backward()
+    seen = mode.seen
+    assert seen["mm"] == seen["_scaled_dot_product_flash_attention_for_cpu"] == {torch.bfloat16}
+    # LayerNorm, the embedding and the residual stream stay fp32 (CPU autocast lowers no elementwise op)
+    assert seen["native_layer_norm"] == seen["embedding"] == {torch.float32}
+    assert total.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 def test_forward_with_targets_is_the_loss_of_the_logits():
     model = random_model(300).train()
     x, y = torch.randint(0, 300, (2, 9)), torch.randint(0, 300, (2, 9))
@@ -128,18 +177,23 @@ def test_forward_with_targets_is_the_loss_of_the_logits():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_training_forward_compiles_without_graph_breaks():
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_training_forward_compiles_without_graph_breaks(dtype, tol):
     model = random_model(300).train()
     x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
-    total, _, _ = compiled(x, targets=y)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        total, _, _ = compiled(x, targets=y)
     total.backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model(x, targets=y)[0].backward()
-    torch.testing.assert_close(total, model(x, targets=y)[0].detach(), rtol=1e-5, atol=1e-5)
+    with autocast:
+        eager = model(x, targets=y)[0]
+    eager.backward()
+    torch.testing.assert_close(total, eager, rtol=tol, atol=tol)
     for n, p in model.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(got[n], p.grad, rtol=10 * tol, atol=tol, msg=n)
 
 
 def test_initialisation_follows_palm():

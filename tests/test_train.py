@@ -111,6 +111,15 @@ def test_two_ranks_match_one_process(corpus, reference, tmp_path, strategy):
         assert abs(got[step] - ref[step]) < 1e-5, (step, got[step], ref[step])
 
 
+def test_compiled_training_matches_eager(corpus, reference, tmp_path):
+    run = tmp_path / "compiled"
+    pretrain(str(corpus), str(run), **{**BASE, "max_steps": 3, "save_every": 3, "compile": True})
+    ref = losses(reference)
+    # Up to the end of warm-up both runs have the same learning rates (see test_two_ranks_match_one_process).
+    for step, loss in losses(run).items():
+        assert abs(loss - ref[step]) < 1e-5, (step, loss, ref[step])
+
+
 def test_checkpoints_move_between_world_sizes(corpus, reference, tmp_path):
     # Two ranks resume a one-process checkpoint ...
     run = tmp_path / "one-to-two"

@@ -120,6 +120,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + causal mask) v as two batched matmuls; each key/value head serves its group."""
+    B, H, T, hd = q.shape
+    kv = k.shape[1]
+    q = q.reshape(B * kv, H // kv * T, hd)
+    s = (q @ k.reshape(B * kv, T, hd).transpose(1, 2)).view(B, H, T, T)
+    causal = torch.full((T, T), float("-inf"), device=q.device).triu(1)
+    p = torch.add(causal, s, alpha=hd ** -0.5).softmax(-1).to(q.dtype)  # fp32 scores, as flash keeps them
+    return (p.view(B * kv, H // kv * T, T) @ v.reshape(B * kv, T, hd)).view(B, H, T, hd)
+
+
 class KVCache:
     """Preallocated keys and values, written at each row's own positions (gpt-fast style)."""
 
@@ -165,9 +176,15 @@ class Attention(nn.Module):
             cache_k.scatter_(2, index, k.to(cache_k.dtype))
             cache_v.scatter_(2, index, v.to(cache_v.dtype))
             k, v = cache_k[:, :, :n_keys].to(q.dtype), cache_v[:, :, :n_keys].to(q.dtype)
-        # enable_gqa lets one key/value head serve every query head without copying it
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if mask is None and cache is None and torch.compiler.is_compiling() and q.device.type == "cpu" and T <= 512:
+            # CPU flash attention's backward runs a small oneDNN matmul per block of keys; compiled, two
+            # batched matmuls around a fused soft-max take half its time on short sequences, whose (T, T)
+            # scores cost less memory than the block's other activations (issue 4)
+            y = causal_attention(q, k, v)
+        else:
+            # enable_gqa lets one key/value head serve every query head without copying it
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -314,15 +331,15 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 1e-4,
 def _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, with_grad):
     """Means of cross-entropy and z-loss over valid rows, and the gradients of their sum if asked for.
 
-    The full (rows, vocab) logits never exist: they are the largest tensors of a training step and the
-    passes over them are memory-bound (issue 4). Making the gradients here, while a chunk's soft-max is
-    at hand, costs no more matmuls than autograd would, and one exp per logit instead of two.
+    Only a chunk of rows of the (rows, vocab) logits exists at a time: they are the largest tensors of a
+    training step and the passes over them are memory-bound (issue 4). Making the gradients here, while a
+    chunk's soft-max is at hand, costs no more matmuls than autograd would, and one exp per logit, not two.
     """
     dev = h.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-    # (d, vocab) contiguous: oneDNN's bf16 matmul would repack a transposed weight on every call; MKL's
-    # fp32 matmul reads either layout at the same speed, so fp32 skips the copy
-    wt = weight.t() if compute == weight.dtype else weight.t().to(compute, memory_format=torch.contiguous_format)
+    # A (d, vocab) copy for the reduced-precision matmuls: oneDNN would repack a transposed weight on
+    # every call. MKL's fp32 matmul reads either layout at the same speed.
+    wt = weight.t() if compute == weight.dtype else weight.to(compute).t().contiguous()
     hs = (h * scale).float()  # (h s) W^T: the logit scale is paid on (rows, d), not on (rows, vocab)
     hs_c = hs.to(compute)
     valid = targets != ignore_index
@@ -330,7 +347,7 @@ def _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, with_g
     n = valid.sum().clamp(min=1)
     ce_sum = z_sum = h.new_zeros((), dtype=torch.float32)
     grad_h = torch.empty_like(h) if with_grad else None
-    grad_w = None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if with_grad else None
     with torch.autocast(dev, enabled=False):
         for i in range(0, h.shape[0], chunk):
             rows = slice(i, i + chunk)
@@ -347,17 +364,15 @@ def _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, with_g
                 continue
             # d(ce + z log^2 Z)/d logits = a p - b onehot(target) with per-row a and b; applying them to
             # the (rows, d) sides of the matmuls spares a pass over the (rows, vocab) soft-max
-            a = (1 + 2 * z_loss * log_z) * ok / n
+            a = ((1 + 2 * z_loss * log_z) * ok / n)[:, None]
             b = (ok / n)[:, None]
-            grad_h[rows] = ((a[:, None] * (p @ wt.T).float() - b * weight[t].float()) * scale).to(h.dtype)
-            rhs = (a[:, None] * hs[rows]).to(compute)
-            if grad_w is None:
-                grad_w = (p.T @ rhs).float()
-            elif grad_w.dtype == compute:
-                grad_w.addmm_(p.T, rhs)  # accumulates inside the matmul
-            else:
-                grad_w.add_(p.T @ rhs)  # a mixed-dtype add_ reads the bf16 product once
-            grad_w.index_add_(0, t, -b * hs[rows])
+            grad_h[rows] = ((a * (p @ wt.T).float() - b * weight[t].float()) * scale).to(h.dtype)
+            if compute == grad_w.dtype:
+                grad_w.addmm_(p.T, a * hs[rows])  # accumulates inside the matmul
+            else:  # a bf16 matmul cannot add into fp32
+                grad_w.add_(p.T @ (a * hs[rows]).to(compute))
+    if with_grad:
+        grad_w.index_add_(0, safe, -(valid / n)[:, None] * hs)
     return ce_sum / n, z_loss * z_sum / n, grad_h, grad_w
 
 
@@ -379,12 +394,15 @@ class _FusedLMLoss(torch.autograd.Function):
 
 def fused_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
                   z_loss: float = 1e-4, ignore_index: int = -100,
-                  chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`lm_loss(F.linear(h, weight) * scale, targets, ...)` computed `chunk` rows at a time.
 
     Gradients flow through `total` only: cross-entropy and z-loss come back detached, for logging.
+    chunk 0: a multiple of 64 rows making about 2^24 logits (512 rows of a 32k vocabulary), the fastest
+    of 256 to 2048 rows measured on 2 cores (issue 4).
     """
     h, targets = h.flatten(0, -2), targets.flatten()
+    chunk = chunk or max(64, 2**24 // weight.shape[0] // 64 * 64)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedLMLoss.apply(h, weight, targets, scale, z_loss, ignore_index, chunk)
     ce, z, _, _ = _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, False)

@@ -83,7 +83,9 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 5
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    fuse_projections: bool = False  # q, k, v, gate, up as one GEMM (issue 7); checkpoints stay plain
+    # q, k, v, gate, up as one GEMM (issue 7); checkpoints stay plain. Exact with AdamW; Adafactor's per-matrix
+    # RMS scaling then spans the fused matrix, so its updates differ slightly.
+    fuse_projections: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
