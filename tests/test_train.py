@@ -1,5 +1,6 @@
 """Pretraining: exact resume (also after kill -9), DDP and FSDP2 against one process, schedules."""
 
+import itertools
 import json
 import math
 import os
@@ -151,6 +152,32 @@ def test_schedules():
     assert lr_factor(55, cfg) == pytest.approx(0.55)
     rs = TrainConfig(schedule="rsqrt", warmup_steps=10)
     assert lr_factor(39, rs) == pytest.approx(0.5)
+    # A timed run decays by the share of its time spent, or by steps when those run out first
+    timed = TrainConfig(max_steps=0, max_minutes=10, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(20, timed, 0.5) == pytest.approx(0.55)
+    assert lr_factor(20, timed, 1.0) == pytest.approx(0.1)
+    both = TrainConfig(max_steps=100, max_minutes=10, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(55, both, 0.1) == pytest.approx(0.55) and lr_factor(20, both, 0.5) == pytest.approx(0.55)
+
+
+def test_timed_run_stops_on_time_and_resumes_its_clock(corpus, tmp_path, monkeypatch):
+    # A clock that advances 50 ms per reading makes the run's length independent of the machine's load
+    ticks = iter(range(10**9))
+    monkeypatch.setattr("palmkit.train.time.perf_counter", lambda: next(ticks) * 0.05)
+    run = tmp_path / "timed"
+    opts = {**BASE, "max_steps": 0, "max_minutes": 0.05, "eval_every": 0, "save_every": 0}
+    pretrain(str(corpus), str(run), **opts)
+    state = json.loads(next(run.glob("checkpoints/step-*/trainer_state.json")).read_text())
+    assert 3.0 <= state["train_seconds"] < 4.0
+    lrs = [r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+    after_warmup = lrs[BASE["warmup_steps"] - 1:]
+    assert len(after_warmup) > 3 and all(b <= a for a, b in itertools.pairwise(after_warmup))
+    assert after_warmup[-1] < 0.5 * max(lrs)
+    # A resumed run counts the time already spent: with the budget used up it stops after one step
+    pretrain(str(corpus), str(run), resume=True, **opts)
+    assert max(losses(run)) == state["step"] + 1
+    with pytest.raises(ValueError, match="max_steps or max_minutes"):
+        pretrain(str(corpus), str(tmp_path / "endless"), **{**opts, "max_minutes": 0})
 
 
 def test_adafactor_matches_its_formula():

@@ -60,8 +60,10 @@ class TrainConfig:
     seq_len: int = 256
     batch_tokens: int = 16384  # global batch in tokens; accumulation is derived from it and the world size
     micro_batch: int = 16  # sequences per forward pass on each rank
-    max_steps: int = 2000
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0: no limit
+    max_steps: int = 2000  # 0: no step limit (then max_minutes ends the run)
+    # Stop (with a checkpoint) after this much training time, counted across resumes; 0: no limit. The cosine
+    # then decays over whichever of the two budgets runs out first, so a timed run always ends at min_lr.
+    max_minutes: float = 0.0
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -141,14 +143,18 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then cosine or 1/sqrt(k)."""
+def lr_factor(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then cosine or 1/sqrt(k).
+
+    `time_used` is the fraction of max_minutes spent; the cosine follows steps or time, whichever is further.
+    """
     warm = max(1, cfg.warmup_steps)
     if step < cfg.warmup_steps:
         return (step + 1) / warm
     if cfg.schedule == "rsqrt":  # PaLM: constant for the warm-up steps, then decay as 1/sqrt(k)
         return math.sqrt(warm / (step + 1))
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps) if cfg.max_steps else 0.0
+    progress = min(1.0, max(by_steps, time_used if cfg.max_minutes else 0.0))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -407,6 +413,8 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
     model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.seq_len, 8),
                        dropout=cfg.dropout, z_loss=cfg.z_loss, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
                        eos_id=tokenizer.eos_id)
+    if not (cfg.max_steps or cfg.max_minutes):
+        raise ValueError("give max_steps or max_minutes (or both): with neither the run would never end")
     if cfg.batch_tokens % (cfg.seq_len * d.world_size):
         raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len x world size "
                          f"({cfg.seq_len} x {d.world_size})")
@@ -420,14 +428,11 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
     plain = build_model(model_cfg, d.device, seed=cfg.seed)
     model = parallelize(plain, cfg, d)
     optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    step = 0
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    step, seconds_before = 0, 0.0
     if resume and (ckpt := latest_checkpoint(run)):
         state = load_training_state(ckpt, model, optimizer, loader)
-        step = state["step"]
-        scheduler.last_epoch = step
-        for g, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            g["lr"] = base * lr_factor(step, cfg)
+        step, seconds_before = state["step"], state.get("train_seconds", 0.0)
     elif resume and d.is_main:
         print(f"no checkpoint in {run}: starting from scratch")
     autocast = compute_autocast(cfg, d.device)
@@ -440,13 +445,21 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
     peak = measure_matmul_peak(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, device=d.device,
                                seconds=0.5) * (torch.cuda.device_count() if d.device.type == "cuda" else 1)
     flops_per_step = model_cfg.flops_per_token(cfg.seq_len) * cfg.batch_tokens
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True)
     bad = 0
     started = time.perf_counter()
+    budget = cfg.max_minutes * 60
+
+    def seconds() -> float:  # training time so far, across resumes: the ranks' mean, so that all stop together
+        return _all_reduce([seconds_before + time.perf_counter() - started], d)[0] / d.world_size if budget else 0.0
+
     metrics: dict = {}
     model.train()
-    while step < cfg.max_steps:
+    while not cfg.max_steps or step < cfg.max_steps:
         t0 = time.perf_counter()
+        used = seconds()
+        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            g["lr"] = base * lr_factor(step, cfg, used / budget if budget else 0.0)
         loss_sum = ce_sum = z_sum = 0.0
         x, y, _ = loader.next_batch()  # this rank's rows of the global batch
         xs, ys = x.split(micro), y.split(micro)
@@ -469,7 +482,6 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
             continue
         bad = 0
         grad_norm = float(optimizer_step(model, optimizer, cfg))
-        scheduler.step()
         step += 1
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
@@ -477,14 +489,20 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
         metrics = {"step": step, "loss": ce_sum, "z_loss": z_sum, "total_loss": loss_sum, "grad_norm": grad_norm,
                    "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s, "mfu": mfu,
                    "tokens": step * cfg.batch_tokens}
+        if budget and not cfg.max_steps and seconds_before + time.perf_counter() - started > 0:
+            # a timed run's length in steps is an estimate, kept current so the bar's ETA means something
+            rate = step / (seconds_before + time.perf_counter() - started)
+            bar.total = max(step + 1, round(rate * budget))
         bar.update(1)
         bar.set_postfix(loss=f"{ce_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
         if log and (step % cfg.log_every == 0 or step == cfg.max_steps):
             log.log(metrics)
-        out_of_time = cfg.max_minutes and time.perf_counter() - started > cfg.max_minutes * 60
+        train_seconds = seconds_before + time.perf_counter() - started
+        out_of_time = budget > 0 and seconds() >= budget
         last = step == cfg.max_steps or out_of_time
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            val = evaluate(model, corpus, loader.langs, cfg, d, autocast)
+            # eager: under no_grad and eval() a compiled model would compile new graphs for a few forward passes
+            val = evaluate(getattr(model, "_orig_mod", model), corpus, loader.langs, cfg, d, autocast)
             metrics.update(val)
             if log:
                 log.log({"step": step, **val})
@@ -492,7 +510,8 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
                                                         if k.endswith("/ppl")))
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             save_training_state(run, step, model, optimizer, loader, cfg, tokenizer, plain, d,
-                                {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}})
+                                {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
+                                 "train_seconds": train_seconds})
         if out_of_time:
             break
     bar.close()
