@@ -163,6 +163,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="rounds over every configuration, interleaved")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc as it is instead of palmkit's training setting")
+    ap.add_argument("--fuse-projections", action="store_true",
+                    help="palmkit with q/k/v/gate/up as one GEMM (pretrain --fuse-projections)")
     ap.add_argument("--gemm-routes", action="store_true", help="also time fp32 linear layers through each route")
     args = ap.parse_args()
     if args.threads:
@@ -182,11 +184,12 @@ def main() -> None:
     data = torch.randint(0, cfg.vocab_size, (4, args.batch, args.seq_len + 1))
     batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in data]
     make_step = {"palmkit": palmkit_step, "transformers": transformers_step}
-    optimizers = {impl: make_optimizer(models[impl], TrainConfig()) for impl in args.impls}
     # palmkit compiles as its trainer does; transformers' model is compiled whole
-    wrapped = {(impl, c): parallelize(plain, TrainConfig(compile=c == "on"), Dist()) if impl == "palmkit"
+    wrapped = {(impl, c): parallelize(plain, TrainConfig(compile=c == "on", fuse_projections=args.fuse_projections),
+                                      Dist()) if impl == "palmkit"
                else torch.compile(models[impl]) if c == "on" else models[impl]
                for impl in args.impls for c in args.compile}
+    optimizers = {impl: make_optimizer(models[impl], TrainConfig()) for impl in args.impls}  # after any fusing
     # Implementations alternate innermost, so that both see the same load on a shared machine.
     runs = {(dtype, c, impl): make_step[impl](wrapped[impl, c], optimizers[impl],
                                               TrainConfig(dtype="bf16" if dtype == "bf16" else "fp32",
