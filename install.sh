@@ -8,12 +8,21 @@ command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# debian_packages NOTE PACKAGE...: apt-get install PACKAGEs (as root, where apt-get exists), printing NOTE if that fails.
+debian_packages() {
+  local note=$1
+  shift
+  command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || { echo "note: $* not installed (needs root and apt-get): $note"; return 0; }
+  apt-get install -y -q "$@" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$@" >/dev/null; } \
+    || echo "note: could not install $*; $note"
+}
 # groff renders the man pages of the built-in corpus (palmkit corpus build); without it a simpler roff
 # stripper is used. groff-base is the small Debian package that has groff -Tutf8.
-if ! command -v groff >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  apt-get install -y -q groff-base >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q groff-base >/dev/null; } \
-    || echo "note: could not install groff-base; man pages will be read with palmkit's roff stripper"
-fi
+command -v groff >/dev/null || debian_packages "man pages will be read with palmkit's roff stripper" groff-base
+# Headless Chromium and its driver run the web chat page's browser test (tests/test_support.py); Selenium is
+# pointed at these system binaries, so nothing downloads a browser.
+{ command -v chromium && command -v chromedriver; } >/dev/null \
+  || debian_packages "the browser test fails until chromium and chromium-driver are installed" chromium chromium-driver
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 echo "palmkit installed: $(.venv/bin/palmkit --help >/dev/null && echo ok) (.venv/bin/palmkit)"

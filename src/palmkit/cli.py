@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("palmkit.serve:serve", "OpenAI-compatible HTTP server with streaming and batching"),
     "corpus fetch": ("palmkit.corpus:fetch", "download the built-in multilingual text sources into the cache"),
     "corpus build": ("palmkit.corpus:build", "clean, deduplicate and split text, train a tokenizer, write shards"),
+    "recipe support": ("palmkit.support:recipe", "customer-service assistant: chat tuning, FAQ grounding, web chat"),
     "recipe monitor": ("palmkit.monitor:recipe", "financial sentiment monitor: rolling negative share and alerts"),
     "monitor": ("palmkit.monitor:monitor_command", "run the sentiment monitor on a JSONL stream (file, stdin, folder)"),
 }

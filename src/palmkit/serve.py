@@ -1,9 +1,15 @@
 """An OpenAI-compatible HTTP server with streaming and continuous batching.
 
-    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16]
+    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16] [--faq FILE]
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as server-sent
-events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format).
+events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format), and `GET /`: a web chat
+page (palmkit/assets/chat.html) that streams greedy answers from /v1/chat/completions.
+
+With `--faq FILE` (issue 8, palmkit.support) every chat request is grounded: the FAQ entries that match the
+last user message go into a system message right before it, and a question no entry matches gets
+support.NO_ANSWER without running the model. Responses carry an extra `faq` field, `{"grounded", "sources"}`
+(on the first chunk of a stream), which OpenAI clients ignore.
 
 Continuous batching (Orca, Yu et al. 2022): one engine thread owns the model and a KV cache of `max_batch`
 slots. Between decode steps it admits waiting requests, each prefilled alone (B=1) into a free slot; every
@@ -34,6 +40,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -47,7 +54,7 @@ from typing import Any, Literal
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -55,6 +62,7 @@ from palmkit.chat import END, chat_template
 from palmkit.checkpoint import load_checkpoint
 from palmkit.generate import SamplingParams, TextStream, make_generator, sample
 from palmkit.model import KVCache, PaLM
+from palmkit.support import NO_ANSWER, FaqIndex, Grounding, ground
 from palmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("palmkit.serve")
@@ -574,6 +582,7 @@ class ServerState:
     api_key: str | None
     metrics: Metrics
     created: int
+    faq: FaqIndex | None = None  # grounds chat requests (issue 8)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -617,12 +626,31 @@ def _prompt_ids(state: ServerState, prompt: str | list) -> list[list[int]]:
     return prompts
 
 
-def _chat_ids(state: ServerState, body: ChatBody) -> list[int]:
+def _chat_messages(body: ChatBody) -> list[dict]:
     messages = []
     for m in body.messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or ())
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
+
+
+def _chat_ids(state: ServerState, messages: list[dict]) -> list[int]:
     return state.tokenizer.encode(state.format_chat(messages), bos=True)
+
+
+def _ground(state: ServerState, messages: list[dict]) -> Grounding:
+    try:
+        return ground(state.faq, messages, fits=lambda m: len(_chat_ids(state, m)) < state.context)
+    except ValueError as exc:
+        raise APIError(400, f"{exc}.", param="messages", code="invalid_value") from None
+
+
+async def fixed_events(text: str, n: int) -> AsyncIterator[Event]:
+    """Events of n choices that all answer `text`, word by word; usage counts no tokens: no model ran."""
+    words = re.findall(r"\S+\s*", text)
+    for i in range(n):
+        for j, word in enumerate(words):
+            yield Event(i, word, "stop" if j == len(words) - 1 else None)
 
 
 def _budget(state: ServerState, prompt: list[int], requested: int | None, default: int | None) -> int:
@@ -665,8 +693,9 @@ def _choices(state: ServerState, body: _SamplingBody, prompts: list[list[int]], 
 class _Shape:
     """How the two endpoints spell their responses."""
 
-    def __init__(self, chat: bool, model: str):
+    def __init__(self, chat: bool, model: str, extra: dict | None = None):
         self.chat, self.model = chat, model
+        self.extra = extra or {}  # palmkit's own fields (`faq`): on the full response and a stream's first chunk
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -680,7 +709,7 @@ class _Shape:
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return {**self._envelope(True), "choices": [choice]}
+        return {**self._envelope(True), "choices": [choice], **(self.extra if role and index == 0 else {})}
 
     def full(self, texts: list[str], finishes: list[str], usage: dict) -> dict:
         if self.chat:
@@ -689,7 +718,7 @@ class _Shape:
         else:
             choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
                        for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
-        return {**self._envelope(False), "choices": choices, "usage": usage}
+        return {**self._envelope(False), "choices": choices, "usage": usage, **self.extra}
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope(True), "choices": [], "usage": usage}
@@ -741,10 +770,12 @@ async def _generate(request: Request, chat: bool) -> Response:
     state = _state(request)
     body = parse_body(ChatBody if chat else CompletionBody, await read_body(request))
     state.check_model(body.model)
+    grounding = _ground(state, _chat_messages(body)) if chat and state.faq is not None else None
     if chat:
         end = state.tokenizer.sp.piece_to_id(END)
         has_end = end != state.tokenizer.sp.unk_id()
-        prompts, stop_ids = [_chat_ids(state, body)], [end] if has_end else []
+        messages = grounding.messages if grounding else _chat_messages(body)
+        prompts, stop_ids = [_chat_ids(state, messages)], [end] if has_end else []
         if not has_end:  # a tokenizer without chat pieces can still write the marker as text
             body.stop = [*([body.stop] if isinstance(body.stop, str) else body.stop or []), END]
         max_tokens = body.max_completion_tokens or body.max_tokens
@@ -754,16 +785,20 @@ async def _generate(request: Request, chat: bool) -> Response:
         max_tokens, default = body.max_tokens, DEFAULT_COMPLETION_TOKENS
     choices = _choices(state, body, prompts, max_tokens, default)
     prompt_tokens = sum(len(p) for p in prompts)
-    shape = _Shape(chat, state.model_name)
-    sink = Sink()
-    seqs = state.engine.submit(choices, sink, stop_ids)
-    events = events_of(sink, len(seqs))
+    shape = _Shape(chat, state.model_name, {"faq": grounding.info()} if grounding else None)
+    if grounding and not grounding.grounded:  # nothing to answer from: say so rather than let the model invent
+        seqs, prompt_tokens = [], 0
+        events = fixed_events(NO_ANSWER, len(choices))
+    else:
+        sink = Sink()
+        seqs = state.engine.submit(choices, sink, stop_ids)
+        events = events_of(sink, len(seqs))
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(_stream(request, shape, events, len(seqs), prompt_tokens, usage),
+        return EventStream(_stream(request, shape, events, len(choices), prompt_tokens, usage),
                            cleanup=lambda: state.engine.cancel(seqs),
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, finishes, tokens = [""] * len(seqs), ["length"] * len(seqs), [0] * len(seqs)
+    texts, finishes, tokens = [""] * len(choices), ["length"] * len(choices), [0] * len(choices)
 
     async def collect() -> None:
         async for ev in events:
@@ -875,8 +910,11 @@ def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str =
 
 def create_app(source: str | os.PathLike | Engine, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 64, device: str = "cpu", dtype: str = "float32",
-               template: str | None = None, routers: Sequence[APIRouter] = ()) -> FastAPI:
-    """The FastAPI app serving a checkpoint folder or an Engine (max_batch, max_queue, device: folder only)."""
+               template: str | None = None, routers: Sequence[APIRouter] = (),
+               faq: str | os.PathLike | FaqIndex | None = None) -> FastAPI:
+    """The FastAPI app serving a checkpoint folder or an Engine (max_batch, max_queue, device: folder only);
+    faq: a FAQ file (or index) that grounds chat requests."""
+    faq_index = FaqIndex.from_file(faq) if faq is not None and not isinstance(faq, FaqIndex) else faq
     if isinstance(source, Engine):
         engine, config, default_name = source, {}, "palmkit"
     else:
@@ -895,13 +933,18 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     app.state.palmkit = state = ServerState(
         engine=engine, model_name=model_name or default_name,
         format_chat=chat_template(template or config.get("chat_template")), api_key=api_key or None,
-        metrics=Metrics(), created=int(time.time()))
+        metrics=Metrics(), created=int(time.time()), faq=faq_index)
     _install_error_handlers(app)
     app.include_router(_api_router(), dependencies=[Depends(_check_key)])
     if config.get("task") == "classify":
         routers = [*routers, classify_router(source, engine)]
     for router in routers:
         app.include_router(router, dependencies=[Depends(_check_key)])
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        """The web chat page."""
+        return HTMLResponse(chat_page_html(state))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -916,6 +959,17 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
     app.add_middleware(_Instrument, state=state)
     return app
+
+
+def chat_page_html(state: ServerState) -> str:
+    """assets/chat.html with what the page needs to know (model name, FAQ) in its JSON config element."""
+    from importlib import resources
+
+    page = (resources.files("palmkit") / "assets" / "chat.html").read_text(encoding="utf-8")
+    faq = state.faq and {"name": state.faq.name, "entries": len(state.faq.entries)}
+    config = {"model": state.model_name, "faq": faq, "api_key_required": state.api_key is not None}
+    # "<" escaped: a model or file name cannot close the <script> element that holds the JSON
+    return page.replace("__PALMKIT_CONFIG__", json.dumps(config).replace("<", "\\u003c"))
 
 
 class ClassifyRequest(BaseModel):
@@ -949,18 +1003,21 @@ def classify_router(checkpoint: str | os.PathLike, engine: Engine) -> APIRouter:
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
-          dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info") -> None:
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info",
+          faq: str = "") -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
     --api-key (or env PALMKIT_API_KEY, which `ps` does not show) requires `Authorization: Bearer KEY` on /v1/*.
     --max-batch sequences run together; --max-queue more wait, and beyond that requests get 429.
-    Binds to loopback unless --host says otherwise.
+    Binds to loopback unless --host says otherwise. The chat page is at http://HOST:PORT/.
+    --faq FILE (CSV question,answer or JSONL) grounds chat answers in the FAQ; questions it does not cover get
+    a fixed "no answer" reply (palmkit.support).
     """
     import uvicorn
 
     api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
     app = create_app(checkpoint, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, faq=faq or None)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
