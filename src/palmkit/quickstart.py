@@ -17,8 +17,8 @@ SAMPLE_PROMPTS = {"en": "The company said", "de": "Die Datei wird", "zh": "ä¸­å›
 
 def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str = "small",
                langs: list[str] | None = None, vocab_size: int = 16000, seq_len: int = 256,
-               batch_tokens: int = 8192, eval_every: int = 25, compile: bool = True, seed: int = 0,
-               cache: str = "") -> str:
+               batch_tokens: int = 8192, lr: float = 3e-3, eval_every: int = 50, compile: bool = True,
+               seed: int = 0, cache: str = "") -> str:
     """Fetch a small multilingual corpus, train a tokenizer, pretrain for MINUTES, then evaluate and sample.
 
     Everything lands in OUT: corpus/ (text, report, tokenizer, shards), model/ (checkpoints, metrics.jsonl,
@@ -36,10 +36,11 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str 
         corpus_mod.build(out=str(corpus_dir), langs=langs, subset="small", vocab_size=vocab_size, seed=seed,
                          **fetch_kwargs)
     prep = time.perf_counter() - started
-    # A timed run: the cosine decays over MINUTES of training, however fast this machine turns out to be
+    # A timed run: the cosine decays over MINUTES of training, however fast this machine turns out to be.
+    # lr 3e-3 rather than pretrain's 2e-3: in 10 minutes it reached en ppl 792 by step 100, against 1,207.
     print(f"training {preset} for {minutes:g} min")
     metrics = pretrain(str(corpus_dir), str(out_dir / "model"), preset=preset, seq_len=seq_len,
-                       batch_tokens=batch_tokens, max_steps=0, max_minutes=minutes, warmup_steps=10,
+                       batch_tokens=batch_tokens, max_steps=0, max_minutes=minutes, warmup_steps=10, lr=lr,
                        eval_every=eval_every, eval_sequences=32, save_every=50, compile=compile, seed=seed,
                        resume=True)
     model, tokenizer, _ = load_checkpoint(out_dir / "model" / "final")

@@ -495,11 +495,11 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
             bar.total = max(step + 1, round(rate * budget))
         bar.update(1)
         bar.set_postfix(loss=f"{ce_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
-        if log and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            log.log(metrics)
         train_seconds = seconds_before + time.perf_counter() - started
         out_of_time = budget > 0 and seconds() >= budget
         last = step == cfg.max_steps or out_of_time
+        if log and (step % cfg.log_every == 0 or last):
+            log.log(metrics)
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             # eager: under no_grad and eval() a compiled model would compile new graphs for a few forward passes
             val = evaluate(getattr(model, "_orig_mod", model), corpus, loader.langs, cfg, d, autocast)
