@@ -61,6 +61,16 @@ def corpus(tmp_path_factory) -> Path:
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
+def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> Path:
+    """`checkpoint` fine-tuned on the slice of a built-in task in fixtures/tasks (a step or two: fast, not good)."""
+    from palmkit.finetune import finetune_classify
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PALMKIT_TASK_DATA", str(FIXTURES / "tasks"))
+        finetune_classify(str(checkpoint), str(out), task=task, epochs=1, **options)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models train fastest on one thread; on a busy 2-core machine two threads spin-wait on each other."""

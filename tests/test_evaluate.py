@@ -15,8 +15,9 @@ from palmkit.evaluate import (
     needs_char_ngrams,
     tfidf_baseline,
 )
-from palmkit.finetune import finetune_chat, finetune_classify, finetune_ner, load_classifier, load_tagger
+from palmkit.finetune import finetune_chat, finetune_ner, load_classifier, load_tagger
 from palmkit.tasks import load_task, subsample
+from tests.conftest import finetuned_classifier
 
 TASK_ROOT = Path(__file__).parent / "fixtures" / "tasks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models train fastest on one thread
@@ -67,11 +68,8 @@ def test_most_frequent_tag_baseline():
 
 @pytest.fixture(scope="module")
 def classifier(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "sst"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
-        finetune_classify(str(checkpoint), str(out), task="sentiment-en", epochs=1, batch_size=8, max_len=48)
-    return out
+    return finetuned_classifier(checkpoint, tmp_path_factory.mktemp("eval") / "sst", "sentiment-en", batch_size=8,
+                                max_len=48)
 
 
 def _check_report(entry: dict, gold: list[str], pred: list[str], labels: list[str]):

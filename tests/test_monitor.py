@@ -28,6 +28,7 @@ from palmkit.monitor import (
     split_parts,
     update_topic,
 )
+from tests.conftest import finetuned_classifier
 
 TASK_ROOT = Path(__file__).parent / "fixtures" / "tasks"
 RULE = Rule(window=4, baseline=12, min_baseline=8, threshold=3.0, rearm=1.0, std_floor=0.05)
@@ -291,13 +292,8 @@ def test_replay_builder_on_bbc_like_articles(tmp_path):
 @pytest.fixture(scope="module")
 def tweet_classifier(checkpoint, tmp_path_factory):
     """The tiny random model fine-tuned for a couple of steps on the tweets slice in the test fixtures."""
-    from palmkit.finetune import finetune_classify
-
-    out = tmp_path_factory.mktemp("clf") / "tweets"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
-        finetune_classify(str(checkpoint), str(out), task="tweets-en", epochs=1, batch_size=16, max_len=32)
-    return out
+    return finetuned_classifier(checkpoint, tmp_path_factory.mktemp("clf") / "tweets", "tweets-en", batch_size=16,
+                                max_len=32)
 
 
 def test_monitor_command_end_to_end(tmp_path, tweet_classifier, capsys):
