@@ -941,10 +941,12 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     for router in routers:
         app.include_router(router, dependencies=[Depends(_check_key)])
 
+    page = chat_page_html(state)  # nothing in it changes while the app runs
+
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> HTMLResponse:
         """The web chat page."""
-        return HTMLResponse(chat_page_html(state))
+        return HTMLResponse(page)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -450,8 +450,11 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
     started = time.perf_counter()
     budget = cfg.max_minutes * 60
 
-    def seconds() -> float:  # training time so far, across resumes: the ranks' mean, so that all stop together
-        return _all_reduce([seconds_before + time.perf_counter() - started], d)[0] / d.world_size if budget else 0.0
+    def elapsed() -> float:  # this rank's training time so far, across resumes
+        return seconds_before + time.perf_counter() - started
+
+    def seconds() -> float:  # the ranks' mean of it, so that all of them stop together
+        return _all_reduce([elapsed()], d)[0] / d.world_size if budget else 0.0
 
     metrics: dict = {}
     model.train()
@@ -489,14 +492,13 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
         metrics = {"step": step, "loss": ce_sum, "z_loss": z_sum, "total_loss": loss_sum, "grad_norm": grad_norm,
                    "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s, "mfu": mfu,
                    "tokens": step * cfg.batch_tokens}
-        if budget and not cfg.max_steps and seconds_before + time.perf_counter() - started > 0:
+        if budget and not cfg.max_steps:
             # a timed run's length in steps is an estimate, kept current so the bar's ETA means something
-            rate = step / (seconds_before + time.perf_counter() - started)
-            bar.total = max(step + 1, round(rate * budget))
+            bar.total = max(step + 1, round(step / elapsed() * budget))
         bar.update(1)
         bar.set_postfix(loss=f"{ce_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
-        train_seconds = seconds_before + time.perf_counter() - started
-        out_of_time = budget > 0 and seconds() >= budget
+        train_seconds = seconds() if budget else elapsed()  # what decides the stop is what a resume continues
+        out_of_time = budget > 0 and train_seconds >= budget
         last = step == cfg.max_steps or out_of_time
         if log and (step % cfg.log_every == 0 or last):
             log.log(metrics)
