@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from palmkit.checkpoint import load_checkpoint, save_checkpoint
-from palmkit.export import export_hf
-from palmkit.generate import SamplingParams, generate_ids
-from palmkit.model import build_model, preset
-from palmkit.tokenizer import train_tokenizer
+from palmkit.infer.generate import generate_ids
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.model.export import export_hf
+from palmkit.model.palm import build_model, preset
+from palmkit.model.tokenizer import train_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -31,28 +31,20 @@ from pathlib import Path
 
 import torch
 
-from palmkit.checkpoint import load_checkpoint, save_checkpoint
-from palmkit.generate import SamplingParams, generate_ids
-from palmkit.metrics import plt
-from palmkit.model import PaLM
-from palmkit.optimize import (
-    Int8Linear,
-    compress_command,
-    file_size,
-    fuse_projections,
-    pack_for_cpu,
-    quantize_command,
-)
-from palmkit.train import (
-    Dist,
-    TrainConfig,
-    compute_autocast,
-    evaluate,
-    forward_backward,
-    make_optimizer,
-    optimizer_step,
-    pretrain,
-)
+from palmkit.apps.commands import compress_command, file_size, quantize_command
+from palmkit.infer.generate import generate_ids
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.model.fused import fuse_projections
+from palmkit.model.packed import pack_for_cpu
+from palmkit.model.palm import PaLM
+from palmkit.model.quant import Int8Linear
+from palmkit.train.config import TrainConfig
+from palmkit.train.distributed import Dist
+from palmkit.train.lm_eval import evaluate_lm
+from palmkit.train.metrics import plt
+from palmkit.train.pretrain import pretrain
+from palmkit.train.step import compute_autocast, forward_backward, make_optimizer, optimizer_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +112,7 @@ def train_speed(model: PaLM, batch: int, seq_len: int, steps: int = 3) -> float:
 def perplexity(model: PaLM, corpus: Path, langs: list[str], seq_len: int, sequences: int) -> dict[str, float]:
     """Held-out perplexity per language, by palmkit.train.evaluate."""
     cfg = TrainConfig(seq_len=seq_len, micro_batch=8, eval_sequences=sequences)
-    out = evaluate(model, corpus, langs, cfg, Dist(), contextlib.nullcontext())
+    out = evaluate_lm(model, corpus, langs, cfg, Dist(), contextlib.nullcontext())
     model.eval()
     return {lang: out[f"val/{lang}/ppl"] for lang in langs}
 

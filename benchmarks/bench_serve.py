@@ -33,9 +33,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from palmkit.checkpoint import load_checkpoint
-from palmkit.model import KVCache
-from palmkit.serve import Engine
+from palmkit.infer.engine import Engine
+from palmkit.model.checkpoint import load_checkpoint
+from palmkit.model.palm import KVCache
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import make_checkpoint  # a random preset model saved as a checkpoint folder

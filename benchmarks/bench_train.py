@@ -26,19 +26,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from palmkit.export import hf_config, hf_state_dict
-from palmkit.model import PaLM, build_model, preset
-from palmkit.train import (
-    Dist,
-    TrainConfig,
-    compute_autocast,
-    forward_backward,
-    keep_freed_memory,
-    make_optimizer,
-    measure_matmul_peak,
-    optimizer_step,
-    parallelize,
-)
+from palmkit.model.export import hf_config
+from palmkit.model.layouts import hf_state_dict
+from palmkit.model.palm import PaLM, build_model, preset
+from palmkit.train.config import TrainConfig
+from palmkit.train.distributed import Dist, parallelize
+from palmkit.train.perf import keep_freed_memory, measure_matmul_peak
+from palmkit.train.step import compute_autocast, forward_backward, make_optimizer, optimizer_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf32": torch.float32}
 

@@ -20,8 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from palmkit.data import write_shards
-from palmkit.tasks import (
+from palmkit.data.shards import write_shards
+from palmkit.data.tasks import (
     CHATTERBOT,
     CHITCHAT,
     PATTERN,
@@ -35,7 +35,7 @@ from palmkit.tasks import (
     read_peoples_daily,
     split_of,
 )
-from palmkit.tokenizer import train_tokenizer
+from palmkit.model.tokenizer import train_tokenizer
 
 
 def debian_files(package: str, pattern: str) -> list[Path]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from palmkit.checkpoint import save_checkpoint
-from palmkit.model import build_model, preset
-from palmkit.tokenizer import Tokenizer, train_tokenizer
+from palmkit.model.checkpoint import save_checkpoint
+from palmkit.model.palm import build_model, preset
+from palmkit.model.tokenizer import Tokenizer, train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -39,7 +39,7 @@ def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> P
     import json
     import random
 
-    from palmkit.data import write_shards
+    from palmkit.data.shards import write_shards
 
     lines = (FIXTURES / "sample.txt").read_text(encoding="utf-8").splitlines()
     rng = random.Random(0)
@@ -63,7 +63,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> Path:
     """`checkpoint` fine-tuned on the slice of a built-in task in fixtures/tasks (a step or two: fast, not good)."""
-    from palmkit.finetune import finetune_classify
+    from palmkit.finetune.classify import finetune_classify
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PALMKIT_TASK_DATA", str(FIXTURES / "tasks"))

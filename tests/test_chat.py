@@ -1,7 +1,7 @@
 import pytest
 
-from palmkit.chat import chat_template, format_chat
-from palmkit.tokenizer import CHAT_SYMBOLS
+from palmkit.model.chat_template import chat_template, format_chat
+from palmkit.model.tokenizer import CHAT_SYMBOLS
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

@@ -4,12 +4,9 @@ import os
 import pytest
 import torch
 
-from palmkit.checkpoint import (
-    CheckpointError,
-    atomic_write_bytes,
-    load_checkpoint,
-    save_checkpoint,
-)
+from palmkit.errors import CheckpointError
+from palmkit.io import atomic_write_bytes
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import random_model
 
 
@@ -91,7 +88,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, checkpoint, monkeypatch
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("palmkit.checkpoint.shutil.copyfile", boom)
+    monkeypatch.setattr("palmkit.model.checkpoint.shutil.copyfile", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(target, random_model(tok.vocab_size, seed=9), tok, extra={"step": 2})
     assert (target / "model.safetensors").read_bytes() == before

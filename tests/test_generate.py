@@ -3,7 +3,9 @@ import io
 import pytest
 import torch
 
-from palmkit.generate import SamplingParams, TextStream, generate, generate_ids, stream_to
+from palmkit.infer.generate import generate, generate_ids, stream_to
+from palmkit.infer.sampling import SamplingParams
+from palmkit.infer.text_stream import TextStream
 from tests.conftest import random_model
 
 

@@ -4,16 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from palmkit.model import (
-    KVCache,
-    apply_rotary,
-    build_model,
-    causal_attention,
-    describe,
-    fused_lm_loss,
-    lm_loss,
-    preset,
-)
+from palmkit.apps.commands import describe
+from palmkit.model.loss import fused_lm_loss, lm_loss
+from palmkit.model.palm import KVCache, apply_rotary, build_model, causal_attention, preset
 from tests.conftest import random_model
 
 

@@ -8,26 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from palmkit.apps.monitor.demo import assign_topic, build_replay
+from palmkit.apps.monitor.monitor import ALERTS_FILE, CHART_FILE, STATE_FILE, Monitor, run
+from palmkit.apps.monitor.records import RecordError, negative_scores, parse_record, split_parts
+from palmkit.apps.monitor.rule import Rule, Topic, format_alert, rolling_stats, update_topic
 from palmkit.cli import main
 from palmkit.errors import PalmkitError
-from palmkit.monitor import (
-    ALERTS_FILE,
-    CHART_FILE,
-    STATE_FILE,
-    Monitor,
-    RecordError,
-    Rule,
-    Topic,
-    assign_topic,
-    build_replay,
-    format_alert,
-    negative_scores,
-    parse_record,
-    rolling_stats,
-    run,
-    split_parts,
-    update_topic,
-)
 from tests.conftest import finetuned_classifier
 
 TASK_ROOT = Path(__file__).parent / "fixtures" / "tasks"
@@ -310,7 +296,7 @@ def test_monitor_command_end_to_end(tmp_path, tweet_classifier, capsys):
 
 
 def test_recipe_on_a_tiny_model_and_fake_articles(tmp_path, checkpoint, monkeypatch, capsys):
-    from palmkit.monitor import recipe
+    from palmkit.apps.monitor.demo import recipe
 
     folder = tmp_path / "business"
     folder.mkdir()

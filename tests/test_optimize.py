@@ -7,24 +7,20 @@ import json
 import pytest
 import torch
 
-from palmkit.checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from palmkit.cli import main
-from palmkit.export import export_hf
-from palmkit.generate import SamplingParams, generate, generate_ids
-from palmkit.model import KVCache, lm_loss
-from palmkit.optimize import (
-    FusedBlock,
-    Int8Linear,
-    LowRankLinear,
-    dense_weights,
-    factorize,
-    fuse_projections,
-    heal,
-    low_rank,
-    pack_for_cpu,
-    quantize_int8,
-    unfuse_projections,
-)
+from palmkit.infer.generate import generate, generate_ids
+from palmkit.infer.sampling import SamplingParams
+from palmkit.io import load_tensors
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.model.export import export_hf
+from palmkit.model.fused import FusedBlock, fuse_projections, unfuse_projections
+from palmkit.model.layouts import dense_weights
+from palmkit.model.loss import lm_loss
+from palmkit.model.low_rank import LowRankLinear, factorize, low_rank
+from palmkit.model.packed import pack_for_cpu
+from palmkit.model.palm import KVCache
+from palmkit.model.quant import Int8Linear, quantize_int8
+from palmkit.train.heal import heal
 from tests.conftest import random_model
 
 GREEDY = SamplingParams(max_new_tokens=10, temperature=0, stop_at_eos=False)
@@ -212,7 +208,7 @@ def test_svd_of_low_rank_weights_is_close_and_round_trips(tmp_path, tokenizer, t
 
 
 def test_healing_lowers_the_loss_and_is_recorded(tmp_path, corpus):
-    from palmkit.tokenizer import Tokenizer
+    from palmkit.model.tokenizer import Tokenizer
 
     tok = Tokenizer(corpus / "tokenizer.model")
     model = random_model(tok.vocab_size, seed=3)
@@ -235,7 +231,7 @@ def test_healing_lowers_the_loss_and_is_recorded(tmp_path, corpus):
 
 
 def test_pretraining_fused_matches_plain_and_resumes_from_plain_checkpoints(corpus, tmp_path):
-    from palmkit.train import pretrain
+    from palmkit.train.pretrain import pretrain
 
     opts = dict(preset="tiny", seq_len=32, batch_tokens=256, micro_batch=4, max_steps=4, warmup_steps=2,
                 eval_every=0, save_every=2, dtype="fp32")

@@ -2,9 +2,8 @@
 
 import pytest
 
-import palmkit.quickstart
+from palmkit.apps.recipes import QUICKSTART_MODEL, base_checkpoint
 from palmkit.errors import PalmkitError
-from palmkit.recipes import QUICKSTART_MODEL, base_checkpoint
 
 
 def test_an_explicit_checkpoint_must_be_a_checkpoint(tmp_path, checkpoint):
@@ -23,7 +22,7 @@ def test_quickstart_model_first_then_one_pretrained_once(tmp_path, monkeypatch):
         final.mkdir(parents=True)
         (final / "config.json").write_text("{}")
 
-    monkeypatch.setattr(palmkit.quickstart, "quickstart", fake_quickstart)
+    monkeypatch.setattr("palmkit.apps.recipes.quickstart", fake_quickstart)
     first = base_checkpoint(cache="base", minutes=2)
     assert first.resolve() == tmp_path / "base" / "model" / "final"
     assert base_checkpoint(cache="base", minutes=2) == first  # reused, not trained again

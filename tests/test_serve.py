@@ -15,10 +15,12 @@ import torch
 import uvicorn
 from fastapi import APIRouter, Request
 
-from palmkit.chat import format_chat
-from palmkit.checkpoint import load_checkpoint
-from palmkit.generate import SamplingParams, generate
-from palmkit.serve import Engine, create_app
+from palmkit.infer.engine import Engine
+from palmkit.infer.generate import generate
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.chat_template import format_chat
+from palmkit.model.checkpoint import load_checkpoint
+from palmkit.serve.app import create_app
 
 pytestmark = pytest.mark.timeout(120)
 

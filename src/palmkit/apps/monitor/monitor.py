@@ -1,0 +1,380 @@
+"""Financial sentiment monitor: rolling negative share per topic, alerts, a chart, exact restarts.
+
+    palmkit monitor --checkpoint runs/monitor/classifier --input stream.jsonl --state-dir runs/mon
+    tail -f feed.jsonl | palmkit monitor --checkpoint CLF --input - --state-dir runs/mon
+    palmkit monitor --checkpoint CLF --input inbox/ --state-dir runs/mon --follow     # poll a folder
+
+Input: JSON lines {"time": ISO-8601, "topic": str, "text": str, "id": optional str or int}, from a file,
+from stdin ("-"), or from a folder whose *.jsonl files are polled for new files and appended lines. A bad
+line (not UTF-8, not JSON, a missing field, a bad time) is skipped with a warning that names file:line and
+is counted; `--strict` stops at the first one instead. A record whose id was already processed is skipped
+(re-delivery is safe). Times with a zone are converted to UTC; times without one are taken as UTC.
+
+An alert is printed and appended to STATE_DIR/alerts.jsonl; STATE_DIR/sentiment.png charts the share of
+every topic over time with its alerts marked. STATE_DIR/state.json (written atomically after every batch)
+holds each file's byte offset and each topic's recent scores, so a restart resumes exactly where the last
+run committed: nothing is counted twice, and alerts appended by a batch that was not committed are removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from tqdm import tqdm
+
+from palmkit.apps.monitor.records import Labeller, Record, RecordError, negative_scores, parse_record
+from palmkit.apps.monitor.rule import Rule, Topic, format_alert, rule_settings, update_topic
+from palmkit.apps.monitor.sources import STDIN, Line, batched, file_lines, fingerprint, input_files, stream_lines
+from palmkit.errors import PalmkitError
+from palmkit.finetune.predict import load_classifier
+from palmkit.io import atomic_write_bytes, atomic_write_json
+from palmkit.train.metrics import plt
+
+STATE_VERSION = 1
+
+
+STATE_FILE, ALERTS_FILE, CHART_FILE, LOCK_FILE = "state.json", "alerts.jsonl", "sentiment.png", ".lock"
+
+
+MAX_WARNINGS = 20  # bad lines beyond this are counted, not printed
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+class Monitor:
+    """A stateful monitor over a state folder: `poll(inputs)` scores whatever is new and commits it."""
+
+    def __init__(self, classifier: Labeller, state_dir: str | os.PathLike, rule: Rule = Rule(),
+                 max_parts: int = 0, strict: bool = False, batch_size: int = 64, classifier_id: str = "",
+                 quiet: bool = False, echo: bool = True):
+        if "negative" not in classifier.labels:
+            raise PalmkitError(f"the classifier has no 'negative' label (labels: {', '.join(classifier.labels)})")
+        self.classifier, self.rule, self.max_parts, self.strict = classifier, rule, max_parts, strict
+        self.batch_size, self.quiet, self.echo = max(1, batch_size), quiet, echo  # echo: print alerts as they fire
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.dir / LOCK_FILE, "w")  # held (and locked) while the monitor lives
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise PalmkitError(f"another monitor is running on {self.dir} (its {LOCK_FILE} is locked)") from None
+        try:
+            self.state = self._load(classifier_id)
+            self._reconcile_alerts()
+            if not self.state_path.exists():
+                self._commit()  # records the rule even before the first record
+        except BaseException:
+            self.close()
+            raise
+        self.seen = set(self.state["seen"])  # the same keys as the list that is saved, for lookups
+        self.new = Counter()  # this run's counts
+        self.new_alerts: list[dict] = []
+
+    # ---- state
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / STATE_FILE
+
+    @property
+    def alerts_path(self) -> Path:
+        return self.dir / ALERTS_FILE
+
+    def _load(self, classifier_id: str) -> dict:
+        rule = rule_settings(self.rule, self.max_parts)
+        if not self.state_path.exists():
+            return {"version": STATE_VERSION, "rule": rule, "classifier": classifier_id, "sources": {},
+                    "seen": [], "alerts_bytes": 0, "counts": {}, "topics": {}}
+        where = f"state file {self.state_path}"
+        try:
+            state = json.loads(self.state_path.read_bytes())
+            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                raise ValueError(f"not a version {STATE_VERSION} monitor state")
+            missing = [k for k in ("rule", "sources", "seen", "alerts_bytes", "counts", "topics") if k not in state]
+            if missing:
+                raise KeyError(", ".join(missing))
+            state["topics"] = {k: Topic(**v) for k, v in state["topics"].items()}
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise PalmkitError(f"{where} is corrupt ({exc.__class__.__name__}: {exc}); it was left as it is: "
+                               "repair or remove it, or use another --state-dir") from None
+        if state["rule"] != rule:
+            diff = ", ".join(f"{k}={v}" for k, v in state["rule"].items() if rule.get(k) != v)
+            raise PalmkitError(f"{where} was made with a different rule ({diff}): pass the same options, "
+                               "or use another --state-dir")
+        if classifier_id and state.get("classifier") and state["classifier"] != classifier_id:
+            warn(f"the classifier differs from the one that scored the {sum(t.n for t in state['topics'].values())}"
+                  " texts in the state: scores before and after are not comparable")
+        return state
+
+    def _reconcile_alerts(self) -> None:
+        """Drop alert lines that a batch appended but never committed (a crash between the two writes)."""
+        size = self.alerts_path.stat().st_size if self.alerts_path.exists() else 0
+        committed = self.state["alerts_bytes"]
+        if size > committed:
+            warn(f"{self.alerts_path}: removing {size - committed} bytes of alerts from an uncommitted batch")
+            with open(self.alerts_path, "r+b") as f:
+                f.truncate(committed)
+        elif size < committed:
+            warn(f"{self.alerts_path} is shorter than the state records (edited or removed?); appending to it")
+            self.state["alerts_bytes"] = size
+
+    def _commit(self) -> None:
+        state = {**self.state, "topics": {k: asdict(v) for k, v in self.state["topics"].items()}}
+        atomic_write_json(self.state_path, state)
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            self._lock.close()  # closing releases the flock
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- processing
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.new[key] += n
+        self.state["counts"][key] = self.state["counts"].get(key, 0) + n
+
+    def _bad(self, exc: RecordError) -> None:
+        if self.strict:
+            raise exc
+        self._count("bad_lines")
+        if self.new["bad_lines"] <= MAX_WARNINGS:
+            warn(f"{exc} (skipped)")
+        if self.new["bad_lines"] == MAX_WARNINGS:
+            warn("further bad lines are counted, not shown")
+
+    def _process(self, lines: list[Line], label: str, stdin: bool) -> None:
+        """Score a batch of lines of one source, update the topics, append alerts, then commit the state."""
+        records: list[Record] = []
+        for line in lines:
+            if not line.raw.strip():
+                continue
+            try:
+                rec = parse_record(line.raw, f"{label}:{line.lineno}")
+            except RecordError as exc:
+                self._bad(exc)
+                continue
+            # Ids make re-delivery safe from any source; stdin has no offsets, so there a record without an
+            # id is known by a hash of its content.
+            key = f"id:{rec.id}" if rec.id is not None else None
+            if key is None and stdin:
+                digest = hashlib.blake2b(f"{rec.time}\x1f{rec.topic}\x1f{rec.text}".encode(), digest_size=12)
+                key = "h:" + digest.hexdigest()
+            if key is not None:
+                if key in self.seen:
+                    self._count("duplicates")
+                    continue
+                self.seen.add(key)
+                self.state["seen"].append(key)
+            records.append(rec)
+        scores = negative_scores(self.classifier, [r.text for r in records], self.max_parts)
+        alerts = []
+        for rec, score in zip(records, scores, strict=True):
+            topic = self.state["topics"].setdefault(rec.topic, Topic())
+            alert = update_topic(topic, rec.topic, score, rec.time, self.rule)
+            if alert is not None:
+                alerts.append({**alert, "source": rec.where, **({"id": rec.id} if rec.id is not None else {})})
+        self._count("records", len(records))
+        if alerts:
+            data = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in alerts).encode()
+            with open(self.alerts_path, "ab") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self.state["alerts_bytes"] += len(data)
+            self._count("alerts", len(alerts))
+            self.new_alerts += alerts
+        if not stdin and lines:
+            path = Path(label).resolve()
+            self.state["sources"][str(path)] = {"offset": lines[-1].end, "line": lines[-1].lineno,
+                                                "head": fingerprint(path, lines[-1].end)}
+        self._commit()  # after the alerts: a crash in between leaves extra alert lines, removed on restart
+        for a in alerts if self.echo else []:
+            tqdm.write(format_alert(a))
+
+    def _resume_point(self, path: Path) -> tuple[int, int]:
+        """(byte offset, line number) already committed for a file; an error if it was not just appended to."""
+        saved = self.state["sources"].get(str(path.resolve()))
+        if not saved:
+            return 0, 0
+        offset = saved["offset"]
+        if path.stat().st_size < offset or fingerprint(path, offset) != saved["head"]:
+            raise PalmkitError(f"{path} changed before byte {offset} since it was read (replaced or edited, not "
+                               f"appended to): reading it again would count texts twice; rename it or use "
+                               "another --state-dir")
+        return offset, saved["line"]
+
+    def poll(self, inputs: Sequence[str], stdin: BinaryIO | None = None, final: bool = True) -> int:
+        """Score every record that is new in `inputs` (files, folders, "-" for stdin); returns how many.
+
+        final: a last line without a newline is read too (False when following growing files)."""
+        before = self.new["records"]
+        files = [(p, *self._resume_point(p)) for spec in inputs if spec != STDIN for p in input_files(spec)]
+        todo = sum(p.stat().st_size - offset for p, offset, _ in files)
+        with tqdm(total=todo, unit="B", unit_scale=True, desc="monitor", disable=self.quiet or None,
+                  dynamic_ncols=True, leave=False) as bar:
+            for path, offset, lineno in files:
+                for batch in batched(file_lines(path, offset, lineno, final), self.batch_size):
+                    self._process(batch, str(path), stdin=False)
+                    bar.update(batch[-1].end - offset)
+                    offset = batch[-1].end
+                    bar.set_postfix(records=self.new["records"], alerts=len(self.new_alerts))
+            if STDIN in inputs:
+                for group in stream_lines(stdin or sys.stdin.buffer):
+                    for batch in batched(iter(group), self.batch_size):
+                        self._process(batch, "<stdin>", stdin=True)
+        return self.new["records"] - before
+
+    def alerts(self) -> list[dict]:
+        """Every committed alert (of this run and earlier ones)."""
+        if not self.alerts_path.exists():
+            return []
+        return [json.loads(line) for line in self.alerts_path.read_bytes().splitlines() if line.strip()]
+
+    def chart(self, path: str | os.PathLike = "") -> Path:
+        """PNG of each topic's negative share over time with its baseline and alerts; written atomically."""
+        return plot_topics(self.state["topics"], self.alerts(), Path(path or self.dir / CHART_FILE), self.rule)
+
+
+def plot_topics(topics: dict[str, Topic], alerts: list[dict], path: Path, rule: Rule) -> Path:
+    """One panel per topic: the rolling negative share, its baseline mean, and red marks at alerts."""
+
+    names = sorted(t for t in topics if topics[t].points) or sorted(topics)
+    fig, axes = plt.subplots(max(1, len(names)), 1, figsize=(10, 1.9 * max(1, len(names)) + 0.8), sharex=True,
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names or [""], strict=True):
+        pts = topics[name].points if name else []
+        when = [datetime.fromisoformat(p[0]) for p in pts]
+        ax.plot(when, [p[1] for p in pts], lw=1.2, color="tab:blue")
+        base = [(w, p[2]) for w, p in zip(when, pts, strict=True) if p[2] is not None]
+        if base:
+            ax.plot([w for w, _ in base], [m for _, m in base], lw=1, ls="--", color="grey")
+        hits = [a for a in alerts if a["topic"] == name]
+        for a in hits:
+            ax.axvline(datetime.fromisoformat(a["time"]), color="tab:red", alpha=0.3, lw=1)
+        if hits:
+            ax.scatter([datetime.fromisoformat(a["time"]) for a in hits], [a["share"] for a in hits], color="tab:red",
+                       marker="v", zorder=3)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_ylabel(name or "no data", rotation=0, ha="right", va="center")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(f"Negative share per topic (alert: z >= {rule.threshold:g} over a baseline of "
+                         f"{rule.baseline} texts)")
+    if names:  # one legend for all panels, with the alert mark even where the first panel has none
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color="tab:blue", lw=1.2), Line2D([], [], color="grey", lw=1, ls="--"),
+                   Line2D([], [], color="tab:red", marker="v", ls="")]
+        axes[0, 0].legend(handles, [f"negative share (last {rule.window})", "baseline mean", "alert"],
+                          loc="upper left", fontsize=7, ncols=3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def classifier_id(path: Path) -> str:
+    """Identifies a classifier folder by its head's bytes: a re-tuned model gets a new id."""
+    head = path / "head.safetensors"
+    digest = hashlib.blake2b(head.read_bytes(), digest_size=8).hexdigest() if head.is_file() else "?"
+    return f"{path}#{digest}"
+
+
+def _summary(mon: Monitor, chart: Path | None, records: int) -> str:
+    counts, new = mon.state["counts"], mon.new
+    topics = mon.state["topics"]
+    lines = [f"{records} new records ({new['bad_lines']} bad lines skipped, {new['duplicates']} duplicates); "
+             f"{len(mon.new_alerts)} new alerts; in all {counts.get('records', 0)} records in {len(topics)} topics, "
+             f"{counts.get('alerts', 0)} alerts"]
+    for name, t in sorted(topics.items()):
+        # The highest z tells how close a topic came to an alert: what a threshold is tuned by
+        peak = max((p for p in t.points if p[3] is not None), key=lambda p: p[3], default=None)
+        lines.append(f"  {name:<12} {t.n:>6} texts, negative share now "
+                     + (f"{t.points[-1][1]:.2f}" if t.points else "n/a (fewer texts than the window)")
+                     + (f", highest z {peak[3]:.1f} ({peak[0][:16]})" if peak else ""))
+    lines.append(f"alerts: {mon.alerts_path}")
+    if chart:
+        lines.append(f"chart:  {chart}")
+    lines.append(f"state:  {mon.state_path}")
+    return "\n".join(lines)
+
+
+def monitor(checkpoint: str, input: list[str], state_dir: str, follow: bool = False, poll_seconds: float = 5.0,
+            window: int = 10, baseline: int = 40, min_baseline: int = 20, threshold: float = 2.5,
+            rearm: float = 1.0, std_floor: float = 0.05, max_parts: int = 0, strict: bool = False,
+            batch_size: int = 64, chart: str = "", polls: int = 0) -> str:
+    """Run the sentiment monitor on JSONL records {"time", "topic", "text", "id"?} from files, folders of *.jsonl
+    or "-" (stdin); --follow keeps polling for new files and appended lines (Ctrl-C stops; --polls N stops
+    after N polls).
+
+    Alert rule per topic: share = negative share of the last WINDOW texts; m, sd = mean and std of the up to
+    BASELINE scores before them; z = (share - m) / max(sd / sqrt(WINDOW), STD_FLOOR); alert when z >= THRESHOLD,
+    then quiet until z < REARM. A text's score is its share of sentences labelled negative (--max-parts: only
+    its first N sentences). Bad lines are skipped and counted (--strict: stop). Alerts are printed and appended
+    to STATE_DIR/alerts.jsonl; the chart goes to STATE_DIR/sentiment.png (or CHART); a restart resumes exactly.
+    """
+
+    rule = Rule(window, baseline, min_baseline, threshold, rearm, std_floor)
+    if STDIN in input and follow:
+        raise ValueError("--follow polls files and folders; stdin is read until it ends anyway")
+    for spec in input:
+        if spec != STDIN and not Path(spec).exists():
+            raise FileNotFoundError(f"input not found: {spec}")
+    classifier = load_classifier(checkpoint)
+    with Monitor(classifier, state_dir, rule, max_parts, strict, batch_size, classifier_id(Path(checkpoint))) as mon:
+        return run(mon, input, follow, poll_seconds, chart, polls)
+
+
+monitor_command = monitor
+
+
+def run(mon: Monitor, inputs: Sequence[str], follow: bool = False, poll_seconds: float = 5.0, chart: str = "",
+        polls: int = 0) -> str:
+    """Poll `inputs` once (or, following, until Ctrl-C or `polls` polls), keep the chart current; a summary."""
+    records, done, chart_path = 0, 0, None
+    try:
+        while True:
+            n = mon.poll(inputs, final=not follow)
+            records += n
+            done += 1
+            if n or chart_path is None:
+                chart_path = mon.chart(chart)
+            if not follow or (polls and done >= polls):
+                break
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:  # the usual way to stop --follow: everything processed is committed
+        tqdm.write("stopped", file=sys.stderr)
+        chart_path = mon.chart(chart)
+    return _summary(mon, chart_path, records)
+
+
+def is_stale(state_dir: Path, rule: Rule, max_parts: int, cid: str) -> bool:
+    """True when a saved monitor state was made with other settings (a corrupt one is left to Monitor to report)."""
+    try:
+        state = json.loads((state_dir / STATE_FILE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return not isinstance(state, dict) or state.get("rule") != rule_settings(rule, max_parts) or \
+        state.get("classifier") != cid

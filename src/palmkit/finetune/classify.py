@@ -1,0 +1,71 @@
+"""`palmkit finetune classify`: a text classifier (full fine-tuning or LoRA)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from palmkit.data.tasks import LabelledText, TaskData, subsample
+from palmkit.errors import PalmkitError
+from palmkit.finetune.encode import Item, encode_text
+from palmkit.finetune.fit import (
+    FinetuneConfig,
+    adapt,
+    data_source,
+    fit,
+    metric_name,
+    prepare,
+    require_examples,
+    task_data,
+)
+from palmkit.finetune.heads import SequenceClassifier
+from palmkit.finetune.predict import predict_logits
+from palmkit.finetune.scores import classification_scores
+from palmkit.model.tokenizer import Tokenizer
+
+
+def _check_labels(data: TaskData, examples: list[LabelledText]) -> None:
+    unknown = sorted({ex.label for ex in examples} - set(data.labels))
+    if unknown:
+        raise PalmkitError(f"label(s) {', '.join(unknown)} not among the task's labels {data.labels}")
+
+
+def classify_items(tokenizer: Tokenizer, examples: Sequence[LabelledText], labels: Sequence[str],
+                   max_len: int) -> list[Item]:
+    """Encoded classification examples."""
+    index = {label: i for i, label in enumerate(labels)}
+    return [Item(encode_text(tokenizer, ex.text, max_len), index[ex.label]) for ex in examples]
+
+
+def _classify_loss(module, ids, lengths, targets):
+    return F.cross_entropy(module(ids, lengths), targets)
+
+
+def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
+                      test_file: str = "", text_field: str = "text", label_field: str = "label",
+                      pooling: Literal["last", "mean"] = "last", **options) -> dict:
+    """Fine-tune a sequence classifier (a linear head on the pretrained model); returns the best validation scores."""
+    cfg = FinetuneConfig(**options)
+    data = task_data("classify", task, train_file, valid_file, test_file, text_field, label_field, cfg.seed)
+    _check_labels(data, data.train + data.valid)
+    model, tokenizer, _ = prepare(checkpoint, cfg)
+    adapt(model, cfg)
+    module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
+    train = classify_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len)
+    valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)
+    valid = classify_items(tokenizer, valid_ex, data.labels, cfg.max_len)
+    require_examples(data, train, valid)
+
+    def validate() -> dict[str, float]:
+        logits = torch.stack(predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2))
+        y = torch.tensor([it.target for it in valid])
+        return {"loss": F.cross_entropy(logits, y).item(),
+                **classification_scores(y.tolist(), logits.argmax(-1).tolist(), len(data.labels))}
+
+    extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len,
+             **data_source(data, {"train": train_file, "valid": valid_file, "test": test_file,
+                              "text_field": text_field, "label_field": label_field})}
+    return fit(module, model, tokenizer, train, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra)

@@ -1,0 +1,249 @@
+"""The fine-tuning loop: AdamW, warm-up, dropout, evaluation, early stopping, the best checkpoint kept.
+
+Dropout 0.1 during fine-tuning follows PaLM (section 5: no dropout in pretraining, 0.1 when fine-tuning). The
+output folder always holds the best model so far on the validation metric, with `metrics.jsonl` and
+learning-curve PNGs beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from palmkit.data.tasks import TaskData, load_task, load_user_task
+from palmkit.errors import PalmkitError
+from palmkit.finetune.encode import Item, batches, collate
+from palmkit.finetune.heads import HEAD_FILE
+from palmkit.io import replace_dir, save_tensors
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.model.lora import add_lora, merged_state_dict
+from palmkit.model.palm import PaLM
+from palmkit.model.tokenizer import Tokenizer
+from palmkit.train.config import TrainConfig
+from palmkit.train.metrics import MetricsLog, plot_curves, read_metrics
+from palmkit.train.step import lr_factor, make_optimizer
+
+LOG_FILES = ("metrics.jsonl", "learning_curve.png", "valid_metric.png")
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the rate of every dropout layer (the model is built with the pretraining rate, usually 0)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
+@dataclass
+class FinetuneConfig:
+    """Options shared by every fine-tuning command."""
+
+    lr: float = 0.0  # 0: 3e-4 for full fine-tuning, 2e-3 for LoRA
+    weight_decay: float = 0.01
+    dropout: float = 0.1  # PaLM section 5: 0.1 when fine-tuning
+    batch_size: int = 16
+    epochs: int = 3
+    warmup: float = 0.06  # fraction of the steps spent warming up linearly
+    max_len: int = 128  # tokens per example (longer texts are cut)
+    grad_clip: float = 1.0
+    metric: str = ""  # validation metric for early stopping and the best checkpoint; "" picks the task's
+    patience: int = 2  # evaluations without improvement before stopping; 0 never stops early
+    eval_every: int = 0  # steps between validations; 0: once per epoch
+    max_train: int = 0  # use at most this many training examples (a seeded sample); 0: all
+    max_valid: int = 1000  # validate on at most this many examples
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        # The CLI gives lists as several values; "q_proj,v_proj" is accepted too
+        self.lora_targets = [t for part in self.lora_targets for t in str(part).split(",") if t]
+        self.lr = self.lr or (2e-3 if self.lora_rank else 3e-4)
+        if self.batch_size < 1 or self.epochs < 1 or self.max_len < 2:
+            raise ValueError("batch_size and epochs must be >= 1 and max_len >= 2")
+
+
+# Validation metrics of each kind of task; the first is the default for early stopping and the best checkpoint.
+METRICS = {"classify": ("accuracy", "macro_f1", "loss"), "ner": ("f1", "precision", "recall", "loss"),
+           "chat": ("loss", "ppl")}
+
+
+def metric_name(cfg: FinetuneConfig, kind: str) -> str:
+    metric = cfg.metric or METRICS[kind][0]
+    if metric not in METRICS[kind]:
+        raise ValueError(f"--metric {metric!r} is not one of {', '.join(METRICS[kind])} for a {kind} task")
+    return metric
+
+
+def _higher_is_better(metric: str) -> bool:
+    return metric not in ("loss", "ppl")
+
+
+class _Run:
+    """The output folder: always a complete checkpoint of the best model so far, plus the logs."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        for name in LOG_FILES:
+            (out / name).unlink(missing_ok=True)
+        self.log = MetricsLog(out, tensorboard=False)
+
+    def save(self, module: nn.Module, model: PaLM, tokenizer: Tokenizer, extra: dict) -> None:
+        """Write model (LoRA merged) and head into a staging folder with the logs, then swap it in."""
+        self.log.close()
+        staging = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".best"))
+        try:
+            with torch.device("meta"):
+                shell = PaLM(model.config)
+            state = merged_state_dict(model)
+            shell.load_state_dict(state, assign=True)
+            save_checkpoint(staging / "ckpt", shell, tokenizer, extra)
+            head = getattr(module, "head", None)
+            if head is not None:
+                save_tensors(staging / "ckpt" / HEAD_FILE, dict(head.state_dict()), metadata={"format": "pt"})
+            for name in LOG_FILES:
+                if (self.out / name).is_file():
+                    shutil.copyfile(self.out / name, staging / "ckpt" / name)
+            replace_dir(staging / "ckpt", self.out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.log = MetricsLog(self.out, tensorboard=False)
+
+    def plot(self, metric: str) -> None:
+        records = read_metrics(self.log.path)
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        valid = [(r["step"], r["valid/loss"]) for r in records if "valid/loss" in r]
+        series = {name: ([x for x, _ in pts], [y for _, y in pts]) for name, pts in
+                  (("train", train), ("valid", valid)) if pts}
+        plot_curves(series, self.out / "learning_curve.png", f"{self.out.name}: loss", "loss")
+        scores = [(r["step"], r[f"valid/{metric}"]) for r in records if f"valid/{metric}" in r]
+        if scores and metric != "loss":
+            plot_curves({f"valid {metric}": ([x for x, _ in scores], [y for _, y in scores])},
+                        self.out / "valid_metric.png", f"{self.out.name}: validation {metric}", metric)
+
+
+def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[Item],
+        validate: Callable[[], dict[str, float]], loss_fn: Callable, cfg: FinetuneConfig, out: str | Path,
+        metric: str, extra: dict) -> dict:
+    """Train `module` with AdamW, warm-up then cosine decay, validation with early stopping; the best
+    model is saved to `out` each time the validation metric improves. Returns the best validation record."""
+    run = _Run(Path(out))
+    steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup * total),
+                          max_steps=total, min_lr_ratio=0.0, optimizer="adamw")
+    optimizer = make_optimizer(module, opt_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt_cfg))
+    params = [p for p in module.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    run.log.log({"event": "start", "examples": len(train_items), "steps": total, "trainable_params": trainable,
+                 "total_params": sum(p.numel() for p in module.parameters())})
+    best: dict = {}
+    bad, step, stop = 0, 0, False
+    eval_every = cfg.eval_every or steps_per_epoch
+    sign = 1 if _higher_is_better(metric) else -1
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, desc=f"finetune {Path(out).name}")
+    started = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        module.train()
+        t0, seen = time.perf_counter(), 0
+        window: list[float] = []  # training losses since the last log record
+        for batch in batches(train_items, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
+            ids, lengths, targets = collate(batch, tokenizer.pad_id)
+            loss = loss_fn(module, ids, lengths, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            seen += len(batch)
+            window.append(loss.item())
+            speed = seen / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{window[-1]:.4f}", ex_s=f"{speed:.1f}")
+            evaluating = step % eval_every == 0 or step == total
+            if step % cfg.log_every == 0 or evaluating:
+                run.log.log({"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": sum(window) / len(window),
+                             "lr": optimizer.param_groups[0]["lr"], "examples_per_s": speed})
+                window = []
+            if evaluating:
+                module.eval()
+                scores = validate()
+                module.train()
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 3),
+                          **{f"valid/{k}": v for k, v in scores.items()}}
+                improved = not best or sign * scores[metric] > sign * best[f"valid/{metric}"]
+                tqdm.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items())
+                           + ("  (best)" if improved else ""), file=sys.stderr)
+                run.log.log(record)
+                if improved:
+                    best, bad = record, 0
+                    run.save(module, model, tokenizer, {**extra, "best": best,
+                                                        "finetune": {**asdict(cfg), "metric": metric}})
+                else:
+                    bad += 1
+                    stop = bool(cfg.patience) and bad >= cfg.patience
+                if stop:
+                    run.log.log({"step": step, "event": f"early stop: no better {metric} for {bad} evaluations"})
+                    tqdm.write(f"early stop at step {step}: best {metric} {best[f'valid/{metric}']:.4f} "
+                               f"at step {best['step']}", file=sys.stderr)
+                    break
+        if stop:
+            break
+    bar.close()
+    run.log.log({"event": "done", "steps": step, "seconds": round(time.perf_counter() - started, 2),
+                 "best_step": best.get("step")})
+    run.log.close()
+    run.plot(metric)
+    return {**best, "seconds": round(time.perf_counter() - started, 2), "steps": step, "trainable_params": trainable}
+
+
+def prepare(checkpoint: str, cfg: FinetuneConfig) -> tuple[PaLM, Tokenizer, dict]:
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, config = load_checkpoint(checkpoint)
+    if cfg.max_len > model.config.max_seq_len:
+        raise ValueError(f"max_len={cfg.max_len} is longer than the model's context ({model.config.max_seq_len})")
+    set_dropout(model, cfg.dropout)
+    return model, tokenizer, config
+
+
+def adapt(model: PaLM, cfg: FinetuneConfig) -> None:
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+
+
+def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file: str, text_field: str,
+               label_field: str, seed: int) -> TaskData:
+    if bool(task) == bool(train_file):
+        raise PalmkitError("give either --task (a built-in task) or --train-file (your own data)")
+    data = load_task(task, seed=seed) if task else load_user_task(kind, train_file, valid_file, test_file,
+                                                                  text_field, label_field, seed)
+    if data.kind != kind:
+        raise PalmkitError(f"task {data.name} is a {data.kind} task, not {kind}")
+    return data
+
+
+def require_examples(data: TaskData, train: list, valid: list) -> None:
+    if not train or not valid:
+        raise PalmkitError(f"task {data.name}: {len(train)} training and {len(valid)} validation examples; "
+                           "both are needed (give --valid-file, or more data)")
+
+
+def data_source(data: TaskData, files: dict) -> dict:
+    """What config.json records about the data, so that evaluate can rebuild the same splits."""
+    paths = {k: str(Path(v).resolve()) if k in ("train", "valid", "test") else v for k, v in files.items() if v}
+    return {"data": data.name, "lang": data.lang, "data_files": paths}

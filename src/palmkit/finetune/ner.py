@@ -1,0 +1,74 @@
+"""`palmkit finetune ner`: a named-entity tagger (BIO)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from palmkit.data.tasks import TaggedSentence, subsample
+from palmkit.finetune.encode import Item, align_words
+from palmkit.finetune.fit import (
+    FinetuneConfig,
+    adapt,
+    data_source,
+    fit,
+    metric_name,
+    prepare,
+    require_examples,
+    task_data,
+)
+from palmkit.finetune.heads import TokenClassifier
+from palmkit.finetune.predict import predict_logits, word_tags
+from palmkit.finetune.scores import entity_scores
+from palmkit.model.tokenizer import Tokenizer
+
+
+def ner_items(tokenizer: Tokenizer, sentences: Sequence[TaggedSentence], labels: Sequence[str], max_len: int,
+              char_level: bool, echo: bool = False) -> list[Item]:
+    """Encoded NER sentences (tags on first pieces)."""
+    index = {label: i for i, label in enumerate(labels)}
+    return [align_words(tokenizer, s.tokens, [index[t] for t in s.tags], max_len, char_level, echo)
+            for s in sentences]
+
+
+def _token_loss(module, ids, lengths, targets):
+    logits = module(ids, lengths)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
+                 test_file: str = "", label_field: str = "tags", char_level: bool = False,
+                 context: Literal["causal", "echo"] = "causal", **options) -> dict:
+    """Fine-tune a BIO tagger (a linear head on every token); returns the best validation scores.
+
+    User files: CoNLL (word and tag columns) or JSONL {"tokens": [...], "tags": [...]}; --char-level for
+    scripts without spaces. --context echo feeds each sentence twice so that every tag sees the whole sentence.
+    """
+    cfg = FinetuneConfig(**options)
+    data = task_data("ner", task, train_file, valid_file, test_file, "text", label_field, cfg.seed)
+    char_level = data.char_level or char_level
+    echo = context == "echo"
+    model, tokenizer, _ = prepare(checkpoint, cfg)
+    adapt(model, cfg)
+    module = TokenClassifier(model, len(data.labels), cfg.dropout)
+    train = ner_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len,
+                      char_level, echo)
+    valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)
+    valid = ner_items(tokenizer, valid_ex, data.labels, cfg.max_len, char_level, echo)
+    require_examples(data, train, valid)
+
+    def validate() -> dict[str, float]:
+        logits = predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2)
+        flat = torch.cat(logits)
+        targets = torch.tensor([t for it in valid for t in it.target])
+        scores = entity_scores([s.tags for s in valid_ex], word_tags(logits, valid, data.labels))["micro"]
+        return {"loss": F.cross_entropy(flat, targets, ignore_index=-100).item(), "f1": scores["f1"],
+                "precision": scores["precision"], "recall": scores["recall"]}
+
+    extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
+             "max_len": cfg.max_len, **data_source(data, {"train": train_file, "valid": valid_file, "test": test_file,
+                                                      "label_field": label_field})}
+    return fit(module, model, tokenizer, train, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra)

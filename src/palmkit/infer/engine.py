@@ -1,0 +1,374 @@
+"""The continuous-batching engine: one thread owns the model and a KV cache of `max_batch` slots.
+
+Continuous batching (Orca, Yu et al. 2022): between decode steps the engine admits waiting requests, each prefilled
+alone (B=1) into a free slot; every decode step then feeds the last token of all running sequences at their own
+positions (B=running, T=1). Running sequences stay packed in slots 0..B-1: when one finishes, the last one's cache
+rows move into its slot, so a step works on a view of the first rows and copies nothing. Because a GEMM's speed
+depends on its row count, the engine times each row count once at startup and pads the packed view with free
+slots up to a faster count (`Engine.tune_step_rows`); benchmarks/README.md has the measurements.
+A client that disconnects is cancelled at the next step boundary, which frees its slot.
+
+Greedy requests give exactly the tokens of `palmkit.infer.generate.generate`; each sampled request draws from its
+own seeded generator, so a seeded request gives the same text whatever else runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from palmkit.infer.sampling import SamplingParams, make_generator, sample
+from palmkit.infer.text_stream import TextStream
+from palmkit.model.checkpoint import load_checkpoint
+from palmkit.model.palm import KVCache, PaLM
+from palmkit.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Event:
+    """New output of one choice; `finish_reason` ("stop" or "length") or `error` is set on its last event."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Sink:
+    """Where a request's events go: an asyncio queue, filled from the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None):
+        self.loop = loop or asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+
+@dataclass(eq=False)
+class Sequence_:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    sink: Sink
+    stream: TextStream
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    written: int = 0  # cache positions filled; the next token is fed at this position
+    finish: str | None = None
+    cancelled: bool = False
+
+
+class EngineBusy(Exception):
+    """The queue is full: the caller should retry shortly (a server answers 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine thread is not running (a server answers 503)."""
+
+
+class Engine:
+    """Runs every request's generation on one thread, stepping all running sequences together."""
+
+    def __init__(self, model: PaLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
+                 autotune: bool = True):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        weight = model.embed_tokens.weight
+        self.device = weight.device
+        self.cache = KVCache(model.config, max_batch, dtype=weight.dtype, device=weight.device)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        # A model vocabulary padded past the tokenizer's must never produce an id the tokenizer cannot decode.
+        self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+        self._pending: deque[Sequence_] = deque()
+        self._active: list[Sequence_] = []  # _active[i] owns cache row i
+        self._calls: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.prompt_tokens = self.completion_tokens = self.decode_steps = 0
+        self.autotune = autotune
+        self.step_rows = list(range(max_batch + 1))  # decode rows for b running sequences; see tune_step_rows
+
+    # -- called from other threads ---------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def start(self) -> Engine:
+        """Start the engine thread (once)."""
+        with self._cond:
+            if self._thread is None:
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="palmkit-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; unfinished requests get an error event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, requests: Sequence[tuple[list[int], SamplingParams]], sink: Sink,
+               stop_ids: Iterable[int] = ()) -> list[Sequence_]:
+        """Queue one sequence per (prompt ids, params); all or none: a full queue raises EngineBusy."""
+        extra = frozenset(stop_ids)
+        seqs = [Sequence_(i, list(prompt), p, extra | ({self.config.eos_id} if p.stop_at_eos else set()), sink,
+                     TextStream(self.tokenizer, p.stop), make_generator(p.seed, self.device))
+                for i, (prompt, p) in enumerate(requests)]
+        with self._cond:
+            if not self.alive or self._stopping:
+                raise EngineStopped("The engine is not running.")
+            free = self.max_batch - len(self._active)
+            if len(self._pending) + len(seqs) > self.max_queue + free:
+                raise EngineBusy(f"The server is busy ({len(self._pending)} requests waiting); retry shortly.")
+            self._pending.extend(seqs)
+            self._cond.notify()
+        return seqs
+
+    def cancel(self, seqs: Iterable[Sequence_]) -> None:
+        """Stop sequences early (client gone); their slots free up before the next decode step."""
+        with self._cond:
+            for seq in seqs:
+                seq.cancelled = True
+                if seq.finish is None and seq in self._pending:
+                    self._pending.remove(seq)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between steps (exclusive use of the model); a future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._calls.append((fn, future))
+            self._cond.notify()
+        return future
+
+    async def run(self, fn: Callable[[], Any]) -> Any:
+        """Await `fn()` run on the engine thread (for endpoints that need the model outside generation)."""
+        return await asyncio.wrap_future(self.call(fn))
+
+    # -- the engine thread -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                if self.autotune:
+                    try:
+                        self.step_rows = self.tune_step_rows()
+                        log.info("decode rows per running count: %s", self.step_rows[1:])
+                    except Exception:  # e.g. out of memory at the largest batch: serve untuned
+                        log.exception("could not time the decode step; stepping exactly the running rows")
+                while self._step():
+                    pass
+        finally:
+            with self._cond:
+                self._stopping = True
+                orphans = [*self._pending, *self._active]
+                self._pending.clear()
+                calls = list(self._calls)
+                self._calls.clear()
+            self._fail(orphans, "the engine stopped")
+            for _, future in calls:
+                future.cancel()
+            self._active.clear()
+
+    def _step(self) -> bool:
+        with self._cond:
+            while not (self._stopping or self._pending or self._active or self._calls):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            calls = list(self._calls)
+            self._calls.clear()
+            admit = []
+            while self._pending and len(self._active) + len(admit) < self.max_batch:
+                admit.append(self._pending.popleft())
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+        events: list[tuple[Sequence_, Event]] = []
+        # A failure fails the sequences it touched, never the server: one prompt's prefill, or one whole step.
+        for seq in admit:
+            if seq.cancelled:
+                continue
+            try:
+                self._prefill(seq, events)
+            except Exception as exc:
+                log.exception("prefill failed")
+                self._active.remove(seq)
+                self._fail([seq], f"generation failed: {exc}")
+        try:
+            self._retire()
+            if self._active:
+                self._decode(events)
+                self._retire()
+        except Exception as exc:
+            log.exception("decode step failed")
+            failed, self._active = self._active, []
+            self._deliver(events)
+            self._fail(failed, f"generation failed: {exc}")
+            return True
+        self._deliver(events)
+        return True
+
+    def _prefill(self, seq: Sequence_, events: list) -> None:
+        slot = len(self._active)
+        self._active.append(seq)
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(seq.prompt), device=self.device)[None]
+        h = self.model.hidden_states(ids, positions, cache=self.cache.rows(slice(slot, slot + 1)))
+        seq.written = len(seq.prompt)
+        self.prompt_tokens += len(seq.prompt)
+        self._sample([seq], self.model.logits(h[:, -1]), events)
+
+    def _decode(self, events: list) -> None:
+        running = self._active
+        b, rows = len(running), self.step_rows[len(running)]
+        # Rows past the running ones are free slots: they take a pad token at position 0, which the
+        # next prefill of that slot overwrites, and attend only to themselves.
+        last = torch.full((rows, 1), self.config.pad_id, dtype=torch.long)
+        positions = torch.zeros((rows, 1), dtype=torch.long)
+        last[:b, 0] = torch.tensor([s.tokens[-1] for s in running])
+        positions[:b, 0] = torch.tensor([s.written for s in running])
+        h = self.model.hidden_states(last.to(self.device), positions.to(self.device),
+                                     cache=self.cache.rows(slice(0, rows)))
+        logits = self.model.logits(h)[:b, -1]
+        self.decode_steps += 1
+        for s in running:
+            s.written += 1
+        self._sample(running, logits, events)
+
+    @torch.inference_mode()
+    def tune_step_rows(self, tolerance: float = 1.1) -> list[int]:
+        """For each number of running sequences, how many cache rows a decode step should feed.
+
+        Matrix-multiply libraries choose kernels by row count, and not monotonically: with MKL on one CPU
+        thread the `small` preset stepped 16 rows in 53 ms but 12 rows in 80 ms and 7 rows in 55 ms.
+        So each candidate count is timed once, and a step pads up to a larger count when that is more than
+        `tolerance` times faster. It writes to cache rows: the engine runs it before it serves anything.
+        """
+        sizes = sorted({*range(1, min(16, self.max_batch) + 1), *range(8, self.max_batch + 1, 8), self.max_batch})
+        times = {}
+        for n in sizes:
+            ids = torch.full((n, 1), self.config.pad_id, dtype=torch.long, device=self.device)
+            zeros = torch.zeros((n, 1), dtype=torch.long, device=self.device)
+            best = float("inf")
+            for _ in range(3):  # the best of three: load from elsewhere only ever adds time
+                t0 = time.perf_counter()
+                self.model.logits(self.model.hidden_states(ids, zeros, cache=self.cache.rows(slice(0, n)))).sum().item()
+                best = min(best, time.perf_counter() - t0)
+            times[n] = best
+        rows = [0]
+        for b in range(1, self.max_batch + 1):
+            own = min(n for n in sizes if n >= b)
+            fastest = min((n for n in sizes if n >= b), key=times.__getitem__)
+            rows.append(own if times[own] <= tolerance * times[fastest] else fastest)
+        return rows
+
+    def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
+        logits = logits[:, : self.vocab]
+        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
+        for seq, row, best in zip(seqs, logits, greedy, strict=True):
+            token = best if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
+            self._accept(seq, token, events)
+
+    def _accept(self, seq: Sequence_, token: int, events: list) -> None:
+        # The same stopping rules, in the same order, as generate.generate: stop ids, stop strings, length.
+        seq.tokens.append(token)
+        self.completion_tokens += 1
+        if token in seq.stop_ids:
+            seq.finish, text = "stop", seq.stream.finish()
+        else:
+            text = seq.stream.push(token)
+            if seq.stream.stopped:
+                seq.finish = "stop"
+            elif len(seq.tokens) >= seq.params.max_new_tokens:
+                seq.finish, text = "length", text + seq.stream.finish()
+        if text or seq.finish:
+            events.append((seq, Event(seq.index, text, seq.finish, len(seq.tokens))))
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled sequences, moving the last running one into each freed slot."""
+        i = 0
+        while i < len(self._active):
+            seq = self._active[i]
+            if seq.finish is None and not seq.cancelled:
+                i += 1
+                continue
+            last = self._active.pop()
+            if last is not seq:
+                src, n = len(self._active), last.written
+                for k, v in zip(self.cache.k, self.cache.v, strict=True):
+                    k[i, :, :n] = k[src, :, :n]
+                    v[i, :, :n] = v[src, :, :n]
+                self._active[i] = last
+
+    def _fail(self, seqs: Iterable[Sequence_], message: str) -> None:
+        self._deliver([(s, Event(s.index, error=message, completion_tokens=len(s.tokens))) for s in seqs])
+
+    @staticmethod
+    def _deliver(events: list[tuple[Sequence_, Event]]) -> None:
+        # One wake-up of each event loop per step, not one per token.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for seq, event in events:
+            if not seq.cancelled:
+                by_loop[seq.sink.loop].append((seq.sink.queue, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop is closed: nobody is waiting for these events
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+async def events_of(sink: Sink, n: int) -> AsyncIterator[Event]:
+    """The events of n sequences submitted with `sink`, until each has finished."""
+    while n:
+        event = await sink.queue.get()
+        n -= event.finish_reason is not None or event.error is not None
+        yield event
+
+
+def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
+                max_queue: int = 64) -> tuple[Engine, dict]:
+    """(engine, config dict) for a checkpoint folder; the engine is not started yet."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model, tokenizer, config = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype])
+    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue), config

@@ -1,0 +1,146 @@
+"""Static-batch generation with a preallocated KV cache: one prefill, then decode steps."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from palmkit.infer.sampling import SamplingParams, make_generator, sample
+from palmkit.infer.text_stream import TextStream
+from palmkit.model.palm import KVCache, PaLM
+from palmkit.model.tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    """One finished generation."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class _Row:
+    params: SamplingParams
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@torch.inference_mode()
+def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                 ) -> Iterator[list[int | None]]:
+    """Yield, each step, the new token of every row (None for rows that have finished).
+
+    Prompts of unequal length are right-padded; every row has its own positions, so a row's result
+    does not depend on the others in the batch.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    ctx = model.config.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest >= ctx:
+        raise ValueError(f"prompt of {longest} tokens does not fit the context of {ctx} tokens")
+    device = model.embed_tokens.weight.device
+    budget = max(p.max_new_tokens for p in per_row)
+    cache_len = min(ctx, longest + budget)
+    cache = KVCache(model.config, len(prompts), cache_len, model.embed_tokens.weight.dtype, device)
+    rows = [_Row(p, make_generator(p.seed)) for p in per_row]
+    pad = model.config.pad_id
+    # One host-to-device copy for the whole batch, not one per row.
+    batch = torch.tensor([[*p, *[pad] * (longest - len(p))] for p in prompts], dtype=torch.long, device=device)
+    positions = torch.arange(longest, device=device).expand(len(prompts), longest)
+    h = model.hidden_states(batch, positions, cache=cache, n_keys=longest)
+    last_index = torch.tensor([len(p) - 1 for p in prompts], device=device)
+    logits = model.logits(h[torch.arange(len(prompts), device=device), last_index])
+    # Positions live on the host: reading them from a device tensor would sync once per row per step (issue 2).
+    pos = [len(p) for p in prompts]
+    any_greedy = any(p.temperature == 0 for p in per_row)
+    while True:
+        # Greedy rows share one argmax and one device-to-host copy (the same ids as sample() row by row).
+        greedy = logits.argmax(-1).tolist() if any_greedy else None
+        step: list[int | None] = []
+        for i, row in enumerate(rows):
+            if row.done:
+                step.append(None)
+                continue
+            tok = greedy[i] if row.params.temperature == 0 else sample(logits[i], row.params, row.generator)
+            row.tokens.append(tok)
+            row.done = ((row.params.stop_at_eos and tok == model.config.eos_id)
+                        or len(row.tokens) >= row.params.max_new_tokens or pos[i] >= cache_len)
+            step.append(tok)
+        if all(t is None for t in step):
+            return
+        stop_now = yield step
+        if stop_now:  # the caller may send indexes of rows to finish early (stop strings, disconnects)
+            for i in stop_now:
+                rows[i].done = True
+        if all(r.done for r in rows):
+            return
+        last = torch.tensor([[r.tokens[-1] if r.tokens else pad] for r in rows], device=device)
+        pos_in = [min(q, cache_len - 1) for q in pos]
+        h = model.hidden_states(last, torch.tensor(pos_in, device=device)[:, None], cache=cache,
+                                n_keys=max(pos_in) + 1)
+        logits = model.logits(h[:, -1])
+        pos = [q + 1 for q in pos]
+
+
+def generate(model: PaLM, tokenizer: Tokenizer, prompts: str | Sequence[str],
+             params: SamplingParams | None = None) -> list[Completion]:
+    """Complete each prompt; a batch of prompts of different lengths runs together."""
+    params = params or SamplingParams()
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
+    finish = ["length"] * len(prompts)
+    gen = generate_ids(model, encoded, params)
+    to_stop: list[int] = []
+    try:
+        step = gen.send(None)
+        while True:
+            to_stop = []
+            for i, tok in enumerate(step):
+                if tok is None:
+                    continue
+                if params.stop_at_eos and tok == tokenizer.eos_id:
+                    finish[i] = "stop"
+                    continue
+                streams[i].push(tok)
+                if streams[i].stopped:
+                    finish[i] = "stop"
+                    to_stop.append(i)
+            step = gen.send(to_stop)
+    except StopIteration:
+        pass
+    out = []
+    for i, s in enumerate(streams):
+        s.finish()
+        out.append(Completion(s.text, s.ids, len(encoded[i]), finish[i]))
+    return out
+
+
+def stream_to(model: PaLM, tokenizer: Tokenizer, prompt: str, params: SamplingParams, out=sys.stdout) -> Completion:
+    """Generate for one prompt, writing text to `out` as it is produced."""
+    encoded = tokenizer.encode(prompt, bos=True)
+    stream = TextStream(tokenizer, params.stop)
+    finish = "length"
+    for (tok,) in generate_ids(model, [encoded], params):
+        if tok is None:
+            break
+        if params.stop_at_eos and tok == tokenizer.eos_id:
+            finish = "stop"
+            break
+        out.write(stream.push(tok))
+        out.flush()
+        if stream.stopped:
+            finish = "stop"
+            break
+    out.write(stream.finish())
+    out.flush()
+    return Completion(stream.text, stream.ids, len(encoded), finish)

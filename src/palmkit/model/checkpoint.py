@@ -1,0 +1,81 @@
+"""Checkpoint folders: `model.safetensors`, `config.json`, `tokenizer.model`.
+
+Writes are atomic (a folder built beside its target, then swapped in) so that a crash never leaves a half-written
+checkpoint, and loading never unpickles: tensors come from safetensors, everything else from JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from palmkit.errors import CheckpointError
+from palmkit.io import atomic_write_json, load_json, load_tensors, replace_dir, save_tensors
+from palmkit.model.layouts import model_state, restore_layout, saved_layout
+from palmkit.model.palm import ModelConfig, PaLM, rotary_tables
+from palmkit.model.tokenizer import Tokenizer
+
+MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
+
+
+def save_checkpoint(path: str | os.PathLike, model: PaLM, tokenizer: Tokenizer | str | os.PathLike,
+                    extra: dict | None = None) -> Path:
+    """Write a checkpoint folder atomically: built beside the target, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok_file = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        config = {"model": model.config.to_dict(), **(extra or {})}
+        for section, layout in saved_layout(model).items():  # int8 or low-rank layers: how to rebuild them
+            config[section] = {**config.get(section, {}), **layout}
+        save_tensors(staging / MODEL_FILE, model_state(model), metadata={"format": "pt"})
+        atomic_write_json(staging / CONFIG_FILE, config)
+        shutil.copyfile(tok_file, staging / TOKENIZER_FILE)
+        replace_dir(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's config.json as a dict (with its `model` section)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    config = load_json(path / CONFIG_FILE)
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"corrupt checkpoint file {path / CONFIG_FILE}: no 'model' section")
+    return config
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[PaLM, Tokenizer, dict]:
+    """(model in eval mode, tokenizer, config dict) from a checkpoint folder."""
+    path = Path(path)
+    config = load_config(path)
+    try:
+        cfg = ModelConfig.from_dict(config["model"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"corrupt checkpoint file {path / CONFIG_FILE}: {exc}") from None
+    state = load_tensors(path / MODEL_FILE)
+    try:
+        tokenizer = Tokenizer(path / TOKENIZER_FILE)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
+    with torch.device("meta"):
+        model = PaLM(cfg)
+    state = restore_layout(model, config, state)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path / MODEL_FILE} does not match its config: {first[-1]}") from None
+    model.rope_cos, model.rope_sin = rotary_tables(cfg)
+    model.to(device=device, dtype=dtype)
+    return model.eval(), tokenizer, config

@@ -1,0 +1,84 @@
+"""A SentencePiece tokenizer trained the PaLM way (section 3, "Vocabulary").
+
+Lossless: whitespace is kept as is, digits are split into single tokens, and anything outside the
+vocabulary falls back to UTF-8 bytes, so decode(encode(text)) == text for every string.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+
+# Chat-template markers are whole pieces so that a role switch is one token, never split by text.
+CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+
+class Tokenizer:
+    """Thin wrapper over a SentencePiece model file with palmkit's special ids."""
+
+    def __init__(self, model_file: str | os.PathLike):
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(path.read_bytes())
+        except Exception as exc:  # sentencepiece raises a bare RuntimeError/OSError with a C++ message
+            raise ValueError(f"corrupt tokenizer model {path}: {exc}") from None
+        self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids for one string."""
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids for many strings (SentencePiece encodes them in parallel threads)."""
+        return self.sp.encode(list(texts), num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for token ids; special ids are dropped."""
+        specials = (self.pad_id, self.bos_id, self.eos_id)
+        return self.sp.decode([int(i) for i in ids if int(i) not in specials])
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
+
+def train_tokenizer(texts: Iterable[str], out_file: str | os.PathLike, vocab_size: int = 32000,
+                    model_type: str = "bpe", character_coverage: float = 0.9995,
+                    max_sentences: int = 2_000_000, seed: int = 0) -> Tokenizer:
+    """Train a SentencePiece model on an iterable of lines and write it to `out_file`."""
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    lines = (t for t in texts if t.strip())
+    model = io.BytesIO()
+    # SentencePiece samples with its own RNG; seeding it keeps the vocabulary reproducible.
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            character_coverage=character_coverage, byte_fallback=True, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_by_whitespace=True,
+            pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, user_defined_symbols=list(CHAT_SYMBOLS),
+            input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=16384,
+            required_chars="0123456789", hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise ValueError(f"tokenizer training failed: {exc}") from None
+    tmp = out_file.with_suffix(out_file.suffix + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, out_file)
+    return Tokenizer(out_file)

@@ -1,0 +1,195 @@
+"""An OpenAI-compatible HTTP server with streaming and continuous batching.
+
+    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16] [--faq FILE]
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as server-sent
+events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format), and `GET /`: a web chat
+page (palmkit/assets/chat.html) that streams greedy answers from /v1/chat/completions.
+
+With `--faq FILE` (serve/grounding.py) every chat request is grounded: the FAQ entries that match the
+last user message go into a system message right before it, and a question no entry matches gets
+NO_ANSWER without running the model. Responses carry an extra `faq` field, `{"grounded", "sources"}`
+(on the first chunk of a stream), which OpenAI clients ignore.
+
+More endpoints (e.g. `/v1/classify`) plug in with `create_app(..., routers=[r])`: their routes get the API-key
+check, the metrics and the error format, and reach the model through `request.app.state.palmkit`
+(`ServerState`); `await state.engine.run(fn)` runs `fn()` on the engine thread between decode steps, so the
+model is never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from palmkit.infer.engine import Engine, EngineBusy, EngineStopped, load_engine
+from palmkit.model.chat_template import chat_template
+from palmkit.serve.classify import classify_router
+from palmkit.serve.grounding import FaqIndex
+from palmkit.serve.metrics import Metrics
+from palmkit.serve.openai import api_router
+from palmkit.serve.protocol import APIError
+from palmkit.serve.state import ServerState, check_key
+
+log = logging.getLogger(__name__)
+
+
+log = logging.getLogger("palmkit.serve")
+
+
+class _Instrument:
+    """ASGI middleware: counts every request by route and status and times it to its last byte."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            # 499 (nginx's "client closed request") marks a stream the client left before its end.
+            status = scope.get("palmkit.status", status)
+            # The matched route's template, so that /v1/models/{model} is one label whatever the name
+            endpoint = getattr(scope.get("route"), "path", None) or "other"
+            self.state.metrics.observe(endpoint, status, time.perf_counter() - start)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(EngineBusy)
+    async def engine_busy(request: Request, exc: EngineBusy) -> JSONResponse:
+        return APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}).response()
+
+    @app.exception_handler(EngineStopped)
+    async def engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+        return APIError(503, str(exc), "server_error", code="engine_stopped").response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path")) or None
+        return APIError(400, f"Invalid value for '{param}': {first['msg']}.", param=param,
+                        code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail), code=None,
+                        headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, "The server had an error while processing your request.", "server_error").response()
+
+
+def create_app(source: str | os.PathLike | Engine, model_name: str | None = None, api_key: str | None = None,
+               max_batch: int = 16, max_queue: int = 64, device: str = "cpu", dtype: str = "float32",
+               template: str | None = None, routers: Sequence[APIRouter] = (),
+               faq: str | os.PathLike | FaqIndex | None = None) -> FastAPI:
+    """The FastAPI app serving a checkpoint folder or an Engine (max_batch, max_queue, device: folder only);
+    faq: a FAQ file (or index) that grounds chat requests."""
+    faq_index = FaqIndex.from_file(faq) if faq is not None and not isinstance(faq, FaqIndex) else faq
+    if isinstance(source, Engine):
+        engine, config, default_name = source, {}, "palmkit"
+    else:
+        engine, config = load_engine(source, device, dtype, max_batch, max_queue)
+        default_name = Path(source).resolve().name
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="palmkit", lifespan=lifespan)
+    app.state.palmkit = state = ServerState(
+        engine=engine, model_name=model_name or default_name,
+        format_chat=chat_template(template or config.get("chat_template")), api_key=api_key or None,
+        metrics=Metrics(), created=int(time.time()), faq=faq_index)
+    _install_error_handlers(app)
+    app.include_router(api_router(), dependencies=[Depends(check_key)])
+    if config.get("task") == "classify":
+        routers = [*routers, classify_router(source, engine)]
+    for router in routers:
+        app.include_router(router, dependencies=[Depends(check_key)])
+
+    page = chat_page_html(state)  # nothing in it changes while the app runs
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        """The web chat page."""
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 while the engine runs, 503 when it has stopped."""
+        ok = engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(state.metrics.render(engine), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_middleware(_Instrument, state=state)
+    return app
+
+
+def chat_page_html(state: ServerState) -> str:
+    """assets/chat.html with what the page needs to know (model name, FAQ) in its JSON config element."""
+    from importlib import resources
+
+    page = (resources.files("palmkit") / "assets" / "chat.html").read_text(encoding="utf-8")
+    faq = state.faq and {"name": state.faq.name, "entries": len(state.faq.entries)}
+    config = {"model": state.model_name, "faq": faq, "api_key_required": state.api_key is not None}
+    # "<" escaped: a model or file name cannot close the <script> element that holds the JSON
+    return page.replace("__PALMKIT_CONFIG__", json.dumps(config).replace("<", "\\u003c"))
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
+          dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info",
+          faq: str = "") -> None:
+    """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
+
+    --api-key (or env PALMKIT_API_KEY, which `ps` does not show) requires `Authorization: Bearer KEY` on /v1/*.
+    --max-batch sequences run together; --max-queue more wait, and beyond that requests get 429.
+    Binds to loopback unless --host says otherwise. The chat page is at http://HOST:PORT/.
+    --faq FILE (CSV question,answer or JSONL) grounds chat answers in the FAQ; questions it does not cover get
+    a fixed "no answer" reply (palmkit.support).
+    """
+    import uvicorn
+
+    api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
+    app = create_app(checkpoint, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     device=device, dtype=dtype, faq=faq or None)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

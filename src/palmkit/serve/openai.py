@@ -1,0 +1,282 @@
+"""The OpenAI routes: `/v1/completions`, `/v1/chat/completions` (streamed as server-sent events), `/v1/models`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from palmkit.infer.engine import Event, Sink, events_of
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.chat_template import END
+from palmkit.serve.grounding import NO_ANSWER, Grounding, ground
+from palmkit.serve.protocol import (
+    DEFAULT_COMPLETION_TOKENS,
+    APIError,
+    ChatBody,
+    CompletionBody,
+    SamplingBody,
+    parse_body,
+    read_body,
+)
+from palmkit.serve.state import ServerState, server_state
+
+
+def _prompt_ids(state: ServerState, prompt: str | list) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [state.tokenizer.encode(prompt, bos=True)]
+    if not prompt:
+        raise APIError(400, "'prompt' must not be empty.", param="prompt", code="invalid_value")
+    if isinstance(prompt[0], str):
+        return [state.tokenizer.encode(p, bos=True) for p in prompt]
+    prompts = [prompt] if isinstance(prompt[0], int) else prompt
+    vocab = state.engine.vocab
+    if any(not p or any(not 0 <= t < vocab for t in p) for p in prompts):
+        raise APIError(400, f"Token prompts must be non-empty lists of ids in [0, {vocab}).", param="prompt",
+                       code="invalid_value")
+    return prompts
+
+
+def _chat_messages(body: ChatBody) -> list[dict]:
+    messages = []
+    for m in body.messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or ())
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return messages
+
+
+def _chat_ids(state: ServerState, messages: list[dict]) -> list[int]:
+    return state.tokenizer.encode(state.format_chat(messages), bos=True)
+
+
+def _ground(state: ServerState, messages: list[dict]) -> Grounding:
+    try:
+        return ground(state.faq, messages, fits=lambda m: len(_chat_ids(state, m)) < state.context)
+    except ValueError as exc:
+        raise APIError(400, f"{exc}.", param="messages", code="invalid_value") from None
+
+
+async def fixed_events(text: str, n: int) -> AsyncIterator[Event]:
+    """Events of n choices that all answer `text`, word by word; usage counts no tokens: no model ran."""
+    words = re.findall(r"\S+\s*", text)
+    for i in range(n):
+        for j, word in enumerate(words):
+            yield Event(i, word, "stop" if j == len(words) - 1 else None)
+
+
+def _budget(state: ServerState, prompt: list[int], requested: int | None, default: int | None) -> int:
+    """max_tokens for one prompt: a request past the context is refused, a default is cut to fit."""
+    room = state.context - len(prompt)
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {state.context} tokens. However, your "
+                       f"prompt is {len(prompt)} tokens.", param="prompt", code="context_length_exceeded")
+    if requested is not None and requested > room:
+        raise APIError(400, f"This model's maximum context length is {state.context} tokens. However, you "
+                       f"requested {len(prompt) + requested} tokens ({len(prompt)} in the prompt, {requested} "
+                       f"for the completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                       code="context_length_exceeded")
+    return requested if requested is not None else min(room, default or room)
+
+
+def _choices(state: ServerState, body: SamplingBody, prompts: list[list[int]], max_tokens: int | None,
+             default: int | None) -> list[tuple[list[int], SamplingParams]]:
+    """One (prompt, params) per choice: n choices per prompt, the i-th seeded with seed + i."""
+    n = body.n or 1
+    if n * len(prompts) > state.engine.max_batch:
+        raise APIError(400, f"At most {state.engine.max_batch} choices (prompts x n) per request.", param="n",
+                       code="invalid_value")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if len(stop) > 16:
+        raise APIError(400, "At most 16 stop strings.", param="stop", code="invalid_value")
+    # top_p 0 is legal for OpenAI and means "the most likely token": the smallest positive mass keeps just it
+    top_p = 1.0 if body.top_p is None else max(body.top_p, 1e-9)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    out = []
+    for prompt in prompts:
+        budget = _budget(state, prompt, max_tokens, default)
+        for _ in range(n):
+            seed = None if body.seed is None else (body.seed + len(out)) % 2**64
+            out.append((prompt, SamplingParams(max_new_tokens=budget, temperature=temperature, top_p=top_p,
+                                               seed=seed, stop=stop, stop_at_eos=not body.ignore_eos)))
+    return out
+
+
+class _Shape:
+    """How the two endpoints spell their responses."""
+
+    def __init__(self, chat: bool, model: str, extra: dict | None = None):
+        self.chat, self.model = chat, model
+        self.extra = extra or {}  # palmkit's own fields (`faq`): on the full response and a stream's first chunk
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def _envelope(self, chunk: bool) -> dict:
+        kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**self._envelope(True), "choices": [choice], **(self.extra if role and index == 0 else {})}
+
+    def full(self, texts: list[str], finishes: list[str], usage: dict) -> dict:
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
+                        "finish_reason": f} for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
+        else:
+            choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
+                       for i, (t, f) in enumerate(zip(texts, finishes, strict=True))]
+        return {**self._envelope(False), "choices": choices, "usage": usage, **self.extra}
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return {**self._envelope(True), "choices": [], "usage": usage}
+
+
+def _usage(prompt_tokens: int, completion: list[int]) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": sum(completion),
+            "total_tokens": prompt_tokens + sum(completion)}
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that run `cleanup` however they end (finished, client gone, error)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], cleanup: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self.cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cleanup()  # first: a departed client's slots free up even if closing the generator fails
+            await self.body_iterator.aclose()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _generate(request: Request, chat: bool) -> Response:
+    state = server_state(request)
+    body = parse_body(ChatBody if chat else CompletionBody, await read_body(request))
+    state.check_model(body.model)
+    grounding = _ground(state, _chat_messages(body)) if chat and state.faq is not None else None
+    if chat:
+        end = state.tokenizer.sp.piece_to_id(END)
+        has_end = end != state.tokenizer.sp.unk_id()
+        messages = grounding.messages if grounding else _chat_messages(body)
+        prompts, stop_ids = [_chat_ids(state, messages)], [end] if has_end else []
+        if not has_end:  # a tokenizer without chat pieces can still write the marker as text
+            body.stop = [*([body.stop] if isinstance(body.stop, str) else body.stop or []), END]
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        default = None
+    else:
+        prompts, stop_ids = _prompt_ids(state, body.prompt), []
+        max_tokens, default = body.max_tokens, DEFAULT_COMPLETION_TOKENS
+    choices = _choices(state, body, prompts, max_tokens, default)
+    prompt_tokens = sum(len(p) for p in prompts)
+    shape = _Shape(chat, state.model_name, {"faq": grounding.info()} if grounding else None)
+    if grounding and not grounding.grounded:  # nothing to answer from: say so rather than let the model invent
+        seqs, prompt_tokens = [], 0
+        events = fixed_events(NO_ANSWER, len(choices))
+    else:
+        sink = Sink()
+        seqs = state.engine.submit(choices, sink, stop_ids)
+        events = events_of(sink, len(seqs))
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return EventStream(_stream(request, shape, events, len(choices), prompt_tokens, usage),
+                           cleanup=lambda: state.engine.cancel(seqs),
+                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    texts, finishes, tokens = [""] * len(choices), ["length"] * len(choices), [0] * len(choices)
+
+    async def collect() -> None:
+        async for ev in events:
+            if ev.error:
+                raise APIError(500, ev.error, "server_error")
+            texts[ev.index] += ev.text
+            finishes[ev.index] = ev.finish_reason or finishes[ev.index]
+            tokens[ev.index] = ev.completion_tokens
+
+    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        state.engine.cancel(seqs)
+        for task in (work, watch):
+            task.cancel()
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # the client left: nobody is there to read it
+    work.result()
+    return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens)))
+
+
+async def _stream(request: Request, shape: _Shape, events: AsyncIterator[Event], n: int, prompt_tokens: int,
+                  include_usage: bool) -> AsyncIterator[str]:
+    request.scope["palmkit.status"] = 499  # until the last event has gone out
+    tokens = [0] * n
+    extra = {"usage": None} if include_usage else {}
+    if shape.chat:
+        for i in range(n):
+            yield _sse({**shape.chunk(i, role=True), **extra})
+    async for ev in events:
+        if ev.error:
+            yield _sse(APIError(500, ev.error, "server_error").body())
+            break
+        tokens[ev.index] = ev.completion_tokens
+        if ev.text:
+            yield _sse({**shape.chunk(ev.index, ev.text), **extra})
+        if ev.finish_reason:
+            yield _sse({**shape.chunk(ev.index, finish=ev.finish_reason), **extra})
+    if include_usage:
+        yield _sse(shape.usage_chunk(_usage(prompt_tokens, tokens)))
+    yield _sse("[DONE]")
+    request.scope["palmkit.status"] = 200
+
+
+def api_router() -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/completions")
+    async def completions(request: Request) -> Response:
+        """Complete a prompt (OpenAI's legacy completions API)."""
+        return await _generate(request, chat=False)
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        """Answer a conversation (OpenAI's chat completions API)."""
+        return await _generate(request, chat=True)
+
+    @router.get("/models")
+    async def models(request: Request) -> dict:
+        """The one model this server holds."""
+        return {"object": "list", "data": [_model_card(server_state(request))]}
+
+    @router.get("/models/{model}")
+    async def model(request: Request, model: str) -> dict:
+        """One model by name."""
+        server_state(request).check_model(model)
+        return _model_card(server_state(request))
+
+    return router
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "palmkit",
+            "max_model_len": state.context}

@@ -1,0 +1,113 @@
+"""The OpenAI wire format: request bodies (pydantic), their cheap checks, and errors as OpenAI writes them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_BODY_BYTES = 8 << 20  # prompts are bounded by the context; this bounds what a client can make us buffer
+
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class _Body(BaseModel):
+    # strict: "5" is not a number and 5.0 is not an integer, as the OpenAI API answers
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class SamplingBody(_Body):
+    model_config = ConfigDict(extra="allow")  # kept so that UNSUPPORTED parameters can be refused by name
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    n: int | None = Field(None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+
+
+class CompletionBody(SamplingBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatBody(SamplingBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# Parameters this server does not implement: refused unless they carry the value that means "off".
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
+               "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+               "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "tools": (None, []),
+               "functions": (None, []), "response_format": (None, {"type": "text"})}
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """Validate a JSON body; every mistake becomes a 400 naming the parameter, as OpenAI answers."""
+    try:
+        body = model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            raise APIError(400, f"We could not parse the JSON body of your request: {first['msg']}") from None
+        loc = [str(p) for p in first["loc"]]
+        # A union reports one error per member (prompt.str, prompt.list[int]...): name the field only.
+        param = loc[0] if len(errors) > 1 and all(e["loc"][:1] == first["loc"][:1] for e in errors) else ".".join(loc)
+        msg = first["msg"] if len(errors) == 1 else f"{first['msg']} (and {len(errors) - 1} more errors)"
+        raise APIError(400, f"Invalid value for '{param or 'body'}': {msg}.", param=param or None,
+                       code="invalid_value" if param else "invalid_body") from None
+    extra = body.model_extra or {}
+    for name, off in UNSUPPORTED.items():
+        if name in extra and extra[name] not in off:
+            raise APIError(400, f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    return body
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with a 413 as soon as it passes `limit` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body is larger than {limit} bytes.", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,87 @@
+"""torch.distributed setup and `parallelize()`: DDP or FSDP2, activation checkpointing, compile.
+
+The model knows nothing of parallelism (torchtitan's habit): this module wraps it. gloo serves CPUs, NCCL GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from palmkit.model.fused import fuse_projections
+from palmkit.model.palm import PaLM
+from palmkit.train.config import TrainConfig
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group that torchrun describes in the environment; a lone process needs none."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        # NCCL moves GPU tensors over NVLink/InfiniBand; gloo is the CPU backend.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def parallelize(model: PaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
+    """Activation checkpointing, then FSDP2 or DDP, then compile, in torchtitan's fixed order."""
+    if cfg.fuse_projections:
+        fuse_projections(model)
+    if cfg.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(block)
+    if d.world_size > 1 and cfg.strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)  # each block's parameters are gathered only while it runs
+        fully_shard(model)
+    elif d.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def all_reduce(values: list[float], d: Dist) -> list[float]:
+    if d.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "no_sync") and not enabled:
+        return inner.no_sync()
+    if hasattr(inner, "set_requires_gradient_sync"):
+        inner.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
