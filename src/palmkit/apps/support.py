@@ -19,6 +19,7 @@ from pathlib import Path
 
 from palmkit.apps.recipes import base_checkpoint
 from palmkit.data.tasks import CHATTERBOT, load_task, package_dir, read_chatterbot, subsample
+from palmkit.errors import PalmkitError
 from palmkit.finetune.chat import finetune_chat
 from palmkit.infer.generate import generate
 from palmkit.infer.sampling import SamplingParams
@@ -114,7 +115,7 @@ def answer(model, tokenizer, index: FaqIndex, question: str, max_new_tokens: int
     prompt = format_chat(g.messages)
     room = context - len(tokenizer.encode(prompt, bos=True))
     if room < 1:
-        raise ValueError(f"the grounded prompt does not fit the model's {model.config.max_seq_len} tokens")
+        raise PalmkitError(f"the grounded prompt does not fit the model's {model.config.max_seq_len} tokens")
     params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0, stop=(END,))
     return generate(model, tokenizer, prompt, params)[0].text.strip(), g
 

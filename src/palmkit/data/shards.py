@@ -127,7 +127,7 @@ class MixtureLoader:
         if missing:
             raise PalmkitError(f"no shards for language(s) {', '.join(missing)} under {shard_root}")
         if batch_size % world_size:
-            raise ValueError(f"global batch of {batch_size} sequences does not split over {world_size} ranks")
+            raise PalmkitError(f"global batch of {batch_size} sequences does not split over {world_size} ranks")
         self.streams = {lang: TokenStream(shard_root / lang, "train", seq_len) for lang in langs}
         self.langs = langs
         self.weights = mixture_weights({lang: len(s.tokens) for lang, s in self.streams.items()}, alpha)

@@ -396,7 +396,7 @@ def read_user_file(path: str | os.PathLike, kind: str, text_field: str = "text",
             elif kind == "ner":
                 tokens, tags = list(row["tokens"]), list(row[label_field])
                 if len(tokens) != len(tags):
-                    raise ValueError(f"{len(tokens)} tokens but {len(tags)} tags")
+                    raise PalmkitError(f"{len(tokens)} tokens but {len(tags)} tags")
                 out.append(TaggedSentence(tokens, tags))
             else:
                 messages = row["messages"] if isinstance(row, dict) else row

@@ -72,7 +72,7 @@ class FinetuneConfig:
         self.lora_targets = [t for part in self.lora_targets for t in str(part).split(",") if t]
         self.lr = self.lr or (2e-3 if self.lora_rank else 3e-4)
         if self.batch_size < 1 or self.epochs < 1 or self.max_len < 2:
-            raise ValueError("batch_size and epochs must be >= 1 and max_len >= 2")
+            raise PalmkitError("batch_size and epochs must be >= 1 and max_len >= 2")
 
 
 # Validation metrics of each kind of task; the first is the default for early stopping and the best checkpoint.
@@ -83,7 +83,7 @@ METRICS = {"classify": ("accuracy", "macro_f1", "loss"), "ner": ("f1", "precisio
 def metric_name(cfg: FinetuneConfig, kind: str) -> str:
     metric = cfg.metric or METRICS[kind][0]
     if metric not in METRICS[kind]:
-        raise ValueError(f"--metric {metric!r} is not one of {', '.join(METRICS[kind])} for a {kind} task")
+        raise PalmkitError(f"--metric {metric!r} is not one of {', '.join(METRICS[kind])} for a {kind} task")
     return metric
 
 
@@ -216,7 +216,7 @@ def prepare(checkpoint: str, cfg: FinetuneConfig) -> tuple[PaLM, Tokenizer, dict
     torch.manual_seed(cfg.seed)
     model, tokenizer, config = load_checkpoint(checkpoint)
     if cfg.max_len > model.config.max_seq_len:
-        raise ValueError(f"max_len={cfg.max_len} is longer than the model's context ({model.config.max_seq_len})")
+        raise PalmkitError(f"max_len={cfg.max_len} is longer than the model's context ({model.config.max_seq_len})")
     set_dropout(model, cfg.dropout)
     return model, tokenizer, config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from palmkit.errors import PalmkitError
 from palmkit.model.palm import PaLM
 
 HEAD_FILE = "head.safetensors"
@@ -27,7 +28,7 @@ class SequenceClassifier(nn.Module):
     def __init__(self, model: PaLM, n_labels: int, pooling: str = "last", dropout: float = 0.1):
         super().__init__()
         if pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
+            raise PalmkitError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         self.model, self.pooling = model, pooling
         self.dropout = nn.Dropout(dropout)
         self.head = linear_head(model, n_labels)

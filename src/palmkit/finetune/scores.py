@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from palmkit.errors import PalmkitError
+
 
 def classification_scores(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 (scikit-learn's definitions)."""
@@ -42,7 +44,7 @@ def _prf(tp: int, n_pred: int, n_true: int) -> dict[str, float]:
 def entity_scores(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
     """Entity precision, recall, F1 and support per type, micro-averaged (over all entities) and macro."""
     if len(true) != len(pred):
-        raise ValueError(f"{len(true)} gold sentences but {len(pred)} predicted")
+        raise PalmkitError(f"{len(true)} gold sentences but {len(pred)} predicted")
     tp: Counter = Counter()
     n_true: Counter = Counter()
     n_pred: Counter = Counter()

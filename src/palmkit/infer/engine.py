@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from palmkit.errors import PalmkitError
 from palmkit.infer.sampling import SamplingParams, make_generator, sample
 from palmkit.infer.text_stream import TextStream
 from palmkit.model.checkpoint import load_checkpoint
@@ -87,7 +88,7 @@ class Engine:
     def __init__(self, model: PaLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
                  autotune: bool = True):
         if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+            raise PalmkitError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         weight = model.embed_tokens.weight
@@ -369,6 +370,6 @@ def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str =
                 max_queue: int = 64) -> tuple[Engine, dict]:
     """(engine, config dict) for a checkpoint folder; the engine is not started yet."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model, tokenizer, config = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype])
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue), config

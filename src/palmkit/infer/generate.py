@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from palmkit.errors import PalmkitError
 from palmkit.infer.sampling import SamplingParams, make_generator, sample
 from palmkit.infer.text_stream import TextStream
 from palmkit.model.palm import KVCache, PaLM
@@ -41,12 +42,12 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
     does not depend on the others in the batch.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        raise PalmkitError("every prompt needs at least one token")
     per_row = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
     ctx = model.config.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest >= ctx:
-        raise ValueError(f"prompt of {longest} tokens does not fit the context of {ctx} tokens")
+        raise PalmkitError(f"prompt of {longest} tokens does not fit the context of {ctx} tokens")
     device = model.embed_tokens.weight.device
     budget = max(p.max_new_tokens for p in per_row)
     cache_len = min(ctx, longest + budget)

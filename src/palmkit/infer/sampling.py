@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from palmkit.errors import PalmkitError
+
 
 @dataclass
 class SamplingParams:
@@ -22,13 +24,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature < float("inf")):  # also rejects NaN
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise PalmkitError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise PalmkitError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise PalmkitError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise PalmkitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from palmkit.errors import PalmkitError
 from palmkit.model.tokenizer import CHAT_SYMBOLS
 
 SYSTEM, USER, ASSISTANT, END = CHAT_SYMBOLS
@@ -40,9 +41,9 @@ def format_chat(messages: Sequence[dict], add_generation_prompt: bool = True) ->
     for i, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ROLE_MARKERS:
-            raise ValueError(f"message {i}: role must be one of {', '.join(ROLE_MARKERS)}, got {role!r}")
+            raise PalmkitError(f"message {i}: role must be one of {', '.join(ROLE_MARKERS)}, got {role!r}")
         if not isinstance(content, str):
-            raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+            raise PalmkitError(f"message {i}: content must be a string, got {type(content).__name__}")
         parts.append(f"{ROLE_MARKERS[role]}{content}{END}\n")
     if add_generation_prompt:
         parts.append(ASSISTANT)
@@ -56,5 +57,5 @@ def chat_template(name: str | None = None) -> Callable[..., str]:
     """The template function registered under `name` (the default template for None)."""
     name = name or DEFAULT_TEMPLATE
     if name not in CHAT_TEMPLATES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(CHAT_TEMPLATES)}")
+        raise PalmkitError(f"unknown chat template {name!r}; known: {', '.join(CHAT_TEMPLATES)}")
     return CHAT_TEMPLATES[name]

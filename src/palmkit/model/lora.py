@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palmkit.errors import PalmkitError
+
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -40,7 +42,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], 
     """Freeze `model` and wrap each nn.Linear named in `targets` (e.g. q_proj, v_proj) in LoRALinear."""
     unknown = set(targets) - set(PROJECTIONS)
     if unknown:
-        raise ValueError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROJECTIONS)}")
+        raise PalmkitError(f"unknown LoRA target(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROJECTIONS)}")
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
@@ -50,7 +52,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], 
                 setattr(module, name, LoRALinear(child, rank, alpha, dropout))
                 wrapped += 1
     if not wrapped:
-        raise ValueError(f"no projection named {', '.join(targets)} in the model")
+        raise PalmkitError(f"no projection named {', '.join(targets)} in the model")
     return wrapped
 
 

@@ -57,9 +57,9 @@ def low_rank(model: PaLM, rank_ratio: float = 0.0, energy: float = 0.0,
     weight is kept whole unless `only_if_smaller` is False (full-rank factorisations reproduce the model).
     """
     if bool(rank_ratio) == bool(energy):
-        raise ValueError("give exactly one of rank_ratio (0 < r <= 1) or energy (0 < e <= 1)")
+        raise PalmkitError("give exactly one of rank_ratio (0 < r <= 1) or energy (0 < e <= 1)")
     if not 0 < (rank_ratio or energy) <= 1:
-        raise ValueError(f"rank_ratio and energy must be in (0, 1], got {rank_ratio or energy}")
+        raise PalmkitError(f"rank_ratio and energy must be in (0, 1], got {rank_ratio or energy}")
     if is_fused(model):
         raise PalmkitError("factorise a plain model: unfuse_projections(model) first")
     ranks: dict[str, int] = {}

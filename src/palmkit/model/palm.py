@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palmkit.errors import PalmkitError
 from palmkit.model.loss import fused_lm_loss
 
 
@@ -39,9 +40,9 @@ class ModelConfig:
         self.head_dim = self.head_dim or self.d_model // self.n_heads
         self.d_ff = self.d_ff or 4 * self.d_model
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+            raise PalmkitError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+            raise PalmkitError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -83,7 +84,7 @@ PRESETS: dict[str, dict] = {
 def preset(name: str, **overrides) -> ModelConfig:
     """The config of a named preset with some fields replaced."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise PalmkitError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
@@ -269,7 +270,7 @@ class PaLM(nn.Module):
         """
         T = idx.shape[1]
         if T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})")
+            raise PalmkitError(f"sequence of {T} tokens is longer than the context ({self.config.max_seq_len})")
         if positions is None and cache is not None:  # the cache is written at explicit positions
             positions = torch.arange(T, device=idx.device).expand(idx.shape[0], T)
         if positions is None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from palmkit.errors import PalmkitError
+
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
 
@@ -32,7 +34,7 @@ class Tokenizer:
         try:
             self.sp.LoadFromSerializedProto(path.read_bytes())
         except Exception as exc:  # sentencepiece raises a bare RuntimeError/OSError with a C++ message
-            raise ValueError(f"corrupt tokenizer model {path}: {exc}") from None
+            raise PalmkitError(f"corrupt tokenizer model {path}: {exc}") from None
         self.pad_id, self.bos_id, self.eos_id = self.sp.pad_id(), self.sp.bos_id(), self.sp.eos_id()
 
     @property
@@ -77,7 +79,7 @@ def train_tokenizer(texts: Iterable[str], out_file: str | os.PathLike, vocab_siz
             required_chars="0123456789", hard_vocab_limit=False, num_threads=os.cpu_count() or 1, minloglevel=2,
         )
     except RuntimeError as exc:
-        raise ValueError(f"tokenizer training failed: {exc}") from None
+        raise PalmkitError(f"tokenizer training failed: {exc}") from None
     tmp = out_file.with_suffix(out_file.suffix + ".tmp")
     tmp.write_bytes(model.getvalue())
     os.replace(tmp, out_file)

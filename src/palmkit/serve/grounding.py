@@ -250,7 +250,7 @@ class FaqIndex:
         if not entries:
             raise PalmkitError("the FAQ has no entries")
         if k < 1 or not 0 < threshold <= 1:
-            raise ValueError(f"need k >= 1 and 0 < threshold <= 1, got k={k}, threshold={threshold}")
+            raise PalmkitError(f"need k >= 1 and 0 < threshold <= 1, got k={k}, threshold={threshold}")
         self.entries, self.k, self.threshold, self.name = list(entries), k, threshold, name
         self.bm25 = BM25([f"{e.question} {e.answer}" for e in self.entries])
 
@@ -298,7 +298,7 @@ def ground(index: FaqIndex, messages: Sequence[dict],
     (down to one: a prompt still too long is the caller's error to report)."""
     last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last is None:
-        raise ValueError("a grounded conversation needs a user message")
+        raise PalmkitError("a grounded conversation needs a user message")
     hits = index.relevant(messages[last]["content"])
     while True:
         out = list(messages)

@@ -46,15 +46,15 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
                        dropout=cfg.dropout, z_loss=cfg.z_loss, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
                        eos_id=tokenizer.eos_id)
     if not (cfg.max_steps or cfg.max_minutes):
-        raise ValueError("give max_steps or max_minutes (or both): with neither the run would never end")
+        raise PalmkitError("give max_steps or max_minutes (or both): with neither the run would never end")
     if cfg.batch_tokens % (cfg.seq_len * d.world_size):
-        raise ValueError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len x world size "
+        raise PalmkitError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len x world size "
                          f"({cfg.seq_len} x {d.world_size})")
     global_seqs = cfg.batch_tokens // cfg.seq_len
     per_rank = global_seqs // d.world_size
     micro = min(cfg.micro_batch, per_rank)
     if per_rank % micro:
-        raise ValueError(f"{per_rank} sequences per rank is not a multiple of micro_batch={micro}")
+        raise PalmkitError(f"{per_rank} sequences per rank is not a multiple of micro_batch={micro}")
     accum = per_rank // micro
     loader = MixtureLoader(corpus, cfg.seq_len, global_seqs, cfg.alpha, cfg.seed, d.rank, d.world_size)
     plain = build_model(model_cfg, d.device, seed=cfg.seed)
@@ -164,5 +164,5 @@ def pretrain(data: str, out: str = "runs/pretrain", resume: bool = False, **opti
     names = {f.name for f in fields(TrainConfig)}
     unknown = set(options) - names
     if unknown:
-        raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        raise PalmkitError(f"unknown option(s): {', '.join(sorted(unknown))}")
     return train(TrainConfig(**options), data, out, resume)

@@ -104,7 +104,7 @@ class Monitor:
         try:
             state = json.loads(self.state_path.read_bytes())
             if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-                raise ValueError(f"not a version {STATE_VERSION} monitor state")
+                raise PalmkitError(f"not a version {STATE_VERSION} monitor state")
             missing = [k for k in ("rule", "sources", "seen", "alerts_bytes", "counts", "topics") if k not in state]
             if missing:
                 raise KeyError(", ".join(missing))
@@ -338,7 +338,7 @@ def monitor(checkpoint: str, input: list[str], state_dir: str, follow: bool = Fa
 
     rule = Rule(window, baseline, min_baseline, threshold, rearm, std_floor)
     if STDIN in input and follow:
-        raise ValueError("--follow polls files and folders; stdin is read until it ends anyway")
+        raise PalmkitError("--follow polls files and folders; stdin is read until it ends anyway")
     for spec in input:
         if spec != STDIN and not Path(spec).exists():
             raise FileNotFoundError(f"input not found: {spec}")

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
+from palmkit.errors import PalmkitError
+
 CHART_POINTS = 20_000  # per topic: the chart's history is kept in the state, so it is capped
 
 
@@ -33,9 +35,9 @@ class Rule:
 
     def __post_init__(self) -> None:
         if self.window < 1 or self.min_baseline < 2 or self.baseline < self.min_baseline:
-            raise ValueError("need window >= 1 and baseline >= min_baseline >= 2")
+            raise PalmkitError("need window >= 1 and baseline >= min_baseline >= 2")
         if not self.rearm < self.threshold or self.std_floor <= 0:
-            raise ValueError("need rearm < threshold and std_floor > 0")
+            raise PalmkitError("need rearm < threshold and std_floor > 0")
 
 
 def rule_settings(rule: Rule, max_parts: int) -> dict:
