@@ -25,4 +25,4 @@ command -v groff >/dev/null || debian_packages "man pages will be read with palm
   || debian_packages "the browser test fails until chromium and chromium-driver are installed" chromium chromium-driver
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
-echo "palmkit installed: $(.venv/bin/palmkit --help >/dev/null && echo ok) (.venv/bin/palmkit)"
+echo "$(.venv/bin/palmkit --version) installed: .venv/bin/palmkit (palmkit --help lists the commands)"

@@ -1,4 +1,4 @@
-"""Decode speed of palmkit against transformers `generate()` on the same exported weights (issue 2).
+"""Decode speed of palmkit against transformers `generate()` on the same exported weights.
 
 Both libraries load the same files: a palmkit checkpoint (a random `--preset` model, or `--checkpoint DIR`) and
 its `palmkit export` folder read by `transformers.AutoModelForCausalLM`. Both get the same token ids (random ids of

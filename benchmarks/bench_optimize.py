@@ -1,4 +1,7 @@
-"""Every matrix-multiplication option of palmkit.optimize side by side (issue 7): speed, size and perplexity.
+"""Every faster or smaller way to run the model's matrix products side by side: speed, size and perplexity.
+
+The options are those of palmkit.model (fused projections, oneDNN-packed weights, int8 weights, low-rank layers),
+plus bf16 and, when the `bench` extra is installed, torchao's int8 for comparison.
 
 For each option: decode tokens/s at batch 1 and 8 (`generate_ids`, greedy, KV cache), prefill tokens/s, training
 tokens/s where the option trains (fp32 weights with bf16 autocast, as `palmkit pretrain` runs), checkpoint size,
@@ -67,8 +70,9 @@ def tiny_setup(root: Path) -> tuple[Path, Path]:
     from tests.conftest import make_corpus  # the test suite's three-language miniature corpus
 
     corpus = make_corpus(root / "corpus", docs_per_lang=120)
-    pretrain(str(corpus), str(root / "run"), preset="tiny", seq_len=64, batch_tokens=1024, micro_batch=16,
-             max_steps=60, warmup_steps=6, eval_every=0, save_every=60, dtype="fp32", lr=3e-3)
+    pretrain(str(corpus), str(root / "run"), TrainConfig(preset="tiny", seq_len=64, batch_tokens=1024, micro_batch=16,
+                                                         max_steps=60, warmup_steps=6, eval_every=0, save_every=60,
+                                                         dtype="float32", lr=3e-3))
     return root / "run" / "final", corpus
 
 
@@ -94,23 +98,22 @@ def prefill_speed(model: PaLM, batch: int, length: int) -> float:
 
 def train_speed(model: PaLM, batch: int, seq_len: int, steps: int = 3) -> float:
     """Training tokens/s (forward, backward, AdamW step), median of `steps` steps after one warm-up step."""
-    cfg = TrainConfig(dtype="bf16")
-    optimizer = make_optimizer(model, cfg)
-    autocast = compute_autocast(cfg, torch.device("cpu"))
+    optimizer = make_optimizer(model, lr=2e-3, weight_decay=0.1)
+    autocast = compute_autocast(torch.device("cpu"), torch.bfloat16)
     data = torch.randint(3, model.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     model.train()
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        forward_backward(model, data[:, :-1], data[:, 1:], cfg, autocast)
-        optimizer_step(model, optimizer, cfg)
+        forward_backward(model, data[:, :-1], data[:, 1:], autocast)
+        optimizer_step(model, optimizer, grad_clip=1.0)
         times.append(time.perf_counter() - t0)
     model.eval()
     return batch * seq_len / statistics.median(times[1:])
 
 
 def perplexity(model: PaLM, corpus: Path, langs: list[str], seq_len: int, sequences: int) -> dict[str, float]:
-    """Held-out perplexity per language, by palmkit.train.evaluate."""
+    """Held-out perplexity per language, by palmkit.train.lm_eval.evaluate_lm (as pretraining evaluates)."""
     cfg = TrainConfig(seq_len=seq_len, micro_batch=8, eval_sequences=sequences)
     out = evaluate_lm(model, corpus, langs, cfg, Dist(), contextlib.nullcontext())
     model.eval()

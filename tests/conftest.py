@@ -27,6 +27,23 @@ def random_model(vocab_size: int, seed: int = 0, **overrides):
     return model.eval()
 
 
+class Scripted(torch.nn.Module):
+    """A fake model that writes `script` after a prompt of `prompt_len` tokens, whatever the prompt says."""
+
+    def __init__(self, config, script: list[int], prompt_len: int):
+        super().__init__()
+        self.config, self.script, self.prompt_len = config, torch.tensor(script), prompt_len
+        self.embed_tokens = torch.nn.Embedding(config.vocab_size, 1)
+
+    def hidden_states(self, idx, positions, pad_mask=None, cache=None, n_keys=None):
+        return positions[..., None].float()  # the "hidden state" is the position: logits look up the script
+
+    def logits(self, h):
+        step = (h[..., 0].long() - self.prompt_len + 1).clamp(0, len(self.script) - 1)
+        # so peaked that sampling at any temperature picks the scripted token
+        return torch.nn.functional.one_hot(self.script[step], self.config.vocab_size).float() * 1e4
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -64,10 +81,11 @@ def corpus(tmp_path_factory) -> Path:
 def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> Path:
     """`checkpoint` fine-tuned on the slice of a built-in task in fixtures/tasks (a step or two: fast, not good)."""
     from palmkit.finetune.classify import finetune_classify
+    from palmkit.finetune.fit import FinetuneConfig
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PALMKIT_TASK_DATA", str(FIXTURES / "tasks"))
-        finetune_classify(str(checkpoint), str(out), task=task, epochs=1, **options)
+        finetune_classify(str(checkpoint), str(out), task=task, train=FinetuneConfig(epochs=1, **options))
     return out
 
 

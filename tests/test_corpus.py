@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from palmkit.cli import main
-from palmkit.data.corpus.build import build, temperature_weights, tokenizer_sample
+from palmkit.data.corpus.build import build, tokenizer_sample
 from palmkit.data.corpus.clean import clean_text, keep_line
 from palmkit.data.corpus.dedup import _EMPTY, SHINGLE, deduplicate, minhash, minhash_many, normalise, similarity
 from palmkit.data.corpus.extract import Task, extract
 from palmkit.data.corpus.readers import help_text, render_man, render_man_pages, strip_roff
 from palmkit.data.corpus.sources import SOURCES, fetch, select_sources
 from palmkit.data.fetch import MARKER, Package, fetch_package, is_fetched, mark_fetched, package_path
+from palmkit.data.shards import mixture_weights
 from palmkit.errors import PalmkitError
 from palmkit.io import split_list
 from palmkit.model.tokenizer import Tokenizer
@@ -282,7 +283,7 @@ def test_temperature_sampling_of_tokenizer_lines():
     train = {"big": ["a b c d e f g h\n" * 50] * 400, "small": ["x y z w\n" * 50] * 4}
     sample = tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
     share = sum(len(x) for x in sample if x.startswith("x")) / sum(len(x) for x in sample)
-    w = temperature_weights({"big": 400 * 800, "small": 4 * 400}, 0.3)
+    w = mixture_weights({"big": 400 * 800, "small": 4 * 400}, 0.3)
     assert abs(share - w["small"]) < 0.02 and w["small"] > 0.15  # upsampled from 0.5% of the bytes
     assert sample == tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
 
@@ -385,6 +386,8 @@ def test_cli_commands_are_registered(capsys):
     with pytest.raises(SystemExit):
         main(["corpus", "build", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--out", "--langs", "--inputs", "--text-field", "--subset", "--max-mb-per-lang", "--alpha"):
+    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha"):
         assert option in help_text
+    # each option is explained by build's docstring
+    assert "share of each language's documents held out for validation" in " ".join(help_text.split())
     assert split_list(["en,zh", "de"]) == ["en", "zh", "de"] and split_list("fr") == ["fr"]

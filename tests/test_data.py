@@ -50,6 +50,14 @@ def test_mixing_proportions(corpus, alpha):
         assert max(expected.values()) == pytest.approx(min(expected.values()))
 
 
+def test_an_empty_language_gets_no_share_at_any_alpha():
+    for alpha in (0.0, 0.3, 1.0):
+        w = mixture_weights({"big": 900, "small": 100, "none": 0}, alpha)
+        assert w["none"] == 0.0
+        assert w["small"] == pytest.approx(100**alpha / (900**alpha + 100**alpha))
+    assert mixture_weights({"none": 0}, 0.3) == {"none": 0.0}
+
+
 def test_loader_is_deterministic_and_resumes_exactly(corpus):
     a = MixtureLoader(corpus, seq_len=16, batch_size=8, seed=3)
     for _ in range(7):

@@ -11,6 +11,7 @@ from palmkit.errors import PalmkitError
 from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ngrams, tfidf_baseline
 from palmkit.finetune.chat import finetune_chat
 from palmkit.finetune.evaluate import evaluate
+from palmkit.finetune.fit import FinetuneConfig
 from palmkit.finetune.ner import finetune_ner
 from palmkit.finetune.predict import load_classifier, load_tagger
 from palmkit.finetune.scores import entity_scores, extract_entities
@@ -105,7 +106,7 @@ def test_classifier_report_equals_scikit_learn(classifier, tmp_path):
 
 
 def test_evaluate_cli_writes_into_the_checkpoint(classifier, capsys):
-    assert main(["evaluate", "--checkpoint", str(classifier), "--no-baseline", "--max-examples", "2"]) == 0
+    assert main(["evaluate", "--checkpoint", str(classifier), "--baseline", "false", "--max_examples", "2"]) == 0
     assert "| sentiment-en | 2 | no |" in capsys.readouterr().out
     entry = json.loads((classifier / "eval" / "report.json").read_text())["tasks"]["sentiment-en"]
     assert "baseline" not in entry and entry["examples"] == 2
@@ -125,7 +126,8 @@ def test_labels_the_classifier_lacks_are_refused(classifier):
 
 def test_tagger_report_and_baseline(checkpoint, tmp_path):
     out = tmp_path / "ner"
-    finetune_ner(str(checkpoint), str(out), task="ner-zh", epochs=1, batch_size=8, max_len=48, max_train=20)
+    finetune_ner(str(checkpoint), str(out), task="ner-zh",
+                 train=FinetuneConfig(epochs=1, batch_size=8, max_len=48, max_train=20))
     result = evaluate(str(out), out=str(tmp_path / "r"))
     entry = result["tasks"]["ner-zh"]
     data = load_task("ner-zh")
@@ -140,7 +142,8 @@ def test_tagger_report_and_baseline(checkpoint, tmp_path):
 
 def test_chat_evaluation_scores_assistant_tokens(checkpoint, tmp_path):
     out = tmp_path / "chat"
-    finetune_chat(str(checkpoint), str(out), task="dialogue-en", epochs=1, batch_size=4, max_len=64)
+    finetune_chat(str(checkpoint), str(out), task="dialogue-en",
+                  train=FinetuneConfig(epochs=1, batch_size=4, max_len=64))
     entry = evaluate(str(out), out=str(tmp_path / "r"))["tasks"]["dialogue-en"]
     assert entry["examples"] == 3 and entry["model"]["assistant_tokens"] > 0
     assert math.isfinite(entry["model"]["assistant_loss"]) and entry["model"]["assistant_ppl"] > 1

@@ -190,7 +190,7 @@ def test_classifier_learns_an_easy_task(checkpoint, tmp_path):
     data = easy_task(tmp_path, n=160)
     out = tmp_path / "clf"
     best = finetune_classify(str(checkpoint), str(out), train_file=str(data), text_field="sentence",
-                             label_field="animal", epochs=2, batch_size=16, lr=2e-3, max_len=32)
+                             label_field="animal", train=FinetuneConfig(epochs=2, batch_size=16, lr=2e-3, max_len=32))
     assert best["valid/accuracy"] >= 0.9, best  # chance is 0.5
     clf = load_classifier(out)
     rows = clf.predict(["the quick fox over lazy model", "many token dog from before", "model fox"])
@@ -231,8 +231,9 @@ def test_early_stopping_stops_and_keeps_the_best(tokenizer, tmp_path):
 def test_ner_tagger_and_cli(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     out = tmp_path / "ner"
-    best = finetune_ner(str(checkpoint), str(out), task="ner-zh", epochs=1, batch_size=8, max_len=48,
-                        lora_rank=4, lora_targets=["q_proj,v_proj", "up_proj"])
+    best = finetune_ner(str(checkpoint), str(out), task="ner-zh",
+                        train=FinetuneConfig(epochs=1, batch_size=8, max_len=48, lora_rank=4,
+                                             lora_targets=["q_proj,v_proj", "up_proj"]))
     assert {"valid/f1", "valid/precision", "valid/recall"} <= set(best)
     config = load_config(out)
     assert config["task"] == "ner" and config["char_level"] and "B-PER" in config["labels"]
@@ -245,13 +246,14 @@ def test_ner_tagger_and_cli(checkpoint, tmp_path, monkeypatch, capsys):
     assert main(["tag", "--checkpoint", str(out), "我爱北京", "江泽民"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     with pytest.raises(PalmkitError, match="0 validation examples"):  # ner-en's slice has no valid sentence
-        finetune_ner(str(checkpoint), str(tmp_path / "en"), task="ner-en", epochs=1)
+        finetune_ner(str(checkpoint), str(tmp_path / "en"), task="ner-en", train=FinetuneConfig(epochs=1))
 
 
 def test_chat_result_is_a_plain_checkpoint(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     out = tmp_path / "chat"
-    best = finetune_chat(str(checkpoint), str(out), task="dialogue-en", epochs=1, batch_size=4, max_len=64)
+    best = finetune_chat(str(checkpoint), str(out), task="dialogue-en",
+                         train=FinetuneConfig(epochs=1, batch_size=4, max_len=64))
     assert best["valid/loss"] > 0
     assert not (out / HEAD_FILE).exists()
     model, tok, config = load_checkpoint(out)
@@ -265,12 +267,17 @@ def test_chat_result_is_a_plain_checkpoint(checkpoint, tmp_path, monkeypatch):
 def test_classify_cli_takes_texts_and_comma_lists(checkpoint, tmp_path, capsys):
     data = easy_task(tmp_path, n=40)
     out = tmp_path / "c"
-    assert main(["finetune", "classify", "--checkpoint", str(checkpoint), "--out", str(out), "--train-file",
-                 str(data), "--text-field", "sentence", "--label-field", "animal", "--epochs", "1",
-                 "--max-len", "24", "--lora-rank", "2", "--lora-targets", "q_proj,k_proj", "v_proj"]) == 0
+    assert main(["finetune", "classify", "--checkpoint", str(checkpoint), "--out", str(out), "--train_file",
+                 str(data), "--text_field", "sentence", "--label_field", "animal", "--train.epochs", "1",
+                 "--train.max_len", "24", "--train.lora_rank", "2",
+                 "--train.lora_targets", "q_proj,k_proj,v_proj"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["trainable_params"] < 5000  # adapters on 3 projections and the head only
     assert load_config(out)["finetune"]["lora_targets"] == ["q_proj", "k_proj", "v_proj"]
+    # lr 0, the default, stands for the rate that suits the method, resolved when training starts
+    assert load_config(out)["finetune"]["lr"] == 0.0
+    assert FinetuneConfig(lora_rank=2).peak_lr == 2e-3 and FinetuneConfig().peak_lr == 3e-4
+    assert FinetuneConfig(lr=1e-3, lora_rank=2).peak_lr == 1e-3
     assert main(["classify", "--checkpoint", str(out), "a fox", "a dog", "nothing"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[2] for line in lines] == ["a fox", "a dog", "nothing"]
@@ -296,7 +303,7 @@ def test_served_classifier_answers_v1_classify(checkpoint, tmp_path):
     data = easy_task(tmp_path, n=40)
     out = tmp_path / "served"
     finetune_classify(str(checkpoint), str(out), train_file=str(data), text_field="sentence",
-                      label_field="animal", epochs=1, batch_size=16, lr=2e-3, max_len=32)
+                      label_field="animal", train=FinetuneConfig(epochs=1, batch_size=16, lr=2e-3, max_len=32))
     texts = ["a quick fox", "a lazy dog"]
     expected = load_classifier(out).predict(texts)
     with running(create_app(out)) as base:

@@ -284,8 +284,8 @@ def tweet_classifier(checkpoint, tmp_path_factory):
 
 def test_monitor_command_end_to_end(tmp_path, tweet_classifier, capsys):
     stream = write(tmp_path / "s.jsonl", shift_stream(10, 2))
-    args = ["monitor", "--checkpoint", str(tweet_classifier), "--input", str(stream), "--state-dir",
-            str(tmp_path / "st"), "--window", "2", "--baseline", "4", "--min-baseline", "2"]
+    args = ["monitor", "--checkpoint", str(tweet_classifier), "--input", str(stream), "--state_dir",
+            str(tmp_path / "st"), "--window", "2", "--baseline", "4", "--min_baseline", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "\n24 new records (0 bad lines skipped, 0 duplicates)" in "\n" + out

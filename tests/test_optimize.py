@@ -191,7 +191,7 @@ def test_svd_of_low_rank_weights_is_close_and_round_trips(tmp_path, tokenizer, t
             w.copy_(u @ v * w.std() / 4 + 1e-4 * torch.randn_like(w))
     save_checkpoint(tmp_path / "fp32", model, tokenizer)
     assert main(["compress", "--checkpoint", str(tmp_path / "fp32"), "--out", str(tmp_path / "svd"),
-                 "--rank-ratio", "0.125", "--targets", "mlp"]) == 0
+                 "--rank_ratio", "0.125", "--targets", "mlp"]) == 0
     svd, _, config = load_checkpoint(tmp_path / "svd")
     ranks = config["low_rank"]["ranks"]
     assert ranks["layers.0.mlp.gate_proj"] == 16 and not any("self_attn" in n for n in ranks)
@@ -219,27 +219,28 @@ def test_healing_lowers_the_loss_and_is_recorded(tmp_path, corpus):
     assert not torch.equal(before["layers.0.mlp.up_proj.a.weight"], model.layers[0].mlp.up_proj.a.weight)
     assert not model.training
     save_checkpoint(tmp_path / "fp32", random_model(tok.vocab_size, seed=3), tok)
-    args = ["compress", "--checkpoint", str(tmp_path / "fp32"), "--rank-ratio", "0.25", "--seq-len", "32",
+    args = ["compress", "--checkpoint", str(tmp_path / "fp32"), "--rank_ratio", "0.25", "--seq_len", "32",
             "--batch", "4", "--targets", "mlp"]
-    assert main([*args, "--out", str(tmp_path / "healed"), "--heal-steps", "2", "--data", str(corpus)]) == 0
+    assert main([*args, "--out", str(tmp_path / "healed"), "--heal_steps", "2", "--data", str(corpus)]) == 0
     config = json.loads((tmp_path / "healed" / "config.json").read_text())
     assert config["low_rank"]["heal_steps"] == 2 and config["low_rank"]["rank_ratio"] == 0.25
     assert load_checkpoint(tmp_path / "healed")[0].layers[0].mlp.gate_proj.a.out_features == 32
-    assert main([*args, "--out", str(tmp_path / "x"), "--heal-steps", "2"]) == 2  # no corpus
+    assert main([*args, "--out", str(tmp_path / "x"), "--heal_steps", "2"]) == 2  # no corpus
     assert main(["compress", "--checkpoint", str(tmp_path / "healed"), "--out", str(tmp_path / "x"),
-                 "--rank-ratio", "0.5"]) == 2  # already factorised
+                 "--rank_ratio", "0.5"]) == 2  # already factorised
 
 
 def test_pretraining_fused_matches_plain_and_resumes_from_plain_checkpoints(corpus, tmp_path):
+    from palmkit.train.config import TrainConfig
     from palmkit.train.pretrain import pretrain
 
     opts = dict(preset="tiny", seq_len=32, batch_tokens=256, micro_batch=4, max_steps=4, warmup_steps=2,
-                eval_every=0, save_every=2, dtype="fp32")
-    pretrain(str(corpus), str(tmp_path / "plain"), **opts)
-    pretrain(str(corpus), str(tmp_path / "fused"), fuse_projections=True, **{**opts, "max_steps": 2})
+                eval_every=0, save_every=2, dtype="float32")
+    pretrain(str(corpus), str(tmp_path / "plain"), TrainConfig(**opts))
+    pretrain(str(corpus), str(tmp_path / "fused"), TrainConfig(**{**opts, "max_steps": 2, "fuse_projections": True}))
     step2 = load_tensors(tmp_path / "fused" / "checkpoints" / "step-0000002" / "model.safetensors")
     assert "layers.0.self_attn.q_proj.weight" in step2 and not any("in_proj" in k for k in step2)
-    pretrain(str(corpus), str(tmp_path / "fused"), resume=True, fuse_projections=True, **opts)
+    pretrain(str(corpus), str(tmp_path / "fused"), TrainConfig(**opts, fuse_projections=True), resume=True)
     plain = load_tensors(tmp_path / "plain" / "final" / "model.safetensors")
     fused = load_tensors(tmp_path / "fused" / "final" / "model.safetensors")
     assert plain.keys() == fused.keys()

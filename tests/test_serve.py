@@ -21,6 +21,7 @@ from palmkit.infer.sampling import SamplingParams
 from palmkit.model.chat_template import format_chat
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.serve.app import create_app
+from tests.conftest import Scripted
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -81,23 +82,6 @@ class Flaky(Slow):
         if (idx == 13).any():
             raise RuntimeError("boom")
         return super().hidden_states(idx, *args, **kwargs)
-
-
-class Scripted(torch.nn.Module):
-    """A fake model that writes `script` after a prompt of `prompt_len` tokens, whatever the prompt says."""
-
-    def __init__(self, config, script: list[int], prompt_len: int):
-        super().__init__()
-        self.config, self.script, self.prompt_len = config, torch.tensor(script), prompt_len
-        self.embed_tokens = torch.nn.Embedding(config.vocab_size, 1)
-
-    def hidden_states(self, idx, positions, pad_mask=None, cache=None):
-        return positions[..., None].float()  # the "hidden state" is the position: logits look up the script
-
-    def logits(self, h):
-        step = (h[..., 0].long() - self.prompt_len + 1).clamp(0, len(self.script) - 1)
-        # so peaked that sampling at any temperature picks the scripted token
-        return torch.nn.functional.one_hot(self.script[step], self.config.vocab_size).float() * 1e4
 
 
 @pytest.fixture(scope="module")

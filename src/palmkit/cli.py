@@ -1,23 +1,36 @@
-"""`palmkit <command>`: a thin layer that turns API functions into subcommands.
+"""`palmkit <command>`: a thin layer on jsonargparse that turns functions of the Python API into subcommands.
 
-Each command is a typed Python function; its parameters become `--options` (underscores as dashes)
-and its docstring becomes `--help`. Parameters named in the function's `__cli_positional__` are
-positional. Errors a user can fix (bad paths, corrupt files, bad values) print one line, exit 2.
+Each command is a typed function; nothing here describes its options. Its parameters become options spelled as
+in Python (`--max_new_tokens 50`) and its docstring the `--help`: the description, then for each option its entry
+in the Google-style `Args:` section. A parameter typed with a dataclass becomes a group of options
+(`--train.lr 3e-4`) explained by the fields' docstrings. Positional-only parameters (before `/`) are positional
+arguments. Every command reads `--config FILE.yaml` (what `--print_config` writes; options given after it
+override it). A bool option alone means true (`--resume`; `--baseline false` to turn one off). Lists are YAML
+(`--eval_tasks '[sentiment-fr,sentiment-de]'`, or `--eval_tasks+ X` to append); where a function accepts a
+comma-separated string too, its help says so.
+
+Only the chosen command's module is imported, so `palmkit --help` starts fast. Errors a user can fix
+(palmkit.errors.USER_ERRORS) print `palmkit: error: MESSAGE` and exit 2, like bad arguments; PALMKIT_DEBUG=1
+raises them instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections.abc
+import dataclasses
 import importlib
 import inspect
+import json
 import os
 import sys
-import types
-import typing
 from collections.abc import Callable
+from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 from palmkit.errors import USER_ERRORS
+
+if TYPE_CHECKING:
+    from jsonargparse import ArgumentParser
 
 # "command words" -> ("module:function", one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,72 +38,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("palmkit.apps.commands:describe", "parameters and training FLOPs per token of a preset"),
     "generate": ("palmkit.apps.commands:generate_command", "complete a prompt, streaming to the terminal"),
     "export": ("palmkit.model.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),
-    "pretrain": ("palmkit.apps.commands:pretrain_command", "pretrain on a corpus (one process or torchrun: DDP/FSDP2)"),
+    "pretrain": ("palmkit.train.pretrain:pretrain", "pretrain on a corpus (one process or torchrun: DDP/FSDP2)"),
     "plot": ("palmkit.train.metrics:plot_run", "PNG of a run's training and per-language validation loss"),
     "quantize": ("palmkit.apps.commands:quantize_command", "int8-weight copy of a checkpoint for CPU inference"),
     "compress": ("palmkit.apps.commands:compress_command", "low-rank (SVD) copy of a checkpoint, optionally healed"),
-    "finetune classify": ("palmkit.apps.commands:finetune_classify_command", "fine-tune a text classifier (full or LoRA)"),
-    "finetune ner": ("palmkit.apps.commands:finetune_ner_command", "fine-tune a named-entity tagger (BIO)"),
-    "finetune chat": ("palmkit.apps.commands:finetune_chat_command", "supervised fine-tuning on conversations"),
+    "finetune classify": ("palmkit.finetune.classify:finetune_classify", "fine-tune a text classifier (full or LoRA)"),
+    "finetune ner": ("palmkit.finetune.ner:finetune_ner", "fine-tune a named-entity tagger (BIO)"),
+    "finetune chat": ("palmkit.finetune.chat:finetune_chat", "supervised fine-tuning on conversations"),
     "evaluate": ("palmkit.apps.commands:evaluate_command", "report on a fine-tuned model beside a TF-IDF baseline"),
     "classify": ("palmkit.apps.commands:classify_command", "classify texts with a fine-tuned classifier"),
     "tag": ("palmkit.apps.commands:tag_command", "find named entities with a fine-tuned tagger"),
     "serve": ("palmkit.serve.app:serve", "OpenAI-compatible HTTP server with streaming and batching"),
-    "corpus fetch": ("palmkit.data.corpus.sources:fetch", "download the built-in multilingual text sources into the cache"),
-    "corpus build": ("palmkit.data.corpus.build:build", "clean, deduplicate and split text, train a tokenizer, write shards"),
-    "recipe support": ("palmkit.apps.support:recipe", "customer-service assistant: chat tuning, FAQ grounding, web chat"),
-    "recipe monitor": ("palmkit.apps.monitor.demo:recipe", "financial sentiment monitor: rolling negative share and alerts"),
-    "monitor": ("palmkit.apps.monitor.monitor:monitor_command", "run the sentiment monitor on a JSONL stream (file, stdin, folder)"),
+    "corpus fetch": ("palmkit.data.corpus.sources:fetch", "download the built-in text sources into the cache"),
+    "corpus build": ("palmkit.data.corpus.build:build", "clean, deduplicate, split text; tokenizer; shards"),
+    "recipe support": ("palmkit.apps.support:recipe", "customer-service assistant: chat tuning, FAQ, web chat"),
+    "recipe monitor": ("palmkit.apps.monitor.demo:recipe", "financial sentiment monitor: negative share, alerts"),
+    "monitor": ("palmkit.apps.monitor.monitor:monitor", "sentiment monitor on a JSONL stream (file, stdin, folder)"),
 }
 
-
-def _unwrap(tp) -> tuple[object, bool]:
-    """(base type, is_list) for an annotation such as `int | None` or `list[str]`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _unwrap(args[0]) if len(args) == 1 else (str, False)
-    if origin in (list, tuple, collections.abc.Sequence):
-        return _unwrap(typing.get_args(tp)[0])[0], True
-    return tp, False
-
-
-def add_function(parser: argparse.ArgumentParser, fn: Callable) -> None:
-    """Add one argument per parameter of `fn` to `parser`."""
-    hints = typing.get_type_hints(fn)
-    positional = getattr(fn, "__cli_positional__", ())
-    for name, param in inspect.signature(fn).parameters.items():
-        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-            continue
-        annotation = param.annotation if param.annotation is not inspect.Parameter.empty else str
-        tp, is_list = _unwrap(hints.get(name, annotation))
-        required = param.default is inspect.Parameter.empty
-        kwargs: dict = {} if required else {"default": param.default}
-        if typing.get_origin(tp) is typing.Literal:
-            kwargs["choices"] = list(typing.get_args(tp))
-            tp = type(kwargs["choices"][0])
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = tp if tp in (int, float, str) else str
-            if is_list:
-                kwargs["nargs"] = "+" if required else "*"
-        if name in positional:
-            parser.add_argument(name, **kwargs)
-        else:
-            kwargs["help"] = "(required)" if required else f"(default: {param.default})"
-            parser.add_argument("--" + name.replace("_", "-"), dest=name, required=required and tp is not bool,
-                                **kwargs)
-
-
-def _command_parser(words: list[str]) -> tuple[argparse.ArgumentParser, Callable]:
-    target, _ = COMMANDS[" ".join(words)]
-    module, _, func = target.partition(":")
-    fn = getattr(importlib.import_module(module), func)
-    parser = argparse.ArgumentParser(prog="palmkit " + " ".join(words), description=inspect.getdoc(fn),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_function(parser, fn)
-    return parser, fn
+HELP = ("-h", "--help")
 
 
 def _usage(prefix: list[str]) -> str:
@@ -100,26 +66,123 @@ def _usage(prefix: list[str]) -> str:
     width = max(len(c) for c, _ in rows)
     lines = [f"usage: palmkit {' '.join(prefix) + ' ' if prefix else ''}<command> [options]", "", "commands:"]
     lines += [f"  {c.ljust(width)}  {h}" for c, h in rows]
-    lines += ["", "Run `palmkit COMMAND --help` for the options of one command."]
+    lines += ["", "Run `palmkit COMMAND --help` for the options of one command; `palmkit --version` for the version."]
     return "\n".join(lines)
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(command words, the rest): the longest run of leading words that starts a known command."""
+    words: list[str] = []
+    while argv and any(c.split()[: len(words) + 1] == [*words, argv[0]] for c in COMMANDS):
+        words.append(argv.pop(0))
+        if " ".join(words) in COMMANDS:
+            break
+    return words, argv
+
+
+def _load(target: str) -> Callable:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def command_parser(words: list[str], fn: Callable) -> ArgumentParser:
+    """The jsonargparse parser of one command: `fn`'s parameters, `--config` and `--print_config`."""
+    import docstring_parser
+    from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter, set_parsing_settings
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the description's paragraphs and line breaks as the docstring has them."""
+
+    # the help of a dataclass group's options is the docstring under each field
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    doc = docstring_parser.parse(inspect.getdoc(fn) or "")
+    parser = ArgumentParser(prog="palmkit " + " ".join(words), formatter_class=Formatter,
+                            description="\n\n".join(filter(None, [doc.short_description, doc.long_description])))
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="a YAML file of options, as --print_config writes them; options after it override it")
+    positional = [p for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_ONLY]
+    parser.add_function_arguments(fn, skip={p.name for p in positional}, fail_untyped=True, as_group=False)
+    helps = {p.arg_name: p.description for p in doc.params}
+    for p in positional:  # typed `list[str]` (all that commands need so far): any number, at least one
+        parser.add_argument(p.name, nargs="+", type=str, help=helps.get(p.name))
+    for action in parser._actions:
+        # `--resume` alone means `--resume true`; jsonargparse's own bool options always want the value
+        if getattr(action, "_typehint", None) is bool:
+            action.nargs, action.const = "?", True
+    return parser
+
+
+def _resume_defaults(parser: ArgumentParser, argv: list[str]) -> None:
+    """`palmkit pretrain --resume`: options not given take the values saved with the run (train_config.json).
+
+    Only the options typed again (or read from --config) can then differ from the saved ones; pretrain prints
+    those and refuses the ones that would not continue the same run.
+    """
+    from jsonargparse import ArgumentError
+
+    from palmkit.train.config import saved_config
+
+    # A first look at --out and --resume, without printing or exiting: the real parse below does that.
+    quiet = [a for a in argv if a not in HELP and not a.startswith("--print_config")]
+    parser.exit_on_error = False
+    try:
+        first = parser.parse_args(quiet)
+    except ArgumentError:
+        return
+    finally:
+        parser.exit_on_error = True
+    saved = first.resume and saved_config(first.out)
+    if saved:
+        parser.set_defaults(train=dataclasses.asdict(saved))
+
+
+def _text(result) -> str | None:
+    """What the terminal shows of a command's result: text as it is, a dict of metrics as JSON."""
+    if isinstance(result, dict):
+        return json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in result.items()},
+                          indent=1, default=str, ensure_ascii=False)
+    return None if result is None else str(result)
+
+
+def run(words: list[str], argv: list[str]) -> int:
+    """Parse `argv` for the command `words`, call its function and print the result."""
+    target = COMMANDS[" ".join(words)][0]
+    fn = _load(target)
+    parser = command_parser(words, fn)
+    if target == "palmkit.train.pretrain:pretrain":
+        _resume_defaults(parser, argv)
+    cfg = parser.instantiate(parser.parse_args(argv))
+    params = inspect.signature(fn).parameters.values()
+    positional = [p.name for p in params if p.kind == p.POSITIONAL_ONLY]
+    options = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    result = fn(*(cfg[n] for n in positional), **{n: cfg[n] for n in options})
+    text = _text(result)
+    if text is not None:
+        print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `palmkit` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    words: list[str] = []
-    while argv and not argv[0].startswith("-") and any(
-            c.split()[: len(words) + 1] == [*words, argv[0]] for c in COMMANDS):
-        words.append(argv.pop(0))
-        if " ".join(words) in COMMANDS:
-            break
+    if argv[:1] == ["--version"]:
+        print(f"palmkit {version('palmkit')}")  # the installed package's, which pyproject takes from __version__
+        return 0
+    words, rest = _split_command(argv)
     if " ".join(words) not in COMMANDS:
-        print(_usage(words), file=sys.stdout if {"-h", "--help"} & set(argv) else sys.stderr)
-        return 0 if {"-h", "--help"} & set(argv) else 2
-    parser, fn = _command_parser(words)
-    args = vars(parser.parse_args(argv))
+        if rest[:1] and rest[0] in HELP:
+            print(_usage(words))
+            return 0
+        if rest[:1] and rest[0].startswith("-"):
+            problem = f"unknown option {rest[0]!r}"
+        elif rest[:1]:
+            problem = f"unknown command {' '.join([*words, rest[0]])!r}"
+        else:
+            problem = f"{' '.join(words)!r} needs one of its commands" if words else "no command given"
+        print(f"palmkit: error: {problem}\n\n{_usage(words)}", file=sys.stderr)
+        return 2
     try:
-        result = fn(**args)
+        return run(words, rest)
     except USER_ERRORS as exc:
         if os.environ.get("PALMKIT_DEBUG"):
             raise
@@ -128,9 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\npalmkit: interrupted", file=sys.stderr)
         return 130
-    if isinstance(result, str):
-        print(result)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Files that are never half-written: atomic writes, JSON and safetensors files, folder swaps.
+"""Files that are never half-written: atomic writes, JSON and safetensors files, folder swaps; reading text.
 
 A write goes to a temporary file beside its target, is fsynced and renamed into place, so a crash leaves the old
-file or the new one, never a mix; reading never unpickles: tensors come from safetensors, the rest from JSON.
+file or the new one, never a mix; a folder is built beside its target and swapped in (`staged_dir`). Reading never
+unpickles: tensors come from safetensors, the rest from JSON; text is UTF-8, with a per-line fallback where a
+source mixes in an 8-bit code page (`decode_text`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from tqdm import tqdm
 
-from palmkit.errors import CheckpointError
+from palmkit.errors import CheckpointError, PalmkitError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,6 +100,47 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """An empty folder beside `target` to fill; on success it replaces `target`, on an error it is removed.
+
+    Built in `target`'s parent so that the swap is a rename on one file system; an error inside the block
+    leaves the old `target` as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def decode_text(raw: bytes, fallback: str | None = None, name: str | os.PathLike = "") -> str:
+    """UTF-8 text, a leading BOM dropped.
+
+    A file that is not UTF-8 is read line by line, each line that is not UTF-8 with the 8-bit `fallback` codec
+    (bytes it lacks replaced); without a fallback it is an error naming `name`, the line and the byte offset.
+    """
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if fallback is None:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise PalmkitError(f"{name}: line {line} is not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
+                               ) from None
+    return "".join(_decode_line(line, fallback) for line in raw.splitlines(keepends=True))
+
+
+def _decode_line(line: bytes, fallback: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        return line.decode(fallback, errors="replace")
+
+
 def split_list(values: Sequence[str] | str) -> list[str]:
     """Accept `["en", "zh"]`, `["en,zh"]` and `"en,zh"` alike (the CLI passes lists)."""
     values = [values] if isinstance(values, str) else values
@@ -104,4 +148,5 @@ def split_list(values: Sequence[str] | str) -> list[str]:
 
 
 def warn(message: str) -> None:
+    """Print `warning: message` to stderr without breaking a progress bar."""
     tqdm.write(f"warning: {message}", file=sys.stderr)

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from palmkit.apps.recipes import base_checkpoint
-from palmkit.data.tasks import CHATTERBOT, load_task, package_dir, read_chatterbot, subsample
+from palmkit.data.tasks import CHATTERBOT, chatterbot_examples, load_task, package_dir, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.chat import finetune_chat
+from palmkit.finetune.fit import FinetuneConfig
 from palmkit.infer.generate import generate
 from palmkit.infer.sampling import SamplingParams
 from palmkit.io import atomic_write_bytes
@@ -63,7 +64,7 @@ def pseudo_faq(root: str | os.PathLike | None = None, cache: str = "", max_chars
     files = sorted(folder.glob("*.yml"), key=lambda p: (p.stem != "tech_support", p.name))
     seen, out = set(), []
     for path in files:
-        for question, answer in (c[:2] for c in read_chatterbot([path])):
+        for question, answer in (c[:2] for c in chatterbot_examples([path])):
             key = question["content"].lower()
             if key not in seen and len(answer["content"]) <= max_chars:
                 seen.add(key)
@@ -129,15 +130,29 @@ def recipe(checkpoint: str = "", faq: str = "", out: str = "runs/support", serve
            max_len: int = 160, dialogue: int = 100, pseudo: int = 150, seed: int = 0,
            base_minutes: float = 3.0) -> str | None:
     """Customer-service assistant: tune a base model on chat data and FAQ-grounded examples, show answers,
-    then (--serve) serve it with the FAQ and a web chat page at http://HOST:PORT/.
+    then (with SERVE) serve it with the FAQ and a web chat page at http://HOST:PORT/.
 
-    --checkpoint: the base model (default: the quickstart's, else a short English pretraining now).
-    --faq: question/answer pairs, CSV (header question,answer) or JSONL (default: the demo FAQ shipped with
-    palmkit). --max-train / --epochs bound the tuning time (3-4 minutes on 2 CPU cores by default);
-    --dialogue / --pseudo: how many plain chats and chatterbot pseudo-FAQ examples join the FAQ's own
-    (8 phrasings of each entry). The FAQ dominates the mix: a base model trained for minutes learns its answers
-    rather than a general skill of copying from the prompt, so tune again when the FAQ changes.
-    The tuned model lands in OUT/model; OUT/data/train.jsonl is what it was tuned on.
+    The FAQ dominates the tuning mix: a base model trained for minutes learns its answers rather than a general
+    skill of copying from the prompt, so tune again when the FAQ changes. The tuned model lands in OUT/model;
+    OUT/data/train.jsonl is what it was tuned on.
+
+    Args:
+        checkpoint: the base model (default: the quickstart's, else a short English pretraining now)
+        faq: question/answer pairs, CSV (header question,answer) or JSONL (default: the demo FAQ shipped with
+            palmkit)
+        out: folder of the tuning data and the tuned model
+        serve: then serve the tuned model with the FAQ until Ctrl-C
+        host: address the server binds
+        port: TCP port of the server
+        max_train: tune on at most this many conversations (bounds the tuning time with EPOCHS; the default's
+            time is in benchmarks/README.md, "Recipes")
+        epochs: passes over the tuning conversations
+        lr: peak learning rate of the tuning
+        max_len: tokens per conversation (cut at the base model's context)
+        dialogue: plain chats that join the FAQ's own examples (8 phrasings of each entry)
+        pseudo: chatterbot pseudo-FAQ examples that join them
+        seed: seed of the tuning data, the tuning and the answers
+        base_minutes: pretraining time of a base model when there is none to start from
     """
     import torch
 
@@ -154,8 +169,9 @@ def recipe(checkpoint: str = "", faq: str = "", out: str = "runs/support", serve
     context = json.loads((base / "config.json").read_text(encoding="utf-8"))["model"]["max_seq_len"]
     t0 = time.perf_counter()
     # batches of 8: examples run from 30 to 190 tokens and a batch is padded to its longest
-    best = finetune_chat(str(base), str(out_dir / "model"), train_file=counts["path"], max_train=max_train,
-                         epochs=epochs, lr=lr, batch_size=8, max_len=min(max_len, context), max_valid=100, seed=seed)
+    options = FinetuneConfig(max_train=max_train, epochs=epochs, lr=lr, batch_size=8, max_len=min(max_len, context),
+                             max_valid=100, seed=seed)
+    best = finetune_chat(str(base), str(out_dir / "model"), train_file=counts["path"], train=options)
     tune_s = time.perf_counter() - t0
     model_dir = out_dir / "model"
     torch.manual_seed(seed)

@@ -102,9 +102,12 @@ class TokenStream:
 
 
 def mixture_weights(sizes: dict[str, int], alpha: float) -> dict[str, float]:
-    """Sampling probability of each language: n_l ** alpha, normalised (alpha 0 uniform, 1 proportional)."""
-    w = {lang: float(n) ** alpha for lang, n in sizes.items()}
-    total = sum(w.values())
+    """Sampling probability of each language: n_l ** alpha, normalised (alpha 0 uniform, 1 proportional).
+
+    A language of size 0 gets probability 0, even at alpha 0: there is nothing to draw from it.
+    """
+    w = {lang: float(n) ** alpha if n else 0.0 for lang, n in sizes.items()}
+    total = sum(w.values()) or 1.0
     return {lang: v / total for lang, v in w.items()}
 
 

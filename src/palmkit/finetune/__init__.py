@@ -1,7 +1,7 @@
 """Fine-tuning a pretrained PaLM: sequence classification, token classification (NER) and chat.
 
     palmkit finetune classify --checkpoint PRE --task sentiment-en --out runs/sst
-    palmkit finetune ner --checkpoint PRE --task ner-zh --out runs/ner-zh --lora-rank 8
+    palmkit finetune ner --checkpoint PRE --task ner-zh --out runs/ner-zh --train.lora_rank 8
     palmkit finetune chat --checkpoint PRE --task dialogue-en --out runs/chat
 
 Full fine-tuning or LoRA (model/lora.py). Every result is a plain checkpoint folder (`model.safetensors`,

@@ -6,9 +6,10 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
+from palmkit.data.scripts import CJK
 from palmkit.data.tasks import LabelledText, TaggedSentence
 
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+_CJK = re.compile(f"[{CJK}]")
 
 
 def needs_char_ngrams(texts: Sequence[str]) -> bool:

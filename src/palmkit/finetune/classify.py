@@ -46,18 +46,35 @@ def _classify_loss(module, ids, lengths, targets):
 
 def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
                       test_file: str = "", text_field: str = "text", label_field: str = "label",
-                      pooling: Literal["last", "mean"] = "last", **options) -> dict:
-    """Fine-tune a sequence classifier (a linear head on the pretrained model); returns the best validation scores."""
-    cfg = FinetuneConfig(**options)
+                      pooling: Literal["last", "mean"] = "last", train: FinetuneConfig = FinetuneConfig()) -> dict:
+    """Fine-tune a text classifier (a linear head on the pretrained model); returns the best validation scores.
+
+    OUT ends up holding the checkpoint that did best on validation, with metrics.jsonl, learning_curve.png and
+    valid_metric.png.
+
+    Args:
+        checkpoint: pretrained checkpoint folder to start from
+        out: folder of the fine-tuned classifier
+        task: a built-in task (sentiment-en, sentiment-fr, sentiment-de, sentiment-zh, tweets-en), or give
+            train_file instead
+        train_file: your own examples, CSV or JSONL rows with a text and a label
+        valid_file: validation examples (default: a seeded 10% of train_file)
+        test_file: test examples for `palmkit evaluate` (default: a seeded 10% of train_file)
+        text_field: the CSV column or JSON key of the text
+        label_field: the CSV column or JSON key of the label
+        pooling: what the head reads: the hidden state of the last token, or the mean over the tokens
+        train: training options
+    """
+    cfg = train
     data = task_data("classify", task, train_file, valid_file, test_file, text_field, label_field, cfg.seed)
     _check_labels(data, data.train + data.valid)
     model, tokenizer, _ = prepare(checkpoint, cfg)
     adapt(model, cfg)
     module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
-    train = classify_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len)
+    items = classify_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len)
     valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)
     valid = classify_items(tokenizer, valid_ex, data.labels, cfg.max_len)
-    require_examples(data, train, valid)
+    require_examples(data, items, valid)
 
     def validate() -> dict[str, float]:
         logits = torch.stack(predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2))
@@ -68,4 +85,4 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
     extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len,
              **data_source(data, {"train": train_file, "valid": valid_file, "test": test_file,
                               "text_field": text_field, "label_field": label_field})}
-    return fit(module, model, tokenizer, train, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra)
+    return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +83,13 @@ def chat_item(tokenizer: Tokenizer, messages: list[dict], max_len: int, template
     return Item(ids[:-1], targets)
 
 
+def chat_items(tokenizer: Tokenizer, conversations: Sequence[list[dict]], max_len: int,
+               template: str | None = None) -> list[Item]:
+    """`chat_item` of each conversation, less those cut before any reply: they have nothing to learn or score."""
+    items = [chat_item(tokenizer, c, max_len, template) for c in conversations]
+    return [it for it in items if any(t != -100 for t in it.target)]
+
+
 def collate(items: Sequence[Item], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids (B, T) right-padded, lengths (B,), targets (B,) or (B, T) padded with -100)."""
     ids, lengths = pad(items, pad_id)
@@ -112,3 +119,10 @@ def batches(items: Sequence[Item], batch_size: int, shuffle: bool = False, seed:
         order.sort(key=lambda i: len(items[i].ids))
     for i in range(0, len(order), batch_size):
         yield [items[j] for j in order[i:i + batch_size]]
+
+
+def lm_batches(items: Sequence[Item], batch_size: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, targets) of items with a target per position (chat), by length: what `mean_lm_loss` scores."""
+    for batch in batches(items, batch_size):
+        ids, _, targets = collate(batch, pad_id)
+        yield ids, targets

@@ -9,17 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ngrams, tfidf_baseline
-from palmkit.finetune.encode import batches, chat_item, collate
+from palmkit.finetune.encode import chat_items, lm_batches
 from palmkit.finetune.predict import load_classifier, load_tagger
 from palmkit.finetune.scores import classification_report, entity_scores
-from palmkit.io import atomic_write_bytes, atomic_write_json
+from palmkit.io import atomic_write_bytes, atomic_write_json, split_list
 from palmkit.model.checkpoint import load_checkpoint, load_config
-from palmkit.model.loss import lm_loss
+from palmkit.train.lm_eval import mean_lm_loss
 from palmkit.train.metrics import plt
 
 
@@ -76,7 +75,7 @@ def evaluate(checkpoint: str, task: str = "", eval_tasks: list[str] | None = Non
     trained = _rebuild(config, kind, seed)
     # Baselines learn from exactly the training examples the model saw (fine-tuning may subsample them)
     train = subsample(trained.train, int(tuning.get("max_train", 0)), seed)
-    names = list(dict.fromkeys([task or trained.name, *(t for part in eval_tasks or [] for t in part.split(",") if t)]))
+    names = list(dict.fromkeys([task or trained.name, *split_list(eval_tasks or [])]))
     targets = [trained if n == trained.name else load_task(n, seed=seed) for n in names]
     out_dir = Path(out) if out else path / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,22 +129,14 @@ def _evaluate_tagger(path: Path, trained: TaskData, train: list, targets: list[T
         result["tasks"][data.name] = entry
 
 
-@torch.no_grad()
 def _evaluate_chat(path: Path, config: dict, data: TaskData, split: str, max_examples: int, seed: int,
                    result: dict) -> None:
 
     model, tokenizer, _ = load_checkpoint(path)
     max_len = int(config.get("max_len", model.config.max_seq_len))
-    items = [chat_item(tokenizer, c, max_len, config.get("chat_template"))
-             for c in subsample(data.split(split), max_examples, seed)]
-    items = [it for it in items if any(t != -100 for t in it.target)]
-    total = count = 0.0
-    for batch in batches(items, 32):
-        ids, _, targets = collate(batch, tokenizer.pad_id)
-        n = int((targets != -100).sum())
-        total += lm_loss(model(ids), targets, 0.0)[1].item() * n
-        count += n
-    loss = total / max(count, 1)
+    items = chat_items(tokenizer, subsample(data.split(split), max_examples, seed), max_len,
+                       config.get("chat_template"))
+    loss, count = mean_lm_loss(model, lm_batches(items, 32, tokenizer.pad_id))
     result["tasks"][data.name] = {"lang": data.lang, "examples": len(items), "zero_shot": False,
                                   "model": {"assistant_loss": loss, "assistant_ppl": math.exp(min(loss, 50)),
                                             "assistant_tokens": int(count)}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,14 +23,13 @@ from palmkit.data.tasks import TaskData, load_task, load_user_task
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
-from palmkit.io import replace_dir, save_tensors
-from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.io import save_tensors, split_list, staged_dir
+from palmkit.model.checkpoint import load_checkpoint, write_checkpoint
 from palmkit.model.lora import add_lora, merged_state_dict
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
-from palmkit.train.config import TrainConfig
 from palmkit.train.metrics import MetricsLog, plot_curves, read_metrics
-from palmkit.train.step import lr_factor, make_optimizer
+from palmkit.train.step import lr_factor, make_optimizer, optimizer_step
 
 LOG_FILES = ("metrics.jsonl", "learning_curve.png", "valid_metric.png")
 
@@ -43,36 +41,60 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.p = p
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
-    """Options shared by every fine-tuning command."""
+    """Options shared by every fine-tuning command (saved in the checkpoint's config.json)."""
 
-    lr: float = 0.0  # 0: 3e-4 for full fine-tuning, 2e-3 for LoRA
+    lr: float = 0.0
+    """peak learning rate; 0: automatic, 3e-4 for full fine-tuning and 2e-3 for LoRA"""
     weight_decay: float = 0.01
-    dropout: float = 0.1  # PaLM section 5: 0.1 when fine-tuning
+    """AdamW's decoupled weight decay, on 2-D weights only"""
+    dropout: float = 0.1
+    """dropout rate while fine-tuning (PaLM section 5: 0.1, where pretraining has none)"""
     batch_size: int = 16
+    """examples per step"""
     epochs: int = 3
-    warmup: float = 0.06  # fraction of the steps spent warming up linearly
-    max_len: int = 128  # tokens per example (longer texts are cut)
+    """passes over the training examples"""
+    warmup: float = 0.06
+    """share of the steps spent warming up linearly"""
+    max_len: int = 128
+    """tokens per example (longer texts are cut)"""
     grad_clip: float = 1.0
-    metric: str = ""  # validation metric for early stopping and the best checkpoint; "" picks the task's
-    patience: int = 2  # evaluations without improvement before stopping; 0 never stops early
-    eval_every: int = 0  # steps between validations; 0: once per epoch
-    max_train: int = 0  # use at most this many training examples (a seeded sample); 0: all
-    max_valid: int = 1000  # validate on at most this many examples
-    lora_rank: int = 0  # 0: full fine-tuning
+    """clip the global gradient norm to this"""
+    metric: str = ""
+    """validation metric that early stopping and the kept checkpoint follow: accuracy or macro_f1 (classify), f1,
+    precision or recall (ner), loss or ppl (chat); "": the first of these for the task"""
+    patience: int = 2
+    """validations without improvement before stopping; 0: never stop early"""
+    eval_every: int = 0
+    """steps between validations; 0: once per epoch"""
+    max_train: int = 0
+    """train on at most this many examples (a seeded sample); 0: all"""
+    max_valid: int = 1000
+    """validate on at most this many examples (a seeded sample)"""
+    lora_rank: int = 0
+    """rank of the LoRA adapters; 0: full fine-tuning"""
     lora_alpha: float = 16.0
+    """LoRA scaling: the adapter's update is multiplied by lora_alpha / lora_rank"""
     lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """dropout on the LoRA adapters' input"""
+    lora_targets: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    """projections that get adapters, of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj: a list,
+    or one comma-separated string"""
     seed: int = 0
+    """seed of the head's initial weights, the data order and the subsamples"""
     log_every: int = 10
+    """steps between training lines of OUT/metrics.jsonl"""
 
     def __post_init__(self) -> None:
-        # The CLI gives lists as several values; "q_proj,v_proj" is accepted too
-        self.lora_targets = [t for part in self.lora_targets for t in str(part).split(",") if t]
-        self.lr = self.lr or (2e-3 if self.lora_rank else 3e-4)
+        object.__setattr__(self, "lora_targets", split_list(self.lora_targets))
         if self.batch_size < 1 or self.epochs < 1 or self.max_len < 2:
             raise PalmkitError("batch_size and epochs must be >= 1 and max_len >= 2")
+
+    @property
+    def peak_lr(self) -> float:
+        """`lr`, or when it is 0 the rate that suits the method: LoRA's few new weights take a larger one."""
+        return self.lr or (2e-3 if self.lora_rank else 3e-4)
 
 
 # Validation metrics of each kind of task; the first is the default for early stopping and the best checkpoint.
@@ -83,7 +105,7 @@ METRICS = {"classify": ("accuracy", "macro_f1", "loss"), "ner": ("f1", "precisio
 def metric_name(cfg: FinetuneConfig, kind: str) -> str:
     metric = cfg.metric or METRICS[kind][0]
     if metric not in METRICS[kind]:
-        raise PalmkitError(f"--metric {metric!r} is not one of {', '.join(METRICS[kind])} for a {kind} task")
+        raise PalmkitError(f"--train.metric {metric!r} is not one of {', '.join(METRICS[kind])} for a {kind} task")
     return metric
 
 
@@ -104,22 +126,20 @@ class _Run:
     def save(self, module: nn.Module, model: PaLM, tokenizer: Tokenizer, extra: dict) -> None:
         """Write model (LoRA merged) and head into a staging folder with the logs, then swap it in."""
         self.log.close()
-        staging = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".best"))
         try:
-            with torch.device("meta"):
-                shell = PaLM(model.config)
-            state = merged_state_dict(model)
-            shell.load_state_dict(state, assign=True)
-            save_checkpoint(staging / "ckpt", shell, tokenizer, extra)
-            head = getattr(module, "head", None)
-            if head is not None:
-                save_tensors(staging / "ckpt" / HEAD_FILE, dict(head.state_dict()), metadata={"format": "pt"})
-            for name in LOG_FILES:
-                if (self.out / name).is_file():
-                    shutil.copyfile(self.out / name, staging / "ckpt" / name)
-            replace_dir(staging / "ckpt", self.out)
+            with staged_dir(self.out) as staging:
+                with torch.device("meta"):
+                    shell = PaLM(model.config)
+                state = merged_state_dict(model)
+                shell.load_state_dict(state, assign=True)
+                write_checkpoint(staging, shell, tokenizer, extra)
+                head = getattr(module, "head", None)
+                if head is not None:
+                    save_tensors(staging / HEAD_FILE, dict(head.state_dict()), metadata={"format": "pt"})
+                for name in LOG_FILES:
+                    if (self.out / name).is_file():
+                        shutil.copyfile(self.out / name, staging / name)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
             self.log = MetricsLog(self.out, tensorboard=False)
 
     def plot(self, metric: str) -> None:
@@ -143,12 +163,10 @@ def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[
     run = _Run(Path(out))
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
-    opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=round(cfg.warmup * total),
-                          max_steps=total, min_lr_ratio=0.0, optimizer="adamw")
-    optimizer = make_optimizer(module, opt_cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, opt_cfg))
-    params = [p for p in module.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
+    optimizer = make_optimizer(module, cfg.peak_lr, cfg.weight_decay)
+    warmup = round(cfg.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     run.log.log({"event": "start", "examples": len(train_items), "steps": total, "trainable_params": trainable,
                  "total_params": sum(p.numel() for p in module.parameters())})
     best: dict = {}
@@ -165,9 +183,7 @@ def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[
             ids, lengths, targets = collate(batch, tokenizer.pad_id)
             loss = loss_fn(module, ids, lengths, targets)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(module, optimizer, cfg.grad_clip)
             scheduler.step()
             step += 1
             seen += len(batch)
@@ -229,7 +245,7 @@ def adapt(model: PaLM, cfg: FinetuneConfig) -> None:
 def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file: str, text_field: str,
                label_field: str, seed: int) -> TaskData:
     if bool(task) == bool(train_file):
-        raise PalmkitError("give either --task (a built-in task) or --train-file (your own data)")
+        raise PalmkitError("give either --task (a built-in task) or --train_file (your own data)")
     data = load_task(task, seed=seed) if task else load_user_task(kind, train_file, valid_file, test_file,
                                                                   text_field, label_field, seed)
     if data.kind != kind:
@@ -240,7 +256,7 @@ def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file:
 def require_examples(data: TaskData, train: list, valid: list) -> None:
     if not train or not valid:
         raise PalmkitError(f"task {data.name}: {len(train)} training and {len(valid)} validation examples; "
-                           "both are needed (give --valid-file, or more data)")
+                           "both are needed (give --valid_file, or more data)")
 
 
 def data_source(data: TaskData, files: dict) -> dict:

@@ -41,24 +41,37 @@ def _token_loss(module, ids, lengths, targets):
 
 def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
                  test_file: str = "", label_field: str = "tags", char_level: bool = False,
-                 context: Literal["causal", "echo"] = "causal", **options) -> dict:
-    """Fine-tune a BIO tagger (a linear head on every token); returns the best validation scores.
+                 context: Literal["causal", "echo"] = "causal", train: FinetuneConfig = FinetuneConfig()) -> dict:
+    """Fine-tune a named-entity tagger (BIO tags, a linear head on every token); returns the best validation scores.
 
-    User files: CoNLL (word and tag columns) or JSONL {"tokens": [...], "tags": [...]}; --char-level for
-    scripts without spaces. --context echo feeds each sentence twice so that every tag sees the whole sentence.
+    OUT ends up holding the checkpoint that did best on validation, with metrics.jsonl, learning_curve.png and
+    valid_metric.png.
+
+    Args:
+        checkpoint: pretrained checkpoint folder to start from
+        out: folder of the fine-tuned tagger
+        task: a built-in task (ner-en, ner-zh, ner-ja), or give train_file instead
+        train_file: your own sentences: CoNLL (word and tag columns) or JSONL {"tokens": [...], "tags": [...]}
+        valid_file: validation sentences (default: a seeded 10% of train_file)
+        test_file: test sentences for `palmkit evaluate` (default: a seeded 10% of train_file)
+        label_field: the JSON key of the tags
+        char_level: one token per character, for scripts written without spaces
+        context: causal: each token's tag sees only the words before it; echo: the sentence is fed twice and
+            the tags read the second copy, so that every tag sees the whole sentence
+        train: training options
     """
-    cfg = FinetuneConfig(**options)
+    cfg = train
     data = task_data("ner", task, train_file, valid_file, test_file, "text", label_field, cfg.seed)
     char_level = data.char_level or char_level
     echo = context == "echo"
     model, tokenizer, _ = prepare(checkpoint, cfg)
     adapt(model, cfg)
     module = TokenClassifier(model, len(data.labels), cfg.dropout)
-    train = ner_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len,
+    items = ner_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len,
                       char_level, echo)
     valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)
     valid = ner_items(tokenizer, valid_ex, data.labels, cfg.max_len, char_level, echo)
-    require_examples(data, train, valid)
+    require_examples(data, items, valid)
 
     def validate() -> dict[str, float]:
         logits = predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2)
@@ -71,4 +84,4 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
     extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
              "max_len": cfg.max_len, **data_source(data, {"train": train_file, "valid": valid_file, "test": test_file,
                                                       "label_field": label_field})}
-    return fit(module, model, tokenizer, train, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra)
+    return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra)

@@ -5,7 +5,7 @@ alone (B=1) into a free slot; every decode step then feeds the last token of all
 positions (B=running, T=1). Running sequences stay packed in slots 0..B-1: when one finishes, the last one's cache
 rows move into its slot, so a step works on a view of the first rows and copies nothing. Because a GEMM's speed
 depends on its row count, the engine times each row count once at startup and pads the packed view with free
-slots up to a faster count (`Engine.tune_step_rows`); benchmarks/README.md has the measurements.
+slots up to a faster count (`Engine.tune_step_rows`; measurements in benchmarks/README.md, "Decode step rows").
 A client that disconnects is cancelled at the next step boundary, which frees its slot.
 
 Greedy requests give exactly the tokens of `palmkit.infer.generate.generate`; each sampled request draws from its
@@ -29,7 +29,7 @@ import torch
 
 from palmkit.errors import PalmkitError
 from palmkit.infer.sampling import SamplingParams, make_generator, sample
-from palmkit.infer.text_stream import TextStream
+from palmkit.infer.stop import StopRule
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.model.palm import KVCache, PaLM
 from palmkit.model.tokenizer import Tokenizer
@@ -64,9 +64,8 @@ class Sequence_:
     index: int
     prompt: list[int]
     params: SamplingParams
-    stop_ids: frozenset[int]
     sink: Sink
-    stream: TextStream
+    rule: StopRule
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     written: int = 0  # cache positions filled; the next token is fed at this position
@@ -142,9 +141,11 @@ class Engine:
     def submit(self, requests: Sequence[tuple[list[int], SamplingParams]], sink: Sink,
                stop_ids: Iterable[int] = ()) -> list[Sequence_]:
         """Queue one sequence per (prompt ids, params); all or none: a full queue raises EngineBusy."""
-        extra = frozenset(stop_ids)
-        seqs = [Sequence_(i, list(prompt), p, extra | ({self.config.eos_id} if p.stop_at_eos else set()), sink,
-                     TextStream(self.tokenizer, p.stop), make_generator(p.seed, self.device))
+        stop_ids = frozenset(stop_ids)
+        seqs = [Sequence_(i, list(prompt), p, sink,
+                          StopRule(p, self.config.eos_id, len(prompt), self.config.max_seq_len, self.tokenizer,
+                                   stop_ids),
+                          make_generator(p.seed, self.device))
                 for i, (prompt, p) in enumerate(requests)]
         with self._cond:
             if not self.alive or self._stopping:
@@ -275,8 +276,8 @@ class Engine:
     def tune_step_rows(self, tolerance: float = 1.1) -> list[int]:
         """For each number of running sequences, how many cache rows a decode step should feed.
 
-        Matrix-multiply libraries choose kernels by row count, and not monotonically: with MKL on one CPU
-        thread the `small` preset stepped 16 rows in 53 ms but 12 rows in 80 ms and 7 rows in 55 ms.
+        Matrix-multiply libraries choose kernels by row count, and a step's time does not grow monotonically
+        with its rows: more rows can be faster than fewer (benchmarks/README.md, "Decode step rows").
         So each candidate count is timed once, and a step pads up to a larger count when that is more than
         `tolerance` times faster. It writes to cache rows: the engine runs it before it serves anything.
         """
@@ -306,17 +307,10 @@ class Engine:
             self._accept(seq, token, events)
 
     def _accept(self, seq: Sequence_, token: int, events: list) -> None:
-        # The same stopping rules, in the same order, as generate.generate: stop ids, stop strings, length.
         seq.tokens.append(token)
         self.completion_tokens += 1
-        if token in seq.stop_ids:
-            seq.finish, text = "stop", seq.stream.finish()
-        else:
-            text = seq.stream.push(token)
-            if seq.stream.stopped:
-                seq.finish = "stop"
-            elif len(seq.tokens) >= seq.params.max_new_tokens:
-                seq.finish, text = "length", text + seq.stream.finish()
+        text = seq.rule.push(token)  # the rule generate() applies: stop ids, stop strings, length
+        seq.finish = seq.rule.finish
         if text or seq.finish:
             events.append((seq, Event(seq.index, text, seq.finish, len(seq.tokens))))
 

@@ -10,7 +10,7 @@ import torch
 
 from palmkit.errors import PalmkitError
 from palmkit.infer.sampling import SamplingParams, make_generator, sample
-from palmkit.infer.text_stream import TextStream
+from palmkit.infer.stop import StopRule
 from palmkit.model.palm import KVCache, PaLM
 from palmkit.model.tokenizer import Tokenizer
 
@@ -29,6 +29,7 @@ class Completion:
 class _Row:
     params: SamplingParams
     generator: torch.Generator | None
+    rule: StopRule
     tokens: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -52,7 +53,9 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
     budget = max(p.max_new_tokens for p in per_row)
     cache_len = min(ctx, longest + budget)
     cache = KVCache(model.config, len(prompts), cache_len, model.embed_tokens.weight.dtype, device)
-    rows = [_Row(p, make_generator(p.seed)) for p in per_row]
+    # The generator lives where the logits are: torch.multinomial draws with a generator of their device.
+    rows = [_Row(p, make_generator(p.seed, device), StopRule(p, model.config.eos_id, len(prompt), ctx))
+            for p, prompt in zip(per_row, prompts, strict=True)]
     pad = model.config.pad_id
     # One host-to-device copy for the whole batch, not one per row.
     batch = torch.tensor([[*p, *[pad] * (longest - len(p))] for p in prompts], dtype=torch.long, device=device)
@@ -60,7 +63,7 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
     h = model.hidden_states(batch, positions, cache=cache, n_keys=longest)
     last_index = torch.tensor([len(p) - 1 for p in prompts], device=device)
     logits = model.logits(h[torch.arange(len(prompts), device=device), last_index])
-    # Positions live on the host: reading them from a device tensor would sync once per row per step (issue 2).
+    # Positions live on the host: reading them from a device tensor would sync once per row per step.
     pos = [len(p) for p in prompts]
     any_greedy = any(p.temperature == 0 for p in per_row)
     while True:
@@ -73,8 +76,8 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
                 continue
             tok = greedy[i] if row.params.temperature == 0 else sample(logits[i], row.params, row.generator)
             row.tokens.append(tok)
-            row.done = ((row.params.stop_at_eos and tok == model.config.eos_id)
-                        or len(row.tokens) >= row.params.max_new_tokens or pos[i] >= cache_len)
+            row.rule.push(tok)
+            row.done = row.rule.finish is not None
             step.append(tok)
         if all(t is None for t in step):
             return
@@ -98,50 +101,38 @@ def generate(model: PaLM, tokenizer: Tokenizer, prompts: str | Sequence[str],
     params = params or SamplingParams()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     encoded = [tokenizer.encode(p, bos=True) for p in prompts]
-    streams = [TextStream(tokenizer, params.stop) for _ in prompts]
-    finish = ["length"] * len(prompts)
+    # generate_ids stops rows by the token rules alone; the same rules with the text also catch stop strings
+    rules = [_text_rule(model, tokenizer, ids, params) for ids in encoded]
     gen = generate_ids(model, encoded, params)
-    to_stop: list[int] = []
     try:
         step = gen.send(None)
         while True:
-            to_stop = []
-            for i, tok in enumerate(step):
-                if tok is None:
-                    continue
-                if params.stop_at_eos and tok == tokenizer.eos_id:
-                    finish[i] = "stop"
-                    continue
-                streams[i].push(tok)
-                if streams[i].stopped:
-                    finish[i] = "stop"
-                    to_stop.append(i)
-            step = gen.send(to_stop)
+            for rule, tok in zip(rules, step, strict=True):
+                if tok is not None:
+                    rule.push(tok)
+            step = gen.send([i for i, rule in enumerate(rules) if rule.finish])
     except StopIteration:
         pass
     out = []
-    for i, s in enumerate(streams):
-        s.finish()
-        out.append(Completion(s.text, s.ids, len(encoded[i]), finish[i]))
+    for ids, rule in zip(encoded, rules, strict=True):
+        rule.stream.finish()
+        out.append(Completion(rule.stream.text, rule.stream.ids, len(ids), rule.finish))
     return out
+
+
+def _text_rule(model: PaLM, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams) -> StopRule:
+    return StopRule(params, model.config.eos_id, len(prompt), model.config.max_seq_len, tokenizer)
 
 
 def stream_to(model: PaLM, tokenizer: Tokenizer, prompt: str, params: SamplingParams, out=sys.stdout) -> Completion:
     """Generate for one prompt, writing text to `out` as it is produced."""
     encoded = tokenizer.encode(prompt, bos=True)
-    stream = TextStream(tokenizer, params.stop)
-    finish = "length"
+    rule = _text_rule(model, tokenizer, encoded, params)
     for (tok,) in generate_ids(model, [encoded], params):
-        if tok is None:
-            break
-        if params.stop_at_eos and tok == tokenizer.eos_id:
-            finish = "stop"
-            break
-        out.write(stream.push(tok))
+        out.write(rule.push(tok))
         out.flush()
-        if stream.stopped:
-            finish = "stop"
+        if rule.finish:
             break
-    out.write(stream.finish())
+    out.write(rule.stream.finish())
     out.flush()
-    return Completion(stream.text, stream.ids, len(encoded), finish)
+    return Completion(rule.stream.text, rule.stream.ids, len(encoded), rule.finish)

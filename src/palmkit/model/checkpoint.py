@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from palmkit.errors import CheckpointError
-from palmkit.io import atomic_write_json, load_json, load_tensors, replace_dir, save_tensors
+from palmkit.io import atomic_write_json, load_json, load_tensors, save_tensors, staged_dir
 from palmkit.model.layouts import model_state, restore_layout, saved_layout
 from palmkit.model.palm import ModelConfig, PaLM, rotary_tables
 from palmkit.model.tokenizer import Tokenizer
@@ -26,21 +25,21 @@ def save_checkpoint(path: str | os.PathLike, model: PaLM, tokenizer: Tokenizer |
                     extra: dict | None = None) -> Path:
     """Write a checkpoint folder atomically: built beside the target, then renamed into place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tok_file = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        config = {"model": model.config.to_dict(), **(extra or {})}
-        for section, layout in saved_layout(model).items():  # int8 or low-rank layers: how to rebuild them
-            config[section] = {**config.get(section, {}), **layout}
-        save_tensors(staging / MODEL_FILE, model_state(model), metadata={"format": "pt"})
-        atomic_write_json(staging / CONFIG_FILE, config)
-        shutil.copyfile(tok_file, staging / TOKENIZER_FILE)
-        replace_dir(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_dir(path) as staging:
+        write_checkpoint(staging, model, tokenizer, extra)
     return path
+
+
+def write_checkpoint(folder: Path, model: PaLM, tokenizer: Tokenizer | str | os.PathLike,
+                     extra: dict | None = None) -> None:
+    """Write the checkpoint files into an existing folder (one being staged: see `save_checkpoint`)."""
+    tok_file = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
+    config = {"model": model.config.to_dict(), **(extra or {})}
+    for section, layout in saved_layout(model).items():  # int8 or low-rank layers: how to rebuild them
+        config[section] = {**config.get(section, {}), **layout}
+    save_tensors(folder / MODEL_FILE, model_state(model), metadata={"format": "pt"})
+    atomic_write_json(folder / CONFIG_FILE, config)
+    shutil.copyfile(tok_file, folder / TOKENIZER_FILE)
 
 
 def load_config(path: str | os.PathLike) -> dict:

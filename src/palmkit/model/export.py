@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from palmkit.io import atomic_write_json, load_tensors, replace_dir, save_tensors
+from palmkit.io import atomic_write_json, load_tensors, save_tensors, staged_dir
 from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, load_config
 from palmkit.model.layouts import dense_weights, hf_state_dict
 from palmkit.model.palm import ModelConfig
@@ -67,7 +66,13 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
 
 
 def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline."""
+    """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline.
+
+    Args:
+        checkpoint: a palmkit checkpoint folder (int8 or low-rank ones are written as the dense weights they
+            stand for)
+        out: the Hugging Face folder (CohereForCausalLM: config.json, model.safetensors, tokenizer)
+    """
     checkpoint, out = Path(checkpoint), Path(out)
     config = load_config(checkpoint)
     cfg = ModelConfig.from_dict(config["model"])
@@ -75,9 +80,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     if "quantization" in config or "low_rank" in config:  # transformers gets the dense weights they stand for
         state = dense_weights(state)
     tensors = hf_state_dict(state)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_dir(out) as staging:
         save_tensors(staging / "model.safetensors", tensors, metadata={"format": "pt"})
         atomic_write_json(staging / "config.json", hf_config(cfg))
         atomic_write_json(staging / "generation_config.json", {
@@ -86,8 +89,4 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
         atomic_write_json(staging / "special_tokens_map.json", {
             "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
         shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / "tokenizer.model")
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out

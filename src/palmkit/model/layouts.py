@@ -23,7 +23,8 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model = getattr(model, "module", model)  # DistributedDataParallel
     # FSDP2 shards parameters as DTensors; full_tensor() gathers them (a collective: call on every rank).
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-    # Fused projections are a runtime layout; an int8 embedding is stored once (issue 7).
+    # Fused projections are a runtime layout, so they are stored split; an int8 shared embedding is stored once
+    # (its dequantised lookup copy is rebuilt at load time).
     return storable_state(model, state)
 
 

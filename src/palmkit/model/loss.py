@@ -23,7 +23,7 @@ def _chunked_loss(h, weight, targets, scale, z_loss, ignore_index, chunk, with_g
     """Means of cross-entropy and z-loss over valid rows, and the gradients of their sum if asked for.
 
     Only a chunk of rows of the (rows, vocab) logits exists at a time: they are the largest tensors of a
-    training step and the passes over them are memory-bound (issue 4). Making the gradients here, while a
+    training step and the passes over them are memory-bound. Making the gradients here, while a
     chunk's soft-max is at hand, costs no more matmuls than autograd would, and one exp per logit, not two.
     """
     dev = h.device.type
@@ -89,8 +89,8 @@ def fused_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
     """`lm_loss(F.linear(h, weight) * scale, targets, ...)` computed `chunk` rows at a time.
 
     Gradients flow through `total` only: cross-entropy and z-loss come back detached, for logging.
-    chunk 0: a multiple of 64 rows making about 2^24 logits (512 rows of a 32k vocabulary), the fastest
-    of 256 to 2048 rows measured on 2 cores (issue 4).
+    chunk 0: a multiple of 64 rows making about 2^24 logits (512 rows of a 32k vocabulary), picked by timing
+    chunks of 256 to 2048 rows (benchmarks/README.md, "Output-layer loss chunk").
     """
     h, targets = h.flatten(0, -2), targets.flatten()
     chunk = chunk or max(64, 2**24 // weight.shape[0] // 64 * 64)

@@ -115,8 +115,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         x1, x2 = x[..., 0::2], x[..., 1::2]
         rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
         return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-    # Eager: the pair (x0, x1) times cos + i sin is one complex multiply, 4-5x faster than the
-    # separate passes of the real form, forward and backward (issue 4)
+    # Eager: the pair (x0, x1) times cos + i sin is one complex multiply, one pass over x where the real form
+    # makes several, forward and backward (timed in benchmarks/README.md, "Rotary embeddings")
     turn = torch.complex(cos[..., 0::2], sin[..., 0::2])
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)
@@ -180,8 +180,9 @@ class Attention(nn.Module):
             k, v = cache_k[:, :, :n_keys].to(q.dtype), cache_v[:, :, :n_keys].to(q.dtype)
         if mask is None and cache is None and torch.compiler.is_compiling() and q.device.type == "cpu" and T <= 512:
             # CPU flash attention's backward runs a small oneDNN matmul per block of keys; compiled, two
-            # batched matmuls around a fused soft-max take half its time on short sequences, whose (T, T)
-            # scores cost less memory than the block's other activations (issue 4)
+            # batched matmuls around a fused soft-max do the same work in a few large kernels, and on short
+            # sequences the (T, T) scores cost less memory than the block's other activations (timed in
+            # benchmarks/README.md, "Causal attention under torch.compile")
             y = causal_attention(q, k, v)
         else:
             # enable_gqa lets one key/value head serve every query head without copying it
@@ -233,7 +234,7 @@ class PaLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         # Shared input/output embeddings; logits scaled by 1/sqrt(d) (section 2, "Shared embeddings")
         self.logit_scale = cfg.d_model ** -0.5
-        self.lm_head: nn.Module | None = None  # None: the shared embedding; palmkit.optimize sets an int8 copy
+        self.lm_head: nn.Module | None = None  # None: the shared embedding; quantize_int8 sets an int8 copy
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -279,7 +280,7 @@ class PaLM(nn.Module):
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         mask = None
         if cache is not None:
-            if n_keys is None:  # reading positions waits for the device; decode loops pass it (issue 2)
+            if n_keys is None:  # reading positions waits for the device; decode loops pass it
                 n_keys = int(positions.max()) + 1
             keys = torch.arange(n_keys, device=idx.device)
             mask = (keys <= positions[..., None]).unsqueeze(1)

@@ -20,7 +20,7 @@ class Int8Linear(nn.Module):
     """
 
     # Up to this many rows the int8 kernel, reading a quarter of fp32's bytes, beats converting the weight for
-    # one GEMM (crossover printed by benchmarks/bench_optimize.py).
+    # one GEMM; past it the converted GEMM wins (the crossover is in benchmarks/README.md, "int8 kernel").
     max_int8_rows = 16
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
@@ -46,8 +46,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        # The kernel needs K % 16 == 0 (at other widths it returns garbage without an error), and its fp32
-        # path is ~10x slower than its bf16 one.
+        # The kernel needs K % 16 == 0 (at other widths it returns garbage without an error), and only its bf16
+        # path is fast: fp32 activations take it many times longer (benchmarks/README.md, "int8 kernel").
         if flat.shape[0] <= self.max_int8_rows and self.in_features % 16 == 0:
             bf16 = torch.bfloat16
             y = torch._weight_int8pack_mm(flat.to(bf16).contiguous(), self.weight, self.weight_scale.to(bf16))

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server with streaming and continuous batching.
 
-    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-batch 16] [--faq FILE]
+    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--max_batch 16] [--faq FILE]
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as server-sent
 events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format), and `GET /`: a web chat
@@ -25,9 +25,11 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -164,8 +166,6 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
 def chat_page_html(state: ServerState) -> str:
     """assets/chat.html with what the page needs to know (model name, FAQ) in its JSON config element."""
-    from importlib import resources
-
     page = (resources.files("palmkit") / "assets" / "chat.html").read_text(encoding="utf-8")
     faq = state.faq and {"name": state.faq.name, "entries": len(state.faq.entries)}
     config = {"model": state.model_name, "faq": faq, "api_key_required": state.api_key is not None}
@@ -179,14 +179,23 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
           faq: str = "") -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
-    --api-key (or env PALMKIT_API_KEY, which `ps` does not show) requires `Authorization: Bearer KEY` on /v1/*.
-    --max-batch sequences run together; --max-queue more wait, and beyond that requests get 429.
-    Binds to loopback unless --host says otherwise. The chat page is at http://HOST:PORT/.
-    --faq FILE (CSV question,answer or JSONL) grounds chat answers in the FAQ; questions it does not cover get
-    a fixed "no answer" reply (palmkit.support).
-    """
-    import uvicorn
+    The chat page is at http://HOST:PORT/.
 
+    Args:
+        checkpoint: a checkpoint folder (plain, int8 or low-rank)
+        host: address to bind; loopback unless you mean to serve other machines (then set an API key)
+        port: TCP port
+        api_key: require `Authorization: Bearer KEY` on /v1/*; the environment variable PALMKIT_API_KEY does
+            the same without showing the key in `ps`
+        max_batch: sequences decoded together
+        max_queue: requests waiting beyond those; more get 429
+        model_name: the model's name in the API (default: the checkpoint folder's name)
+        device: cpu, cuda, cuda:1, ...
+        dtype: dtype of the weights and activations
+        log_level: uvicorn's log level (critical, error, warning, info, debug)
+        faq: a FAQ file (CSV question,answer or JSONL) that grounds chat answers; questions it does not cover
+            get a fixed "no answer" reply
+    """
     api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
     app = create_app(checkpoint, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      device=device, dtype=dtype, faq=faq or None)

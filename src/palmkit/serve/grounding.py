@@ -33,7 +33,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from palmkit.data.scripts import CJK
 from palmkit.errors import PalmkitError
+from palmkit.io import decode_text
 
 NO_ANSWER = ("I don't have an answer to that in our FAQ, so I won't guess. Please rephrase your question, "
              "or contact a human agent.")
@@ -63,16 +65,6 @@ class FaqEntry(NamedTuple):
     where: str = ""
 
 
-def _decode_faq(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise PalmkitError(f"{path}: line {line} is not valid UTF-8 (byte {exc.start}); save the file as UTF-8"
-                           ) from None
-
-
 def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
     """The entries of a FAQ file: CSV with a header naming `question` and `answer` columns, or JSONL of
     {"question": ..., "answer": ...} objects. Blank lines are skipped; anything else malformed is an error."""
@@ -81,7 +73,7 @@ def load_faq(path: str | os.PathLike) -> list[FaqEntry]:
         raise FileNotFoundError(f"FAQ file not found: {path}")
     if path.suffix.lower() not in (".csv", ".jsonl", ".ndjson"):
         raise PalmkitError(f"{path}: a FAQ file must be .csv (question,answer columns) or .jsonl")
-    text = _decode_faq(path)
+    text = decode_text(path.read_bytes(), name=path)  # strict: a FAQ answer must not be guessed at
     if not text.strip():
         raise PalmkitError(f"{path}: the file is empty")
     entries = _read_csv(path, text) if path.suffix.lower() == ".csv" else _read_jsonl(path, text)
@@ -133,11 +125,8 @@ def _read_jsonl(path: Path, text: str) -> list[FaqEntry]:
     return entries
 
 
-_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
-
-
 # one term per Chinese/Japanese/Korean character (those scripts put no spaces between words), else words
-_TERM = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")
+_TERM = re.compile(f"[{CJK}]|[^\\W{CJK}]+")
 
 
 _SUFFIXES = ("ing", "ed", "es", "s")

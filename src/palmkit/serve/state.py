@@ -25,7 +25,7 @@ class ServerState:
     api_key: str | None
     metrics: Metrics
     created: int
-    faq: FaqIndex | None = None  # grounds chat requests (issue 8)
+    faq: FaqIndex | None = None  # with --faq: every chat request is answered from the FAQ or not at all
 
     @property
     def tokenizer(self) -> Tokenizer:

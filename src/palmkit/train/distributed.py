@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from palmkit.model.fused import fuse_projections
 from palmkit.model.palm import PaLM
@@ -50,19 +53,13 @@ def parallelize(model: PaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
     if cfg.fuse_projections:
         fuse_projections(model)
     if cfg.activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
         for i, block in enumerate(model.layers):
             model.layers[i] = checkpoint_wrapper(block)
     if d.world_size > 1 and cfg.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
         for block in model.layers:
             fully_shard(block)  # each block's parameters are gathered only while it runs
         fully_shard(model)
     elif d.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         model = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.pyplot as plt
+from torch.utils.tensorboard import SummaryWriter
 
 matplotlib.use("Agg")  # files only: never needs a display
 
@@ -25,8 +26,6 @@ class MetricsLog:
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=truncate_after_step)
 
     def log(self, record: dict) -> None:
@@ -74,7 +73,12 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], out: str | o
 
 
 def plot_run(run_dir: str, out: str = "") -> str:
-    """Write a PNG of training loss and per-language validation loss of a run; returns its path."""
+    """Write a PNG of training loss and per-language validation loss of a run; returns its path.
+
+    Args:
+        run_dir: a pretraining run folder (with metrics.jsonl)
+        out: the PNG file; default: RUN_DIR/loss.png
+    """
     run = Path(run_dir)
     records = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     if not records:

@@ -12,8 +12,9 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed blocks for reuse instead of unmapping them; True if it took the setting.
 
     By default a block of more than a few MB goes back to the OS when freed, and the next step touches
-    fresh pages: every large activation and gradient is page-faulted in again, which costs CPU training
-    about a fifth of its time (issue 4). Memory then stays at its peak, which a training run reaches anyway.
+    fresh pages: every large activation and gradient is page-faulted in again, a cost measured in
+    benchmarks/README.md ("Freed memory kept mapped"). Memory then stays at its peak, which a training run
+    reaches anyway.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

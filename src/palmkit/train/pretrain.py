@@ -1,8 +1,8 @@
 """Causal-LM pretraining on the cross-lingual mixture: one process, or many through torchrun.
 
 One process:
-    palmkit pretrain --preset small --data CORPUS_DIR --out runs/small
-Data parallel on one machine (DDP by default; FSDP2 with --strategy fsdp):
+    palmkit pretrain --data CORPUS_DIR --out runs/small --train.preset small
+Data parallel on one machine (DDP by default; FSDP2 with --train.strategy fsdp):
     torchrun --standalone --nproc_per_node=2 -m palmkit.cli pretrain --data CORPUS_DIR --out runs/ddp
 Several machines (run on each, with its own --node-rank):
     torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 --rdzv-backend=c10d \
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,9 +22,10 @@ from tqdm import tqdm
 from palmkit.data.shards import MixtureLoader
 from palmkit.errors import PalmkitError
 from palmkit.io import atomic_write_json
-from palmkit.model.palm import build_model, preset
+from palmkit.model.checkpoint import load_checkpoint
+from palmkit.model.palm import PaLM, build_model, preset
 from palmkit.model.tokenizer import Tokenizer
-from palmkit.train.config import TrainConfig
+from palmkit.train.config import TrainConfig, resume_changes, saved_config
 from palmkit.train.distributed import all_reduce, grad_sync, init_distributed, parallelize
 from palmkit.train.lm_eval import evaluate_lm
 from palmkit.train.metrics import MetricsLog, plot_run
@@ -33,12 +34,38 @@ from palmkit.train.state import latest_checkpoint, load_training_state, replace_
 from palmkit.train.step import compute_autocast, forward_backward, lr_factor, make_optimizer, optimizer_step
 
 
-def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
+def init_weights(model: PaLM, checkpoint: str, tokenizer: Tokenizer) -> None:
+    """Copy the weights of a finished checkpoint into `model`, which must have its shape and tokenizer."""
+    source, source_tokenizer, config = load_checkpoint(checkpoint)
+    if "quantization" in config or "low_rank" in config:
+        raise PalmkitError(f"{checkpoint} is quantised or factorised: continue pretraining from a plain checkpoint")
+    # Token ids index the embedding: the same id must mean the same piece, or the weights mean nothing.
+    pieces = lambda tok: [tok.piece(i) for i in range(tok.vocab_size)]
+    if pieces(source_tokenizer) != pieces(tokenizer):
+        raise PalmkitError(f"the tokenizer of {checkpoint} is not the corpus's ({tokenizer.path}): continue "
+                           "pretraining on a corpus tokenised with the checkpoint's tokenizer")
+    shape = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta",
+             "norm_eps")
+    differ = [f"{k} {getattr(source.config, k)} (preset: {getattr(model.config, k)})" for k in shape
+              if getattr(source.config, k) != getattr(model.config, k)]
+    if differ:
+        trained = config.get("train", {}).get("preset")
+        hint = f": it was trained with --train.preset {trained}" if trained else ""
+        raise PalmkitError(f"{checkpoint} does not have the preset's shape ({', '.join(differ)}){hint}")
+    model.load_state_dict(source.state_dict())
+
+
+def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False, init_from: str = "") -> dict:
     """Pretrain a model on the token shards of `data`; returns the final metrics."""
     d = init_distributed()
     if d.device.type == "cpu":
         keep_freed_memory()
     run = Path(out)
+    ckpt = latest_checkpoint(run) if resume else None
+    if ckpt and (saved := saved_config(run)):
+        changes = resume_changes(run, saved, cfg)
+        if changes and d.is_main:
+            print(f"resuming {run} with options changed since it was saved: {'; '.join(changes)}")
     corpus = Path(data)
     tokenizer = Tokenizer(corpus / "tokenizer.model")
     torch.manual_seed(cfg.seed)
@@ -58,23 +85,27 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
     accum = per_rank // micro
     loader = MixtureLoader(corpus, cfg.seq_len, global_seqs, cfg.alpha, cfg.seed, d.rank, d.world_size)
     plain = build_model(model_cfg, d.device, seed=cfg.seed)
+    if init_from and not ckpt:  # a resumed run restores its own weights, which began as these
+        init_weights(plain, init_from, tokenizer)
     model = parallelize(plain, cfg, d)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     step, seconds_before = 0, 0.0
-    if resume and (ckpt := latest_checkpoint(run)):
+    if ckpt:
         state = load_training_state(ckpt, model, optimizer, loader)
         step, seconds_before = state["step"], state.get("train_seconds", 0.0)
     elif resume and d.is_main:
         print(f"no checkpoint in {run}: starting from scratch")
-    autocast = compute_autocast(cfg, d.device)
+    compute_dtype = getattr(torch, cfg.dtype)
+    autocast = compute_autocast(d.device, compute_dtype)
     log = None
     if d.is_main:
         run.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run / "train_config.json", {"train": asdict(cfg), "model": model_cfg.to_dict(),
-                                                      "data": str(corpus), "world_size": d.world_size})
+                                                      "data": str(corpus), "world_size": d.world_size,
+                                                      "init_from": init_from})
         log = MetricsLog(run, truncate_after_step=step)
-    peak = measure_matmul_peak(torch.bfloat16 if cfg.dtype == "bf16" else torch.float32, device=d.device,
+    peak = measure_matmul_peak(compute_dtype, device=d.device,
                                seconds=0.5) * (torch.cuda.device_count() if d.device.type == "cuda" else 1)
     flops_per_step = model_cfg.flops_per_token(cfg.seq_len) * cfg.batch_tokens
     bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True)
@@ -94,14 +125,14 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
         t0 = time.perf_counter()
         used = seconds()
         for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = base * lr_factor(step, cfg, used / budget if budget else 0.0)
+            g["lr"] = base * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule,
+                                       used / budget if budget else 0.0)
         loss_sum = ce_sum = z_sum = 0.0
         x, y, _ = loader.next_batch()  # this rank's rows of the global batch
         xs, ys = x.split(micro), y.split(micro)
         for m in range(accum):
             with grad_sync(model, m == accum - 1):
-                total, ce, z = forward_backward(model, xs[m].to(d.device), ys[m].to(d.device), cfg, autocast,
-                                                accum)
+                total, ce, z = forward_backward(model, xs[m].to(d.device), ys[m].to(d.device), autocast, accum)
             loss_sum += total.item() / accum
             ce_sum += ce.item() / accum
             z_sum += z.item() / accum
@@ -113,10 +144,10 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
                 log.log({"step": step, "event": "non-finite loss, batch skipped", "consecutive": bad})
             if bad >= cfg.max_bad_steps:
                 raise PalmkitError(f"loss was not finite for {bad} consecutive steps at step {step}: "
-                                   "lower --lr, raise --warmup-steps or train in --dtype fp32")
+                                   "lower --train.lr, raise --train.warmup_steps or train in --train.dtype float32")
             continue
         bad = 0
-        grad_norm = float(optimizer_step(model, optimizer, cfg))
+        grad_norm = float(optimizer_step(model, optimizer, cfg.grad_clip))
         step += 1
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
@@ -159,10 +190,25 @@ def train(cfg: TrainConfig, data: str, out: str, resume: bool = False) -> dict:
     return metrics
 
 
-def pretrain(data: str, out: str = "runs/pretrain", resume: bool = False, **options) -> dict:
-    """Pretrain a PaLM model on a corpus built by `palmkit corpus build`; see TrainConfig for options."""
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = set(options) - names
-    if unknown:
-        raise PalmkitError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    return train(TrainConfig(**options), data, out, resume)
+def pretrain(data: str, out: str = "runs/pretrain", train: TrainConfig = TrainConfig(), resume: bool = False,
+             init_from: str = "") -> dict:
+    """Pretrain a PaLM model on a corpus built by `palmkit corpus build`; returns the final metrics.
+
+    Checkpoints (with optimiser, RNG and data-loader state, for an exact resume) go to OUT/checkpoints/step-N,
+    the final model to OUT/final, metrics to OUT/metrics.jsonl, OUT/tensorboard and OUT/loss.png, and the
+    options to OUT/train_config.json.
+
+    Args:
+        data: corpus folder written by `palmkit corpus build` (text, tokenizer.model, shards)
+        out: run folder
+        train: training options
+        resume: continue exactly where the newest checkpoint in OUT stopped (from scratch if there is none).
+            On the command line, options not given take their values from OUT/train_config.json. Options that
+            differ from the saved ones are printed and used, except preset, seq_len, batch_tokens, alpha, seed,
+            optimizer and fuse_projections: the saved state only fits the run they describe, so changing one
+            is an error
+        init_from: a finished checkpoint folder (e.g. RUN/final) to take the initial weights from, for
+            continued pretraining: the optimiser, schedule and step count start afresh. It must have the
+            preset's shape and the corpus's tokenizer
+    """
+    return run_pretraining(train, data, out, resume, init_from)

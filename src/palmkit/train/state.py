@@ -16,8 +16,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from palmkit.data.shards import MixtureLoader
-from palmkit.io import atomic_write_json, load_json, load_tensors, replace_dir, save_tensors
-from palmkit.model.checkpoint import save_checkpoint
+from palmkit.io import atomic_write_json, load_json, load_tensors, save_tensors, staged_dir
+from palmkit.model.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, write_checkpoint
 from palmkit.model.fused import is_fused
 from palmkit.model.layouts import fused_state_dict, plain_state_dict
 from palmkit.model.palm import PaLM
@@ -59,19 +59,17 @@ def save_training_state(run: Path, step: int, model: torch.nn.Module, optimizer:
         return None
     ckpt_root = run / "checkpoints"
     target = ckpt_root / f"step-{step:07d}"
-    staging = ckpt_root / f".step-{step:07d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
     with torch.device("meta"):
         shell = PaLM(plain.config)
     model_sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_sd.items()}
     shell.load_state_dict(plain_state_dict(model_sd, plain.config), assign=True)
-    save_checkpoint(staging, shell, tokenizer, extra={"train": asdict(cfg), "step": step, **extra})
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
-    skeleton = _flatten("optim", optim_sd, tensors, None)
-    save_tensors(staging / "optimizer.safetensors", tensors)
-    atomic_write_json(staging / "trainer_state.json", {"step": step, "optimizer": skeleton,
-                                                       "loader": loader.state_dict(), **extra})
-    replace_dir(staging, target)
+    with staged_dir(target) as staging:
+        write_checkpoint(staging, shell, tokenizer, extra={"train": asdict(cfg), "step": step, **extra})
+        tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        skeleton = _flatten("optim", optim_sd, tensors, None)
+        save_tensors(staging / "optimizer.safetensors", tensors)
+        atomic_write_json(staging / "trainer_state.json", {"step": step, "optimizer": skeleton,
+                                                           "loader": loader.state_dict(), **extra})
     atomic_write_json(run / "latest.json", {"step": step, "path": target.name})
     old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for p in old[: max(0, len(old) - cfg.keep_last)]:
@@ -108,9 +106,6 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
 
 def replace_dir_copy(src: Path, dst: Path) -> None:
     """Copy checkpoint `src` to `dst` (model files only), replacing `dst` atomically."""
-    staging = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in ("model.safetensors", "config.json", "tokenizer.model"):
-        shutil.copyfile(src / name, staging / name)
-    replace_dir(staging, dst)
+    with staged_dir(dst) as staging:
+        for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE):
+            shutil.copyfile(src / name, staging / name)

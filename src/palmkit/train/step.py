@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
-
-from palmkit.train.config import TrainConfig
 
 
 class PaLMAdafactor(torch.optim.Optimizer):
@@ -45,41 +45,50 @@ class PaLMAdafactor(torch.optim.Optimizer):
                 p.add_(state["exp_avg"] * scale, alpha=-lr)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on 2-D weights only (not LayerNorm scales), or PaLM's Adafactor."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adafactor":
-        return PaLMAdafactor(params, lr=cfg.lr)
+def make_optimizer(model_or_params: torch.nn.Module | Iterable[torch.nn.Parameter], lr: float,
+                   weight_decay: float = 0.0, kind: Literal["adamw", "adafactor"] = "adamw",
+                   ) -> torch.optim.Optimizer:
+    """AdamW with weight decay on 2-D weights only (not LayerNorm scales), or ("adafactor") PaLM's Adafactor.
+
+    Only parameters that require gradients are optimised (frozen weights under LoRA are left out).
+    """
+    source = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
+    params = [p for p in source if p.requires_grad]
+    if kind == "adafactor":
+        return PaLMAdafactor(params, lr=lr)
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel reads and writes each tensor once; the default on CPU is ~10 passes (issue 4).
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel reads and writes each tensor once; the default runs one pass per elementwise operation.
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def lr_factor(step: int, cfg: TrainConfig, time_used: float = 0.0) -> float:
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0,
+              schedule: Literal["cosine", "rsqrt"] = "cosine", time_fraction: float = 0.0) -> float:
     """Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then cosine or 1/sqrt(k).
 
-    `time_used` is the fraction of max_minutes spent; the cosine follows steps or time, whichever is further.
+    The cosine runs from the end of `warmup` to `total` steps (0: no step budget) and ends at `min_ratio`;
+    `time_fraction` is the share of a time budget spent (0: none), and the cosine follows steps or time,
+    whichever is further.
     """
-    warm = max(1, cfg.warmup_steps)
-    if step < cfg.warmup_steps:
+    warm = max(1, warmup)
+    if step < warmup:
         return (step + 1) / warm
-    if cfg.schedule == "rsqrt":  # PaLM: constant for the warm-up steps, then decay as 1/sqrt(k)
+    if schedule == "rsqrt":  # PaLM: constant for the warm-up steps, then decay as 1/sqrt(k)
         return math.sqrt(warm / (step + 1))
-    by_steps = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps) if cfg.max_steps else 0.0
-    progress = min(1.0, max(by_steps, time_used if cfg.max_minutes else 0.0))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    by_steps = (step - warmup) / max(1, total - warmup) if total else 0.0
+    progress = min(1.0, max(by_steps, time_fraction))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def compute_autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
-    """bf16 matmuls and attention with fp32 weights, residual stream and loss; fp32 everywhere otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+def compute_autocast(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.autocast:
+    """Matmuls and attention in `dtype` with fp32 weights, residual stream and loss; off when dtype is fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def forward_backward(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
-                     autocast, accum: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward_backward(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, autocast,
+                     accum: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss (total, cross-entropy, z-loss) of one of `accum` micro-batches; adds its gradients / accum to .grad."""
     with autocast:
         total, ce, z = model(inputs, targets=targets)
@@ -87,9 +96,9 @@ def forward_backward(model: torch.nn.Module, inputs: torch.Tensor, targets: torc
     return total.detach(), ce.detach(), z.detach()
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.Tensor:
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
     """Clip the gradient norm, update the weights and clear the gradients; returns the norm before clipping."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm

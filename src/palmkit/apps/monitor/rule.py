@@ -2,8 +2,8 @@
 
     share  = mean of the last W scores                              (W = --window)
     m, sd  = mean and standard deviation of the up to B scores      (B = --baseline)
-             just before those W (at least --min-baseline of them)
-    se     = max(sd / sqrt(W), --std-floor)    # the spread of a W-text share if nothing changed
+             just before those W (at least --min_baseline of them)
+    se     = max(sd / sqrt(W), --std_floor)    # the spread of a W-text share if nothing changed
     z      = (share - m) / se
     ALERT when z >= --threshold; the topic then stays quiet until z falls below --rearm (hysteresis).
 """

@@ -36,7 +36,7 @@ from palmkit.data.corpus.report import (
 )
 from palmkit.data.corpus.sources import DEFAULT_LANGS, fetch, select_sources
 from palmkit.data.fetch import is_fetched, package_path
-from palmkit.data.shards import write_shards
+from palmkit.data.shards import mixture_weights, write_shards
 from palmkit.errors import PalmkitError
 from palmkit.io import split_list, warn
 from palmkit.model.tokenizer import train_tokenizer
@@ -45,13 +45,6 @@ MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for 
 
 
 TOKENIZER_SAMPLE_BYTES = 24_000_000  # enough for a 32k vocabulary; training time grows with the sample
-
-
-def temperature_weights(sizes: dict[str, int], alpha: float) -> dict[str, float]:
-    """Share of each language in the tokenizer sample: n_l ** alpha, normalised."""
-    w = {lang: float(n) ** alpha for lang, n in sizes.items() if n}
-    total = sum(w.values())
-    return {lang: v / total for lang, v in w.items()}
 
 
 def _training_lines(doc: str, width: int = 4000) -> Iterator[str]:
@@ -71,7 +64,7 @@ def tokenizer_sample(train: dict[str, list[str]], alpha: float, seed: int,
     """Training lines drawn per language in proportion to n_l ** alpha (n_l = training bytes), cycling through a
     seeded shuffle of each language's lines, so small languages are repeated rather than drowned."""
     sizes = {lang: sum(len(d.encode()) for d in docs) for lang, docs in train.items()}
-    weights = temperature_weights(sizes, alpha)
+    weights = mixture_weights(sizes, alpha)
     budget = min(budget, sum(sizes.values()))
     sample: list[str] = []
     for lang in sorted(weights):
@@ -138,17 +131,32 @@ def _build_tasks(langs: list[str], cache: str, subset: str, inputs: list[str], l
     return tasks, user_sources
 
 
-def build(out: str, langs: Sequence[str] = DEFAULT_LANGS, cache: str = "",
-          subset: Literal["full", "small", "none"] = "full", inputs: Sequence[str] = (), lang: str = "",
+def build(out: str, langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
+          subset: Literal["full", "small", "none"] = "full", inputs: Sequence[str] | str = (), lang: str = "",
           text_field: str = "text", valid_fraction: float = 0.02, max_mb_per_lang: float = 0.0,
           vocab_size: int = 32000, alpha: float = 0.3, seed: int = 0, workers: int = 0) -> str:
-    """Build a corpus in OUT: clean, filtered, deduplicated text per language with a validation split
-    (text/<lang>/{train,valid}.jsonl), a tokenizer trained on a language-balanced sample (alpha: n_l ** alpha),
-    report.md/png, fertility.md and token shards. Fetches the built-in sources of LANGS first (`--subset small`
-    for a quick one, `none` for only your files). Add your own text with `--inputs FILE_OR_DIR ... --lang xx`:
-    .txt (documents separated by blank lines), .jsonl and .csv (the TEXT_FIELD key or column).
-    VALID_FRACTION of each language's documents are held out (at least ~100 kB where the language has it, at
-    most 10%). MAX_MB_PER_LANG caps each language (0: no cap); WORKERS extraction processes (0: one per CPU).
+    """Build a corpus in OUT: cleaned, filtered, deduplicated text, a tokenizer and token shards.
+
+    OUT gets text/<lang>/{train,valid}.jsonl, tokenizer.model (trained on a language-balanced sample),
+    report.md/png, fertility.md and shards/. The built-in sources of LANGS are fetched first.
+
+    Args:
+        out: the corpus folder
+        langs: languages of the built-in sources: a list, or one comma-separated string
+        cache: folder of the downloaded sources (default: $PALMKIT_CACHE, else ~/.cache/palmkit/corpus)
+        subset: full: every built-in source; small: a few quick ones; none: only your INPUTS
+        inputs: your own text files or folders: .txt (documents separated by blank lines), .jsonl and .csv
+            (the TEXT_FIELD key or column); a list, or one comma-separated string
+        lang: the language of INPUTS (e.g. de)
+        text_field: the JSON key or CSV column of the text in INPUTS
+        valid_fraction: share of each language's documents held out for validation (at least ~100 kB where
+            the language has it, at most 10%)
+        max_mb_per_lang: cap on each language's text in MB; 0: no cap
+        vocab_size: pieces of the SentencePiece tokenizer
+        alpha: the tokenizer sample draws language l in proportion to n_l ** alpha, so that small languages
+            get pieces of their own
+        seed: seed of the split and of the tokenizer sample
+        workers: extraction processes; 0: one per CPU
     """
     started = time.perf_counter()
     stages: dict[str, float] = {}
@@ -164,7 +172,7 @@ def build(out: str, langs: Sequence[str] = DEFAULT_LANGS, cache: str = "",
     if subset == "none" and not inputs:
         raise PalmkitError("--subset none needs --inputs: there would be no text at all")
     if not 0 < valid_fraction < 1:
-        raise PalmkitError(f"--valid-fraction must be in (0, 1), got {valid_fraction}")
+        raise PalmkitError(f"--valid_fraction must be in (0, 1), got {valid_fraction}")
     tasks, user_sources = _build_tasks(langs, cache, subset, inputs, lang, text_field)
     workers = workers or os.cpu_count() or 1
 
@@ -259,7 +267,7 @@ def build(out: str, langs: Sequence[str] = DEFAULT_LANGS, cache: str = "",
     (out_dir / "report.md").write_text(report, encoding="utf-8")
     plot_sizes(out_dir / "report.png", rows)
 
-    # 6. token shards (palmkit.data)
+    # 6. token shards (palmkit.data.shards)
 
     write_shards(out_dir, tokenizer)
     totals = sum_by(rows)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from palmkit.data.scripts import HAN, KANA
+
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
 
 
@@ -47,10 +49,10 @@ _LATIN = _runs("A-Za-z\u00c0-\u024f\u1e00-\u1eff")
 _CYRILLIC = _runs("\u0400-\u04ff")
 
 
-_HAN = _runs("\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff")
+_HAN = _runs(HAN)
 
 
-_KANA = _runs("\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f")
+_KANA = _runs(KANA)
 
 
 _ASCII_NOISE = _runs(r"0-9!-/:-@\[-`{-~\u2500-\u259f")  # ASCII digits and symbols, box drawing

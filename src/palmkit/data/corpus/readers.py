@@ -20,21 +20,7 @@ from pathlib import Path
 
 from palmkit.data.corpus.clean import clean_text
 from palmkit.errors import PalmkitError
-
-
-def decode_bytes(raw: bytes, fallback: str = "latin-1") -> str:
-    """UTF-8 (BOM dropped); a file that is not UTF-8 is read line by line with `fallback` where needed."""
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        out = []
-        for line in raw.splitlines(keepends=True):
-            try:
-                out.append(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                out.append(line.decode(fallback, errors="replace"))
-        return "".join(out)
-
+from palmkit.io import decode_text
 
 # Plain UTF-8 without overstrike or colour (-P-cbou), tables (-t), no hyphenation (HY=0), one continuous page
 # (cR=1), and lines 2000 columns wide so that each paragraph comes out as one line instead of wrapped at 80.
@@ -82,9 +68,9 @@ def render_man(source: str) -> str:
 
 
 def render_man_pages(sources: list[str]) -> list[str]:
-    """`render_man` of many pages, with one groff run for all man(7) pages: starting groff costs ten times
-    more than rendering a page. A marker paragraph between pages splits the output; if any page is lost
-    (a page that swallows the marker), each page is rendered on its own instead."""
+    """`render_man` of many pages, with one groff run for all man(7) pages: starting groff costs several times
+    more than rendering a page (benchmarks/README.md, "groff start-up"). A marker paragraph between pages splits
+    the output; if any page is lost (a page that swallows the marker), each page is rendered on its own instead."""
     batch = [s for s in sources if not re.search(r"(?m)^\.Dd\b", s)]  # mdoc pages need their own run
     if len(batch) < 2 or not shutil.which("groff"):
         return [render_man(s) for s in sources]
@@ -170,7 +156,7 @@ def read_man_pages(paths: list[Path], stats: Counter) -> Iterator[str]:
     sources = []
     for path in paths:
         raw = path.read_bytes()
-        source = decode_bytes(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+        source = decode_text(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw, "latin-1")
         if re.match(r"\s*\.so\s", source) and len(source) < 200:
             stats["redirections"] += 1
         else:
@@ -241,7 +227,7 @@ def read_fortunes(path: Path, stats: Counter) -> Iterator[str]:
     """A fortune file: records separated by lines holding only `%` (index `.dat` files are not read)."""
     if path.suffix == ".dat" or "off" in path.parts:  # offensive fortunes stay out of a default corpus
         return
-    text = clean_text(decode_bytes(path.read_bytes()))
+    text = clean_text(decode_text(path.read_bytes(), "latin-1"))
     yield from re.split(r"(?m)^%%?$", text)
 
 
@@ -256,7 +242,7 @@ def read_peoples_daily(path: Path, stats: Counter) -> Iterator[str]:
     (a line without final punctuation) that follows a finished paragraph."""
     article: list[str] = []
     ended = True
-    for line in decode_bytes(path.read_bytes()).splitlines():
+    for line in decode_text(path.read_bytes(), "latin-1").splitlines():
         text = "".join(_PD_TAG.sub("", line).split())
         if not text:
             continue
@@ -280,7 +266,7 @@ def read_chitchat(path: Path, stats: Counter) -> Iterator[str]:
 
 def read_bbc(path: Path, stats: Counter) -> Iterator[str]:
     """A BBC News article (Latin-1): a headline line, then paragraphs."""
-    yield decode_bytes(path.read_bytes(), "latin-1")
+    yield decode_text(path.read_bytes(), "latin-1")
 
 
 _WIKI_DROP = [re.compile(p, re.S | re.I) for p in (
@@ -367,7 +353,7 @@ def read_user_file(path: Path, stats: Counter, text_field: str = "text") -> Iter
         rows = csv.DictReader(io.StringIO(text, newline=""))
         if rows.fieldnames is not None and text_field not in rows.fieldnames:
             raise PalmkitError(f"{path}: no column {text_field!r} (columns: {', '.join(rows.fieldnames)}); "
-                               f"choose one with --text-field")
+                               f"choose one with --text_field")
         records = (row.get(text_field) if not _INVALID.search("".join(map(str, row.values()))) else "\udc80"
                    for row in rows)
     else:

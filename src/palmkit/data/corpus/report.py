@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 
 def count_tokens(tokenizer, docs: list[str], batch: int = 2048) -> int:
@@ -39,13 +40,12 @@ def fertility_table(tokenizer, valid: dict[str, list[str]]) -> str:
 
 
 def plot_sizes(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """report.png: text per language and source, and tokens per language."""
+    # a bare Figure draws without pyplot's global state or a display backend
     langs = sorted({r["lang"] for r in rows})
     families = sorted({r["source"].rsplit("-", 1)[0] for r in rows})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig = Figure(figsize=(12, 4.5))
+    ax1, ax2 = fig.subplots(1, 2)
     bottom = np.zeros(len(langs))
     for fam in families:
         mb = np.array([sum(r["bytes"] for r in rows if r["lang"] == lang and r["source"].rsplit("-", 1)[0] == fam)
@@ -59,7 +59,6 @@ def plot_sizes(path: Path, rows: list[dict]) -> None:
     ax2.set(title="Tokens per language", ylabel="million tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def sum_by(rows: list[dict], key: str = "lang") -> dict[str, Counter]:

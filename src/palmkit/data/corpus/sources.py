@@ -87,10 +87,16 @@ def select_sources(langs: Iterable[str], subset: str = "full") -> list[Source]:
     return [s for s in SOURCES if s.lang in langs and (subset == "full" or (subset == "small" and s.small))]
 
 
-def fetch(langs: Sequence[str] = DEFAULT_LANGS, cache: str = "", subset: Literal["full", "small"] = "full") -> str:
-    """Download the built-in text sources of LANGS into the cache (default ~/.cache/palmkit/corpus or
-    $PALMKIT_CACHE). Cached and safe to re-run; a source that cannot be fetched is reported and skipped.
-    `--subset small` takes only a few quick sources (fortunes, People's Daily, fr/es/ja man pages).
+def fetch(langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
+          subset: Literal["full", "small"] = "full") -> str:
+    """Download the built-in text sources of LANGS into the cache.
+
+    Cached and safe to re-run; a source that cannot be fetched is reported and skipped.
+
+    Args:
+        langs: languages whose sources to fetch: a list, or one comma-separated string
+        cache: the cache folder (default: $PALMKIT_CACHE, else ~/.cache/palmkit/corpus)
+        subset: full: every source; small: a few quick ones (fortunes, People's Daily, fr/es/ja man pages)
     """
     langs = split_list(langs)
     sources = select_sources(langs, subset)
