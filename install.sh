@@ -19,7 +19,7 @@ debian_packages() {
 # groff renders the man pages of the built-in corpus (palmkit corpus build); without it a simpler roff
 # stripper is used. groff-base is the small Debian package that has groff -Tutf8.
 command -v groff >/dev/null || debian_packages "man pages will be read with palmkit's roff stripper" groff-base
-# Headless Chromium and its driver run the web chat page's browser test (tests/test_support.py); Selenium is
+# Headless Chromium and its driver run the web chat page's browser test (tests/serve/test_app.py); Selenium is
 # pointed at these system binaries, so nothing downloads a browser.
 { command -v chromium && command -v chromedriver; } >/dev/null \
   || debian_packages "the browser test fails until chromium and chromium-driver are installed" chromium chromium-driver

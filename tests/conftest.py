@@ -1,17 +1,20 @@
-"""Shared fixtures: a tiny tokenizer and a tiny random model saved as a checkpoint."""
+"""Fixtures and helpers shared by every test folder: fixture paths, a tiny tokenizer, model, checkpoint and corpus,
+fake models, a FAQ file and an easy classification task."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from palmkit.model.checkpoint import save_checkpoint
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
 from palmkit.model.palm import build_model, preset
 from palmkit.model.tokenizer import Tokenizer, train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
+TASK_ROOT = FIXTURES / "tasks"  # slices of the built-in tasks' package files (fixtures/tasks/README.md)
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +47,32 @@ class Scripted(torch.nn.Module):
         return torch.nn.functional.one_hot(self.script[step], self.config.vocab_size).float() * 1e4
 
 
+class Slow(torch.nn.Module):
+    """The same model, sleeping before every forward pass so that requests overlap on a fast machine."""
+
+    def __init__(self, inner, delay: float):
+        super().__init__()
+        self.inner, self.delay, self.config, self.embed_tokens = inner, delay, inner.config, inner.embed_tokens
+
+    def hidden_states(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner.hidden_states(*args, **kwargs)
+
+    def logits(self, h):
+        return self.inner.logits(h)
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, tokenizer) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, random_model(tokenizer.vocab_size), tokenizer)
     return path
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    model, tok, _ = load_checkpoint(checkpoint)
+    return model, tok
 
 
 def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> Path:
@@ -84,15 +108,51 @@ def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> P
     from palmkit.finetune.fit import FinetuneConfig
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PALMKIT_TASK_DATA", str(FIXTURES / "tasks"))
+        mp.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
         finetune_classify(str(checkpoint), str(out), task=task, train=FinetuneConfig(epochs=1, **options))
     return out
 
 
 @pytest.fixture
 def one_thread():
-    """Tiny models train fastest on one thread; on a busy 2-core machine two threads spin-wait on each other."""
+    """Tiny models train fastest on one thread; on a busy 2-core machine two threads spin-wait on each other (the
+    matmul tests in tests/model/ take ~8 s on one thread, 53 s measured on two when another process holds a core)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SMALL_FAQ = """question,answer
+How do I reset my password?,"Click ""Forgot password"" on the sign-in page and follow the link we email you."
+How do I cancel my subscription?,"Go to Billing > Plan and click Cancel subscription."
+Which payment methods do you accept?,"Visa, Mastercard and PayPal."
+"""
+
+
+@pytest.fixture
+def faq_file(tmp_path) -> Path:
+    path = tmp_path / "faq.csv"
+    path.write_text(SMALL_FAQ, encoding="utf-8")
+    return path
+
+
+FILLER = "the quick brown over lazy language model predicts next token from ones before it many".split()
+
+
+def easy_task(folder: Path, n: int = 160, seed: int = 0) -> Path:
+    """Which animal does the sentence mention? Random filler words around one key word."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    path = folder / "animals.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["sentence", "animal"])
+        for i in range(n):
+            words = rng.sample(FILLER, 6)
+            key = ("fox", "dog")[i % 2]
+            words.insert(rng.randrange(7), key)
+            w.writerow([" ".join(words), key])
+    return path

@@ -199,14 +199,6 @@ def test_resume_takes_the_saved_options_and_reports_changes(corpus, tmp_path, ca
     assert re.search(r"palmkit: error: cannot resume .* seq_len 32 \(given 64\)", err)
 
 
-def test_old_dtype_spelling_still_reads(tmp_path):
-    from palmkit.train.config import TrainConfig, saved_config
-
-    (tmp_path / "train_config.json").write_text(json.dumps({"train": {"dtype": "bf16", "preset": "tiny", "gone": 1}}))
-    assert saved_config(tmp_path) == TrainConfig(preset="tiny", dtype="bfloat16")
-    assert TrainConfig(dtype="fp32").dtype == "float32"
-
-
 def test_init_from_starts_from_the_checkpoint_weights(corpus, tmp_path, capsys, checkpoint, one_thread):
     first = tmp_path / "first"
     assert pretrain(corpus, first, "--train.max_steps", "2") == 0

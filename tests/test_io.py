@@ -1,9 +1,11 @@
-"""palmkit.io: the staged folder swap and lenient UTF-8 decoding."""
+"""palmkit.io: atomic writes, the staged folder swap and lenient UTF-8 decoding."""
+
+import os
 
 import pytest
 
 from palmkit.errors import PalmkitError
-from palmkit.io import decode_text, staged_dir
+from palmkit.io import atomic_write_bytes, decode_text, staged_dir
 
 
 def test_staged_dir_replaces_the_target_on_success(tmp_path):
@@ -47,3 +49,10 @@ def test_decode_text_without_fallback_names_file_line_and_byte():
     raw = b"ok\nalso ok\nbad \xff\n"
     with pytest.raises(PalmkitError, match=r"faq\.csv: line 3 is not valid UTF-8 \(byte 15\)"):
         decode_text(raw, name="faq.csv")
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_bytes(tmp_path / "f.bin", b"abc")
+    atomic_write_bytes(tmp_path / "f.bin", b"defg")
+    assert (tmp_path / "f.bin").read_bytes() == b"defg"
+    assert os.listdir(tmp_path) == ["f.bin"]

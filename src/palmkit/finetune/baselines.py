@@ -6,6 +6,10 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+
 from palmkit.data.scripts import CJK
 from palmkit.data.tasks import LabelledText, TaggedSentence
 
@@ -21,10 +25,6 @@ def needs_char_ngrams(texts: Sequence[str]) -> bool:
 
 def tfidf_baseline(train: Sequence[LabelledText], char_ngrams: bool, seed: int = 0):
     """A TF-IDF + logistic-regression pipeline fitted on `train` (char 1-3-grams, or word 1-2-grams)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-
     vec = (TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3), sublinear_tf=True, min_df=2) if char_ngrams
            else TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1))
     pipe = make_pipeline(vec, LogisticRegression(max_iter=2000, C=4.0, random_state=seed))

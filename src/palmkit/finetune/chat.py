@@ -8,7 +8,6 @@ from palmkit.data.tasks import subsample
 from palmkit.finetune.encode import chat_items, lm_batches
 from palmkit.finetune.fit import (
     FinetuneConfig,
-    adapt,
     data_source,
     fit,
     metric_name,
@@ -42,7 +41,6 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
     cfg = train
     data = task_data("chat", task, train_file, valid_file, "", "text", "label", cfg.seed)
     model, tokenizer, config = prepare(checkpoint, cfg)
-    adapt(model, cfg)
     template = config.get("chat_template")
 
     items = chat_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), cfg.max_len, template)

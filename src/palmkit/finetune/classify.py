@@ -13,7 +13,6 @@ from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, encode_text
 from palmkit.finetune.fit import (
     FinetuneConfig,
-    adapt,
     data_source,
     fit,
     metric_name,
@@ -69,7 +68,6 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
     data = task_data("classify", task, train_file, valid_file, test_file, text_field, label_field, cfg.seed)
     _check_labels(data, data.train + data.valid)
     model, tokenizer, _ = prepare(checkpoint, cfg)
-    adapt(model, cfg)
     module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
     items = classify_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len)
     valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay
 
 from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
@@ -24,8 +25,6 @@ from palmkit.train.metrics import plt
 
 def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> Path:
     """The confusion matrix as an annotated heat map (rows: true class, columns: predicted)."""
-    from sklearn.metrics import ConfusionMatrixDisplay
-
     size = max(4.0, 1.0 + 0.9 * len(labels))
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(ax=ax, colorbar=False,

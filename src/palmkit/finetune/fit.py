@@ -229,17 +229,16 @@ def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[
 
 
 def prepare(checkpoint: str, cfg: FinetuneConfig) -> tuple[PaLM, Tokenizer, dict]:
+    """(model, tokenizer, config) of the pretrained checkpoint, set up for fine-tuning: dropout on, LoRA adapters
+    added when cfg.lora_rank asks for them (heads are added after, so they stay fully trainable)."""
     torch.manual_seed(cfg.seed)
     model, tokenizer, config = load_checkpoint(checkpoint)
     if cfg.max_len > model.config.max_seq_len:
         raise PalmkitError(f"max_len={cfg.max_len} is longer than the model's context ({model.config.max_seq_len})")
     set_dropout(model, cfg.dropout)
-    return model, tokenizer, config
-
-
-def adapt(model: PaLM, cfg: FinetuneConfig) -> None:
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+    return model, tokenizer, config
 
 
 def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file: str, text_field: str,

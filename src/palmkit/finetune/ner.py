@@ -12,7 +12,6 @@ from palmkit.data.tasks import TaggedSentence, subsample
 from palmkit.finetune.encode import Item, align_words
 from palmkit.finetune.fit import (
     FinetuneConfig,
-    adapt,
     data_source,
     fit,
     metric_name,
@@ -65,7 +64,6 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
     char_level = data.char_level or char_level
     echo = context == "echo"
     model, tokenizer, _ = prepare(checkpoint, cfg)
-    adapt(model, cfg)
     module = TokenClassifier(model, len(data.labels), cfg.dropout)
     items = ner_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len,
                       char_level, echo)

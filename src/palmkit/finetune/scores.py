@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from sklearn.metrics import classification_report as sk_report
+
 from palmkit.errors import PalmkitError
 
 
 def classification_scores(y_true: Sequence[int], y_pred: Sequence[int], n_labels: int) -> dict[str, float]:
     """Accuracy and macro-F1 (scikit-learn's definitions)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
     return {"accuracy": float(accuracy_score(y_true, y_pred)),
             "macro_f1": float(f1_score(y_true, y_pred, average="macro", labels=list(range(n_labels)),
                                        zero_division=0))}
@@ -63,9 +64,6 @@ def entity_scores(true: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
 
 def classification_report(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict:
     """scikit-learn's per-class report plus micro averages, accuracy and the confusion matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
-    from sklearn.metrics import classification_report as sk_report
-
     report = plain(sk_report(y_true, y_pred, labels=list(labels), output_dict=True, zero_division=0))
     report.pop("accuracy", None)
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(labels), average="micro",

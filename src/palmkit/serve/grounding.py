@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 from palmkit.data.scripts import CJK
 from palmkit.errors import PalmkitError
@@ -134,8 +135,6 @@ _SUFFIXES = ("ing", "ed", "es", "s")
 
 @functools.cache
 def stop_words() -> frozenset[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
     # scikit-learn's list (from the Glasgow IR group) holds words that carry a support question's meaning
     keep = {"bill", "system", "call", "empty", "fire", "find", "name", "move", "show", "detail", "describe",
             "part", "full", "side", "top", "bottom", "front", "amount", "fill", "found", "back", "off", "on",
@@ -171,8 +170,6 @@ class BM25:
     idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5)); a term absent from every document has df = 0."""
 
     def __init__(self, documents: Sequence[str], k1: float = 1.5, b: float = 0.75):
-        from sklearn.feature_extraction.text import CountVectorizer
-
         self.vectorizer = CountVectorizer(analyzer=terms)
         try:
             self.counts = self.vectorizer.fit_transform(documents).tocsc().astype(np.float64)

@@ -8,6 +8,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
+
 from palmkit.data.tasks.examples import Conversation, LabelledText, TaggedSentence
 from palmkit.io import decode_text
 
@@ -121,8 +123,6 @@ def conll_examples(path: Path, char_level: bool = False) -> list[TaggedSentence]
 
 def chatterbot_examples(paths: Iterable[Path]) -> list[Conversation]:
     """chatterbot-corpus YAML files: `conversations: [[utterance, reply, ...], ...]`, alternating roles."""
-    import yaml
-
     out = []
     for path in sorted(paths):
         doc = yaml.safe_load(read_text(path)) or {}

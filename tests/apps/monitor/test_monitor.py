@@ -1,0 +1,98 @@
+"""The monitor: a restart equals one pass, follow mode and its chart, bad lines, bad state, the command end to end."""
+
+import json
+
+import pytest
+
+from palmkit.apps.monitor.monitor import ALERTS_FILE, CHART_FILE, STATE_FILE, Monitor, run
+from palmkit.apps.monitor.records import RecordError
+from palmkit.apps.monitor.rule import Rule
+from palmkit.cli import main
+from palmkit.errors import PalmkitError
+from tests.apps.monitor.conftest import RULE, Stub, one_pass, shift_stream, write
+from tests.conftest import finetuned_classifier
+
+
+def test_restart_after_a_crash_equals_one_pass(tmp_path, capsys):
+    stream = write(tmp_path / "s.jsonl", shift_stream(30, 8) + shift_stream(20, 6))
+    one_pass(tmp_path, stream, "once")
+    with pytest.raises(KeyboardInterrupt):
+        one_pass(tmp_path, stream, "twice", Stub(fail_at=6))  # 5 batches of 8 committed
+    state = json.loads((tmp_path / "twice" / STATE_FILE).read_text())
+    assert state["counts"]["records"] == 40
+    # A crash between appending an alert and committing the state leaves a line that the restart removes
+    with open(tmp_path / "twice" / ALERTS_FILE, "a") as f:
+        f.write('{"torn": "alert from an uncommitted batch"}\n')
+    mon = one_pass(tmp_path, stream, "twice")
+    assert "removing 44 bytes of alerts from an uncommitted batch" in capsys.readouterr().err
+    a, b = (json.loads((tmp_path / d / STATE_FILE).read_text()) for d in ("once", "twice"))
+    assert a["counts"] == b["counts"] and a["counts"]["records"] == len(stream.read_text().splitlines())
+    assert a["topics"] == b["topics"] and a["counts"]["alerts"] >= 2
+    assert (tmp_path / "once" / ALERTS_FILE).read_bytes() == (tmp_path / "twice" / ALERTS_FILE).read_bytes()
+    assert mon.new["records"] == 128 - 40
+    assert one_pass(tmp_path, stream, "twice").new["records"] == 0  # a third run: nothing new
+
+
+def test_follow_mode_runs_polls_and_writes_the_chart(tmp_path):
+    stream = write(tmp_path / "s.jsonl", shift_stream())
+    with Monitor(Stub(), tmp_path / "st", RULE, quiet=True) as mon:
+        summary = run(mon, [str(stream)], follow=True, poll_seconds=0, polls=3)
+    assert summary.startswith("52 new records (0 bad lines skipped, 0 duplicates); 1 new alerts")
+    png = tmp_path / "st" / CHART_FILE
+    assert f"chart:  {png}" in summary and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from matplotlib.image import imread
+
+    assert imread(png).shape[0] > 300  # two panels
+
+
+def test_bad_lines_are_skipped_and_reported(tmp_path, capsys):
+    good = shift_stream()[:6]
+    stream = tmp_path / "s.jsonl"
+    stream.write_bytes("".join(good[:3]).encode() + b'{"time": "2005-01-01", "topic": "a", "text": "caf\xe9"}\n'
+                       + b'{"time": "2005-01-01", "topic": "a"}\n\n' + "".join(good[3:]).encode() + b"not json")
+    with Monitor(Stub(), tmp_path / "st", RULE, quiet=True) as mon:
+        assert mon.poll([str(stream)]) == 6
+    err = capsys.readouterr().err
+    assert f"warning: {stream}:4: not valid UTF-8 (byte 0xe9 at column 50) (skipped)" in err
+    assert f"warning: {stream}:5: missing field 'text' (skipped)" in err
+    assert f"warning: {stream}:10: not JSON: Expecting value at column 1 (skipped)" in err
+    assert mon.state["counts"]["bad_lines"] == 3
+    with Monitor(Stub(), tmp_path / "strict", RULE, strict=True, quiet=True) as mon:
+        with pytest.raises(RecordError, match=f"^{stream}:4: not valid UTF-8"):
+            mon.poll([str(stream)])
+
+
+def test_corrupt_or_mismatched_state_is_an_error_and_left_alone(tmp_path):
+    stream = write(tmp_path / "s.jsonl", shift_stream())
+    one_pass(tmp_path, stream, "st")
+    state = tmp_path / "st" / STATE_FILE
+    with pytest.raises(PalmkitError, match=r"was made with a different rule \(window=4"):
+        Monitor(Stub(), tmp_path / "st", Rule())
+    with Monitor(Stub(), tmp_path / "st", RULE, quiet=True):  # the lock: one monitor per state folder
+        with pytest.raises(PalmkitError, match="another monitor is running"):
+            Monitor(Stub(), tmp_path / "st", RULE)
+    for broken in (b'{"version": 1, "rule"', b"[]", b'{"version": 1}'):
+        state.write_bytes(broken)
+        with pytest.raises(PalmkitError, match=f"state file {state} is corrupt .* it was left as it is"):
+            Monitor(Stub(), tmp_path / "st", RULE)
+        assert state.read_bytes() == broken
+
+
+@pytest.fixture(scope="module")
+def tweet_classifier(checkpoint, tmp_path_factory):
+    """The tiny random model fine-tuned for a couple of steps on the tweets slice in the test fixtures."""
+    return finetuned_classifier(checkpoint, tmp_path_factory.mktemp("clf") / "tweets", "tweets-en", batch_size=16,
+                                max_len=32)
+
+
+def test_monitor_command_end_to_end(tmp_path, tweet_classifier, capsys):
+    stream = write(tmp_path / "s.jsonl", shift_stream(10, 2))
+    args = ["monitor", "--checkpoint", str(tweet_classifier), "--input", str(stream), "--state_dir",
+            str(tmp_path / "st"), "--window", "2", "--baseline", "4", "--min_baseline", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "\n24 new records (0 bad lines skipped, 0 duplicates)" in "\n" + out
+    assert f"chart:  {tmp_path / 'st' / CHART_FILE}" in out and (tmp_path / "st" / CHART_FILE).is_file()
+    assert main(args) == 0 and capsys.readouterr().out.startswith("0 new records")  # no alert printed twice
+    assert main([*args[:4], str(tmp_path / "missing.jsonl"), *args[5:]]) == 2
+    assert capsys.readouterr().err.strip() == f"palmkit: error: input not found: {tmp_path / 'missing.jsonl'}"

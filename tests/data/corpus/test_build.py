@@ -1,0 +1,142 @@
+"""`palmkit corpus build` on a cache laid out from the fixtures (no network): built-in sources, user data, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palmkit.cli import main
+from palmkit.data.corpus.build import build, tokenizer_sample
+from palmkit.data.corpus.dedup import normalise
+from palmkit.data.shards import mixture_weights
+from palmkit.errors import PalmkitError
+from palmkit.io import split_list
+from palmkit.model.tokenizer import Tokenizer
+from tests.data.corpus.conftest import fixture_cache
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_build_writes_text_report_tokenizer_fertility_and_shards(built):
+    out, summary = built
+    assert sorted(p.name for p in (out / "text").iterdir()) == ["de", "en", "zh"]
+    sources = set()
+    for lang in ("de", "en", "zh"):
+        for split in ("train", "valid"):
+            rows = read_jsonl(out / "text" / lang / f"{split}.jsonl")
+            assert rows and all(set(r) == {"text", "source"} and r["text"].strip() for r in rows)
+            sources |= {r["source"] for r in rows}
+        index = json.loads((out / "shards" / lang / "index.json").read_text())
+        assert index["train"]["tokens"] > 0 and index["valid"]["tokens"] > 0
+    assert {"man-de", "help-de", "fortunes-de", "fortunes-zh", "peoples-daily-zh", "man-zh", "chitchat-en",
+            "bbc-en", "wiki-en", "help-en"} <= sources
+    report = (out / "report.md").read_text()
+    for needle in ("| de |", "| zh |", "| peoples-daily-zh | zh |", "tokens"):
+        assert needle in report
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tok = Tokenizer(out / "tokenizer.model")
+    assert tok.vocab_size <= 1000 and tok.decode(tok.encode("Kopiert die Auswahl 中国")) == "Kopiert die Auswahl 中国"
+    fertility = (out / "fertility.md").read_text()
+    assert re.search(r"\| zh \| \d+ \| \d+ \| \d+ \| \d+ \| \d+\.\d+ \|", fertility)
+    assert "corpus built in" in summary and "| zh |" in summary
+
+
+def test_splits_are_disjoint_deduplicated_and_deterministic(built, tmp_path):
+    out, _ = built
+    for lang in ("de", "en", "zh"):
+        train = [r["text"] for r in read_jsonl(out / "text" / lang / "train.jsonl")]
+        valid = [r["text"] for r in read_jsonl(out / "text" / lang / "valid.jsonl")]
+        norm = [normalise(t) for t in train + valid]
+        assert len(set(norm)) == len(norm)  # no document twice, in or across splits
+    bz = [r["text"] for r in read_jsonl(out / "text" / "de" / "train.jsonl") + read_jsonl(
+        out / "text" / "de" / "valid.jsonl") if "bzip2recover" in r["text"]]
+    assert len(bz) == 1  # bzcat.1 is a copy of bzip2.1
+    # The same build with two worker processes writes the very same files.
+    cache = fixture_cache(tmp_path / "cache", ("de", "zh"))
+    build(str(tmp_path / "again"), langs=["de", "zh"], cache=str(cache), vocab_size=1000, workers=2)
+    for lang in ("de", "zh"):
+        for split in ("train.jsonl", "valid.jsonl"):
+            assert (tmp_path / "again/text" / lang / split).read_bytes() == (out / "text" / lang / split).read_bytes()
+
+
+def test_max_mb_per_lang_caps_a_language(tmp_path):
+    cache = fixture_cache(tmp_path / "cache", ("de",))
+    build(str(tmp_path / "out"), langs=["de"], cache=str(cache), max_mb_per_lang=0.01, vocab_size=400, workers=1)
+    docs = [r["text"] for s in ("train", "valid") for r in read_jsonl(tmp_path / "out/text/de" / f"{s}.jsonl")]
+    size = sum(len(d.encode()) for d in docs)
+    assert 10_000 <= size <= 10_000 + max(len(d.encode()) for d in docs)  # stops at the first document past 10 kB
+
+
+def test_temperature_sampling_of_tokenizer_lines():
+    train = {"big": ["a b c d e f g h\n" * 50] * 400, "small": ["x y z w\n" * 50] * 4}
+    sample = tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
+    share = sum(len(x) for x in sample if x.startswith("x")) / sum(len(x) for x in sample)
+    w = mixture_weights({"big": 400 * 800, "small": 4 * 400}, 0.3)
+    assert abs(share - w["small"]) < 0.02 and w["small"] > 0.15  # upsampled from 0.5% of the bytes
+    assert sample == tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
+
+
+# --------------------------------------------------------------------------------------------------
+# User data
+
+
+def test_user_inputs_txt_jsonl_csv_with_invalid_utf8(tmp_path, capsys):
+    data = tmp_path / "mine"
+    (data / "sub").mkdir(parents=True)
+    (data / "a.txt").write_text("Erster Absatz mit genug Text darin.\nZweite Zeile.\n\n"
+                                "Zweiter Absatz, auch lang genug.\n")
+    (data / "sub" / "b.jsonl").write_bytes(b'{"body": "Ein Dokument aus einer JSONL-Datei."}\n'
+                                           b'{"body": "Kaputt \xff\xfe kodiert, wird gezaehlt."}\nnot json\n')
+    (data / "sub" / "c.csv").write_bytes(b'id,body\n1,"Eine Zeile aus CSV, mit Komma."\n'
+                                         b'2,"Noch eine CSV-Zeile, lang genug."\n3,"bad \xc3\x28 bytes here ok"\n')
+    (data / "ignored.bin").write_bytes(b"\x00\x01")
+    out = tmp_path / "out"
+    build(str(out), subset="none", inputs=[str(data)], lang="de", text_field="body", vocab_size=400, workers=1)
+    texts = {r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/de" / f"{s}.jsonl")}
+    assert texts == {"Erster Absatz mit genug Text darin.\nZweite Zeile.", "Zweiter Absatz, auch lang genug.",
+                     "Ein Dokument aus einer JSONL-Datei.", "Eine Zeile aus CSV, mit Komma.",
+                     "Noch eine CSV-Zeile, lang genug."}
+    err = capsys.readouterr().err
+    assert re.search(r"skipped 2 record\(s\) of \S*b\.jsonl", err)
+    assert re.search(r"skipped 1 record\(s\) of \S*c\.csv", err)
+    assert "| user:mine | de |" in (out / "report.md").read_text()
+
+
+def test_user_input_errors_are_clear(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    with pytest.raises(PalmkitError, match=r"no documents in --inputs .*empty\.jsonl"):
+        build(str(tmp_path / "o"), subset="none", inputs=[str(empty)], lang="de", workers=1)
+    with pytest.raises(PalmkitError, match="--inputs needs --lang"):
+        build(str(tmp_path / "o"), subset="none", inputs=[str(empty)])
+    bad = tmp_path / "t.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(PalmkitError, match="no column 'text'"):
+        build(str(tmp_path / "o"), subset="none", inputs=[str(bad)], lang="de", workers=1)
+    r = subprocess.run([sys.executable, "-m", "palmkit.cli", "corpus", "build", "--out", str(tmp_path / "o"),
+                        "--subset", "none", "--inputs", str(empty), "--lang", "de"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("palmkit: error: no documents in --inputs")
+    assert len(r.stderr.strip().splitlines()) == 1  # no traceback, no progress bar outside a terminal
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def test_cli_commands_are_registered(capsys):
+    with pytest.raises(SystemExit):
+        main(["corpus", "build", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha"):
+        assert option in help_text
+    # each option is explained by build's docstring
+    assert "share of each language's documents held out for validation" in " ".join(help_text.split())
+    assert split_list(["en,zh", "de"]) == ["en", "zh", "de"] and split_list("fr") == ["fr"]

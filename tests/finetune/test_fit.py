@@ -1,0 +1,37 @@
+"""The fine-tuning loop: early stopping stops and keeps the best checkpoint."""
+
+import pytest
+import torch
+
+from palmkit.finetune.encode import Item
+from palmkit.finetune.fit import FinetuneConfig, fit
+from palmkit.finetune.heads import HEAD_FILE, SequenceClassifier
+from palmkit.io import load_tensors
+from palmkit.model.checkpoint import load_config
+from palmkit.train.metrics import read_metrics
+from tests.conftest import random_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models train fastest on one thread
+
+
+def test_early_stopping_stops_and_keeps_the_best(tokenizer, tmp_path):
+    model = random_model(tokenizer.vocab_size)
+    module = SequenceClassifier(model, 2)
+    items = [Item([5, 6, 7, tokenizer.eos_id], i % 2) for i in range(8)]
+    scores = iter([0.5, 0.8, 0.7, 0.6, 0.95, 0.99])
+    heads = []
+
+    def validate():
+        heads.append(module.head.weight.detach().clone())
+        return {"loss": 1.0, "accuracy": next(scores)}
+
+    cfg = FinetuneConfig(epochs=10, batch_size=4, eval_every=1, patience=2, lr=1e-2)
+    best = fit(module, model, tokenizer, items, validate,
+               lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y), cfg, tmp_path / "run",
+               "accuracy", {"task": "classify", "labels": ["a", "b"], "pooling": "last"})
+    assert best["step"] == 2 and best["valid/accuracy"] == 0.8 and best["steps"] == 4  # 0.7, 0.6: stop
+    saved = load_tensors(tmp_path / "run" / HEAD_FILE)
+    torch.testing.assert_close(saved["weight"], heads[1], rtol=0, atol=0)
+    assert not torch.equal(saved["weight"], heads[3])
+    assert load_config(tmp_path / "run")["best"]["step"] == 2
+    assert any("early stop" in r.get("event", "") for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))

@@ -1,0 +1,97 @@
+"""Checkpoint folders: exact round trips; missing, corrupt or mismatched files named; no unpickling; atomic saves."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from palmkit.errors import CheckpointError
+from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from tests.conftest import random_model
+
+
+def test_round_trip_same_logits(tmp_path, tokenizer):
+    model = random_model(tokenizer.vocab_size, seed=3)
+    save_checkpoint(tmp_path / "c", model, tokenizer, extra={"step": 7})
+    loaded, tok, config = load_checkpoint(tmp_path / "c")
+    x = torch.randint(0, tokenizer.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert config["step"] == 7 and tok.vocab_size == tokenizer.vocab_size
+    assert sorted(os.listdir(tmp_path / "c")) == ["config.json", "model.safetensors", "tokenizer.model"]
+
+
+def test_missing_folder_and_files(tmp_path, checkpoint):
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        load_checkpoint(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((checkpoint / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"missing checkpoint file: .*model\.safetensors"):
+        load_checkpoint(broken)
+
+
+@pytest.mark.parametrize(("name", "content"), [
+    ("model.safetensors", b"\x00" * 50),
+    ("config.json", b"{not json"),
+    ("tokenizer.model", b"garbage"),
+])
+def test_corrupt_files_name_the_file(tmp_path, checkpoint, name, content):
+    bad = tmp_path / "bad"
+    save_checkpoint(bad, *load_checkpoint(checkpoint)[:2])
+    (bad / name).write_bytes(content)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        load_checkpoint(bad)
+
+
+def test_truncated_weights_are_detected(tmp_path, checkpoint):
+    bad = tmp_path / "trunc"
+    save_checkpoint(bad, *load_checkpoint(checkpoint)[:2])
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint file"):
+        load_checkpoint(bad)
+
+
+def test_mismatched_config_is_reported(tmp_path, checkpoint):
+    bad = tmp_path / "mismatch"
+    save_checkpoint(bad, *load_checkpoint(checkpoint)[:2])
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"]["d_model"] = 64
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match its config"):
+        load_checkpoint(bad)
+
+
+def test_loading_never_unpickles(tmp_path, checkpoint):
+    """A pickle planted as the weights file is refused, not executed."""
+    bad = tmp_path / "pickle"
+    save_checkpoint(bad, *load_checkpoint(checkpoint)[:2])
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": Evil()}, bad / "model.safetensors")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(bad)
+    assert not marker.exists()
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, checkpoint, monkeypatch):
+    model, tok, _ = load_checkpoint(checkpoint)
+    target = tmp_path / "keep"
+    save_checkpoint(target, model, tok, extra={"step": 1})
+    before = (target / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("palmkit.model.checkpoint.shutil.copyfile", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(target, random_model(tok.vocab_size, seed=9), tok, extra={"step": 2})
+    assert (target / "model.safetensors").read_bytes() == before
+    assert json.loads((target / "config.json").read_text())["step"] == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

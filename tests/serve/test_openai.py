@@ -1,0 +1,166 @@
+"""The OpenAI routes on loopback, driven by the official openai client and by plain HTTP."""
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from palmkit.infer.engine import Engine
+from palmkit.infer.generate import generate
+from palmkit.infer.sampling import SamplingParams
+from palmkit.model.chat_template import format_chat
+from palmkit.serve.app import create_app
+from tests.conftest import Scripted, Slow
+from tests.serve.conftest import LONG, metric, running, streaming, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def greedy(model, tok, prompt, n, stop=()):
+    return generate(model, tok, prompt, SamplingParams(max_new_tokens=n, temperature=0, stop=stop))[0]
+
+
+def test_models_health_and_model_name_from_folder(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_generate(client, loaded):
+    model, tok = loaded
+    for prompt in ("The quick brown fox", "Der schnelle"):
+        ref = greedy(model, tok, prompt, 12)
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        assert out.choices[0].text == ref.text
+        assert out.choices[0].finish_reason == ref.finish_reason
+        assert out.usage.prompt_tokens == len(tok.encode(prompt, bos=True))
+        # The server counts the EOS it generated; generate() leaves it out of token_ids.
+        assert out.usage.completion_tokens == len(ref.token_ids) + (ref.finish_reason == "stop")
+        assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert len(ref.text) > 3  # the comparison is not vacuous
+
+
+def test_default_max_tokens_is_openais_16(client):
+    out = client.completions.create(model="tiny", prompt="x", temperature=0, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"
+
+
+def test_stream_equals_non_stream_for_a_seeded_sample(client):
+    kwargs = dict(model="tiny", prompt="Hello", max_tokens=24, temperature=0.9, top_p=0.95, seed=3)
+    full = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert len(chunks) > 3
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_chat_equals_generate_on_the_template(client, loaded):
+    model, tok = loaded
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    ref = greedy(model, tok, format_chat(messages), 20, stop=["<|end|>"])
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref.text
+    assert out.usage.prompt_tokens == len(tok.encode(format_chat(messages), bos=True))
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_n_choices_and_seed(client):
+    kwargs = dict(model="tiny", prompt="Once", max_tokens=10, temperature=1.0, n=3, seed=7)
+    a, b = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1  # each choice draws from its own generator
+    other = client.completions.create(**{**kwargs, "seed": 8})
+    assert [c.text for c in other.choices] != [c.text for c in a.choices]
+
+
+def test_stop_strings_cut_and_are_held_back_while_streaming(client):
+    full = client.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:6]
+    expected = full[: full.index(stop)]
+    cut = client.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=0, stop=[stop, "\x00"],
+                                    extra_body={"ignore_eos": True})
+    assert cut.choices[0].text == expected and cut.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tiny", prompt="x", max_tokens=20, temperature=0, stop=stop,
+                                            stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_concurrent_greedy_requests_batch_and_equal_generate(loaded, padded):
+    model, tok = loaded
+    prompts = ["The quick", "A language model", "Der", "Le renard brun", "In 2022", "Shares of", "Tabs", "素早い"]
+    # Different lengths: sequences finish at different steps, so running ones move between cache slots.
+    lengths = [6 + 3 * i for i in range(len(prompts))]
+    refs = [greedy(model, tok, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    engine = Engine(Slow(model, 0.005), tok, max_batch=8, autotune=False)
+    if padded:  # every step feeds all 8 rows, free ones included
+        engine.step_rows = [0] + [8] * 8
+    with running(create_app(engine, model_name="tiny")) as base:
+
+        def ask(prompt, n):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0}
+            return httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            outs = list(pool.map(ask, prompts, lengths))
+        assert [o["choices"][0]["text"] for o in outs] == [r.text for r in refs]
+        tokens, steps = metric(base, "palmkit_completion_tokens_total"), metric(base, "palmkit_decode_steps_total")
+        # Served one at a time this takes one step per token; batched, many sequences share each step.
+        assert tokens == sum(o["usage"]["completion_tokens"] for o in outs)
+        assert steps < tokens / 3, (steps, tokens)
+
+
+def test_streaming_client_that_leaves_frees_its_slot(loaded):
+    model, tok = loaded
+    with running(create_app(Engine(Slow(model, 0.01), tok, max_batch=2), model_name="tiny")) as base:
+        with streaming(base):
+            assert metric(base, "palmkit_running_sequences") == 1
+        assert wait_for(lambda: metric(base, "palmkit_running_sequences") == 0, 5)
+        assert metric(base, "palmkit_completion_tokens_total") < 100  # stopped early, not run to the end
+        # A non-streaming client that gives up is cancelled too.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/completions", json={**LONG, "stream": False}, timeout=0.5)
+        assert wait_for(lambda: metric(base, "palmkit_running_sequences") == 0, 5)
+        assert metric(base, "palmkit_completion_tokens_total") < 250
+        assert re.search(r'status="499"\} 2$', httpx.get(f"{base}/metrics").text, re.M)
+
+
+def test_stream_never_splits_a_character_and_holds_back_stop_prefixes(loaded):
+    model, tok = loaded
+    text = "🙂é素 ok END tail"
+    script = tok.encode(text)
+    assert any(tok.sp.is_byte(i) for i in script)  # the emoji arrives one byte per token
+    engine = Engine(Scripted(model.config, script, prompt_len=3), tok)
+    with running(create_app(engine, model_name="tiny")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        chunks = list(client.completions.create(model="tiny", prompt=[1, 10, 11], max_tokens=len(script),
+                                                temperature=0, stop="END", stream=True))
+        deltas = [c.choices[0].text for c in chunks]
+        assert "".join(deltas) == "🙂é素 ok "
+        assert all("\ufffd" not in d for d in deltas) and len([d for d in deltas if d]) > 3
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_stops_at_the_end_marker_token(loaded):
+    model, tok = loaded
+    messages = [{"role": "user", "content": "hi"}]
+    reply = [*tok.encode("Hi 🙂"), tok.sp.piece_to_id("<|end|>"), *tok.encode(" never shown")]
+    prompt_len = len(tok.encode(format_chat(messages), bos=True))
+    engine = Engine(Scripted(model.config, reply, prompt_len), tok)
+    with running(create_app(engine, model_name="tiny")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=50)
+        assert out.choices[0].message.content == "Hi 🙂" and out.choices[0].finish_reason == "stop"
+        assert out.usage.completion_tokens == len(tok.encode("Hi 🙂")) + 1
