@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import math
 
-from palmkit.data.tasks import subsample
 from palmkit.finetune.encode import chat_items, lm_batches
-from palmkit.finetune.fit import (
-    FinetuneConfig,
-    data_source,
-    fit,
-    metric_name,
-    prepare,
-    require_examples,
-    task_data,
-)
+from palmkit.finetune.fit import FinetuneConfig, encode_splits, fit, metric_name, start
 from palmkit.model.loss import lm_loss
 from palmkit.train.lm_eval import mean_lm_loss
 
@@ -39,20 +30,15 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
         train: training options
     """
     cfg = train
-    data = task_data("chat", task, train_file, valid_file, "", "text", "label", cfg.seed)
-    model, tokenizer, config = prepare(checkpoint, cfg)
-    template = config.get("chat_template")
-
-    items = chat_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), cfg.max_len, template)
-    valid = chat_items(tokenizer, subsample(data.valid, cfg.max_valid, cfg.seed), cfg.max_len, template)
-    require_examples(data, items, valid)
+    job = start("chat", checkpoint, cfg, task, {"train": train_file, "valid": valid_file})
+    model, tokenizer, template = job.model, job.tokenizer, job.config.get("chat_template")
+    items, valid, _ = encode_splits(job.data, cfg, lambda ex: chat_items(tokenizer, ex, cfg.max_len, template))
 
     def validate() -> dict[str, float]:
         loss, _ = mean_lm_loss(model, lm_batches(valid, cfg.batch_size * 2, tokenizer.pad_id))
         return {"loss": loss, "ppl": math.exp(min(loss, 50))}
 
-    extra = {"task": "chat", "max_len": cfg.max_len,
-             **data_source(data, {"train": train_file, "valid": valid_file})}
+    extra = {"task": "chat", "max_len": cfg.max_len, **job.source}
     if template:
         extra["chat_template"] = template
     return fit(model, model, tokenizer, items, validate, _lm_loss, cfg, out, metric_name(cfg, "chat"), extra)

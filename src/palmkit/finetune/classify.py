@@ -8,18 +8,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from palmkit.data.tasks import LabelledText, TaskData, subsample
+from palmkit.data.tasks import LabelledText, TaskData
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, encode_text
-from palmkit.finetune.fit import (
-    FinetuneConfig,
-    data_source,
-    fit,
-    metric_name,
-    prepare,
-    require_examples,
-    task_data,
-)
+from palmkit.finetune.fit import FinetuneConfig, encode_splits, fit, metric_name, start
 from palmkit.finetune.heads import SequenceClassifier
 from palmkit.finetune.predict import predict_logits
 from palmkit.finetune.scores import classification_scores
@@ -65,14 +57,12 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
         train: training options
     """
     cfg = train
-    data = task_data("classify", task, train_file, valid_file, test_file, text_field, label_field, cfg.seed)
+    job = start("classify", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
+                                                    "text_field": text_field, "label_field": label_field})
+    data, model, tokenizer = job.data, job.model, job.tokenizer
     _check_labels(data, data.train + data.valid)
-    model, tokenizer, _ = prepare(checkpoint, cfg)
     module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
-    items = classify_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len)
-    valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)
-    valid = classify_items(tokenizer, valid_ex, data.labels, cfg.max_len)
-    require_examples(data, items, valid)
+    items, valid, _ = encode_splits(data, cfg, lambda ex: classify_items(tokenizer, ex, data.labels, cfg.max_len))
 
     def validate() -> dict[str, float]:
         logits = torch.stack(predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2))
@@ -80,7 +70,5 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
         return {"loss": F.cross_entropy(logits, y).item(),
                 **classification_scores(y.tolist(), logits.argmax(-1).tolist(), len(data.labels))}
 
-    extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len,
-             **data_source(data, {"train": train_file, "valid": valid_file, "test": test_file,
-                              "text_field": text_field, "label_field": label_field})}
+    extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len, **job.source}
     return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra)

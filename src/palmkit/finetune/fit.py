@@ -14,12 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from palmkit.data.tasks import TaskData, load_task, load_user_task
+from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
@@ -228,6 +229,37 @@ def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[
     return {**best, "seconds": round(time.perf_counter() - started, 2), "steps": step, "trainable_params": trainable}
 
 
+class Job(NamedTuple):
+    """What every fine-tuning command starts from."""
+
+    data: TaskData
+    model: PaLM
+    tokenizer: Tokenizer
+    config: dict  # the pretrained checkpoint's config.json
+    source: dict  # what the tuned checkpoint's config.json records about the data
+
+
+def start(kind: str, checkpoint: str, cfg: FinetuneConfig, task: str, files: dict[str, str]) -> Job:
+    """The task's data (a built-in `task`, or the user's `files`: train, valid, test, text_field, label_field) and
+    the pretrained model prepared for fine-tuning."""
+    data = task_data(kind, task, files.get("train", ""), files.get("valid", ""), files.get("test", ""),
+                     files.get("text_field", "text"), files.get("label_field", "label"), cfg.seed)
+    model, tokenizer, config = prepare(checkpoint, cfg)
+    return Job(data, model, tokenizer, config, data_source(data, files))
+
+
+def encode_splits(data: TaskData, cfg: FinetuneConfig, encode: Callable[[list], list[Item]]
+                  ) -> tuple[list[Item], list[Item], list]:
+    """(training items, validation items, validation examples): seeded subsamples of at most cfg.max_train and
+    cfg.max_valid examples, encoded; a task left with no training or no validation item is an error."""
+    valid_examples = subsample(data.valid, cfg.max_valid, cfg.seed)
+    train, valid = encode(subsample(data.train, cfg.max_train, cfg.seed)), encode(valid_examples)
+    if not train or not valid:
+        raise PalmkitError(f"task {data.name}: {len(train)} training and {len(valid)} validation examples; "
+                           "both are needed (give --valid_file, or more data)")
+    return train, valid, valid_examples
+
+
 def prepare(checkpoint: str, cfg: FinetuneConfig) -> tuple[PaLM, Tokenizer, dict]:
     """(model, tokenizer, config) of the pretrained checkpoint, set up for fine-tuning: dropout on, LoRA adapters
     added when cfg.lora_rank asks for them (heads are added after, so they stay fully trainable)."""
@@ -250,12 +282,6 @@ def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file:
     if data.kind != kind:
         raise PalmkitError(f"task {data.name} is a {data.kind} task, not {kind}")
     return data
-
-
-def require_examples(data: TaskData, train: list, valid: list) -> None:
-    if not train or not valid:
-        raise PalmkitError(f"task {data.name}: {len(train)} training and {len(valid)} validation examples; "
-                           "both are needed (give --valid_file, or more data)")
 
 
 def data_source(data: TaskData, files: dict) -> dict:

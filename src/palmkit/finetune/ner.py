@@ -8,17 +8,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from palmkit.data.tasks import TaggedSentence, subsample
+from palmkit.data.tasks import TaggedSentence
 from palmkit.finetune.encode import Item, align_words
-from palmkit.finetune.fit import (
-    FinetuneConfig,
-    data_source,
-    fit,
-    metric_name,
-    prepare,
-    require_examples,
-    task_data,
-)
+from palmkit.finetune.fit import FinetuneConfig, encode_splits, fit, metric_name, start
 from palmkit.finetune.heads import TokenClassifier
 from palmkit.finetune.predict import predict_logits, word_tags
 from palmkit.finetune.scores import entity_scores
@@ -60,16 +52,14 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
         train: training options
     """
     cfg = train
-    data = task_data("ner", task, train_file, valid_file, test_file, "text", label_field, cfg.seed)
+    job = start("ner", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
+                                               "label_field": label_field})
+    data, model, tokenizer = job.data, job.model, job.tokenizer
     char_level = data.char_level or char_level
     echo = context == "echo"
-    model, tokenizer, _ = prepare(checkpoint, cfg)
     module = TokenClassifier(model, len(data.labels), cfg.dropout)
-    items = ner_items(tokenizer, subsample(data.train, cfg.max_train, cfg.seed), data.labels, cfg.max_len,
-                      char_level, echo)
-    valid_ex = subsample(data.valid, cfg.max_valid, cfg.seed)
-    valid = ner_items(tokenizer, valid_ex, data.labels, cfg.max_len, char_level, echo)
-    require_examples(data, items, valid)
+    items, valid, valid_ex = encode_splits(data, cfg, lambda ex: ner_items(tokenizer, ex, data.labels, cfg.max_len,
+                                                                           char_level, echo))
 
     def validate() -> dict[str, float]:
         logits = predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2)
@@ -80,6 +70,5 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
                 "precision": scores["precision"], "recall": scores["recall"]}
 
     extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
-             "max_len": cfg.max_len, **data_source(data, {"train": train_file, "valid": valid_file, "test": test_file,
-                                                      "label_field": label_field})}
+             "max_len": cfg.max_len, **job.source}
     return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra)
