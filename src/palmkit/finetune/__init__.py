@@ -11,8 +11,9 @@ Full fine-tuning or LoRA (model/lora.py). Every result is a plain checkpoint fol
 
 from palmkit.finetune.chat import finetune_chat
 from palmkit.finetune.classify import finetune_classify
+from palmkit.finetune.fit import FinetuneConfig
 from palmkit.finetune.ner import finetune_ner
 from palmkit.finetune.predict import Classifier, Tagger, load_classifier, load_tagger
 
-__all__ = ["Classifier", "Tagger", "finetune_chat", "finetune_classify", "finetune_ner", "load_classifier",
-           "load_tagger"]
+__all__ = ["Classifier", "FinetuneConfig", "Tagger", "finetune_chat", "finetune_classify", "finetune_ner",
+           "load_classifier", "load_tagger"]
