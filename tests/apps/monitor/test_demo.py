@@ -4,8 +4,8 @@ import json
 import os
 import shutil
 
+from palmkit.apps.monitor.chart import CHART_FILE
 from palmkit.apps.monitor.demo import assign_topic, build_replay
-from palmkit.apps.monitor.monitor import CHART_FILE
 from tests.conftest import TASK_ROOT
 
 

@@ -1,14 +1,14 @@
-"""The monitor: a restart equals one pass, follow mode and its chart, bad lines, bad state, the command end to end."""
+"""The monitor: a restart equals one pass, follow mode and its chart, bad lines, the command end to end."""
 
 import json
 
 import pytest
 
-from palmkit.apps.monitor.monitor import ALERTS_FILE, CHART_FILE, STATE_FILE, Monitor, run
+from palmkit.apps.monitor.chart import CHART_FILE
+from palmkit.apps.monitor.monitor import Monitor, run
 from palmkit.apps.monitor.records import RecordError
-from palmkit.apps.monitor.rule import Rule
+from palmkit.apps.monitor.state import ALERTS_FILE, STATE_FILE
 from palmkit.cli import main
-from palmkit.errors import PalmkitError
 from tests.apps.monitor.conftest import RULE, Stub, one_pass, shift_stream, write
 from tests.conftest import finetuned_classifier
 
@@ -60,22 +60,6 @@ def test_bad_lines_are_skipped_and_reported(tmp_path, capsys):
     with Monitor(Stub(), tmp_path / "strict", RULE, strict=True, quiet=True) as mon:
         with pytest.raises(RecordError, match=f"^{stream}:4: not valid UTF-8"):
             mon.poll([str(stream)])
-
-
-def test_corrupt_or_mismatched_state_is_an_error_and_left_alone(tmp_path):
-    stream = write(tmp_path / "s.jsonl", shift_stream())
-    one_pass(tmp_path, stream, "st")
-    state = tmp_path / "st" / STATE_FILE
-    with pytest.raises(PalmkitError, match=r"was made with a different rule \(window=4"):
-        Monitor(Stub(), tmp_path / "st", Rule())
-    with Monitor(Stub(), tmp_path / "st", RULE, quiet=True):  # the lock: one monitor per state folder
-        with pytest.raises(PalmkitError, match="another monitor is running"):
-            Monitor(Stub(), tmp_path / "st", RULE)
-    for broken in (b'{"version": 1, "rule"', b"[]", b'{"version": 1}'):
-        state.write_bytes(broken)
-        with pytest.raises(PalmkitError, match=f"state file {state} is corrupt .* it was left as it is"):
-            Monitor(Stub(), tmp_path / "st", RULE)
-        assert state.read_bytes() == broken
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
-from palmkit.apps.monitor.monitor import Monitor, classifier_id, is_stale, run
+from palmkit.apps.monitor.monitor import Monitor, run
 from palmkit.apps.monitor.records import parse_time
 from palmkit.apps.monitor.rule import Rule, format_alert
+from palmkit.apps.monitor.state import classifier_id, is_stale
 from palmkit.apps.recipes import base_checkpoint
 from palmkit.data.corpus.readers import read_bbc
 from palmkit.data.corpus.sources import SOURCES

@@ -18,35 +18,34 @@ run committed: nothing is counted twice, and alerts appended by a batch that was
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import io
 import json
 import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
 
+from palmkit.apps.monitor.chart import CHART_FILE, plot_topics
 from palmkit.apps.monitor.records import Labeller, Record, RecordError, negative_scores, parse_record
 from palmkit.apps.monitor.rule import Rule, Topic, format_alert, rule_settings, update_topic
 from palmkit.apps.monitor.sources import STDIN, Line, batched, file_lines, fingerprint, input_files, stream_lines
+from palmkit.apps.monitor.state import (
+    ALERTS_FILE,
+    STATE_FILE,
+    classifier_id,
+    load_state,
+    lock,
+    reconcile_alerts,
+    save_state,
+)
 from palmkit.errors import PalmkitError
 from palmkit.finetune.predict import load_classifier
-from palmkit.io import atomic_write_bytes, atomic_write_json, warn
-from palmkit.train.metrics import plt
-
-STATE_VERSION = 1
-
-
-STATE_FILE, ALERTS_FILE, CHART_FILE, LOCK_FILE = "state.json", "alerts.jsonl", "sentiment.png", ".lock"
-
+from palmkit.io import warn
 
 MAX_WARNINGS = 20  # bad lines beyond this are counted, not printed
 
@@ -63,15 +62,10 @@ class Monitor:
         self.batch_size, self.quiet, self.echo = max(1, batch_size), quiet, echo  # echo: print alerts as they fire
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / LOCK_FILE, "w")  # held (and locked) while the monitor lives
+        self._lock = lock(self.dir)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise PalmkitError(f"another monitor is running on {self.dir} (its {LOCK_FILE} is locked)") from None
-        try:
-            self.state = self._load(classifier_id)
-            self._reconcile_alerts()
+            self.state = load_state(self.state_path, rule_settings(self.rule, self.max_parts), classifier_id)
+            reconcile_alerts(self.alerts_path, self.state)
             if not self.state_path.exists():
                 self._commit()  # records the rule even before the first record
         except BaseException:
@@ -91,47 +85,8 @@ class Monitor:
     def alerts_path(self) -> Path:
         return self.dir / ALERTS_FILE
 
-    def _load(self, classifier_id: str) -> dict:
-        rule = rule_settings(self.rule, self.max_parts)
-        if not self.state_path.exists():
-            return {"version": STATE_VERSION, "rule": rule, "classifier": classifier_id, "sources": {},
-                    "seen": [], "alerts_bytes": 0, "counts": {}, "topics": {}}
-        where = f"state file {self.state_path}"
-        try:
-            state = json.loads(self.state_path.read_bytes())
-            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-                raise PalmkitError(f"not a version {STATE_VERSION} monitor state")
-            missing = [k for k in ("rule", "sources", "seen", "alerts_bytes", "counts", "topics") if k not in state]
-            if missing:
-                raise KeyError(", ".join(missing))
-            state["topics"] = {k: Topic(**v) for k, v in state["topics"].items()}
-        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-            raise PalmkitError(f"{where} is corrupt ({exc.__class__.__name__}: {exc}); it was left as it is: "
-                               "repair or remove it, or use another --state_dir") from None
-        if state["rule"] != rule:
-            diff = ", ".join(f"{k}={v}" for k, v in state["rule"].items() if rule.get(k) != v)
-            raise PalmkitError(f"{where} was made with a different rule ({diff}): pass the same options, "
-                               "or use another --state_dir")
-        if classifier_id and state.get("classifier") and state["classifier"] != classifier_id:
-            warn(f"the classifier differs from the one that scored the {sum(t.n for t in state['topics'].values())}"
-                  " texts in the state: scores before and after are not comparable")
-        return state
-
-    def _reconcile_alerts(self) -> None:
-        """Drop alert lines that a batch appended but never committed (a crash between the two writes)."""
-        size = self.alerts_path.stat().st_size if self.alerts_path.exists() else 0
-        committed = self.state["alerts_bytes"]
-        if size > committed:
-            warn(f"{self.alerts_path}: removing {size - committed} bytes of alerts from an uncommitted batch")
-            with open(self.alerts_path, "r+b") as f:
-                f.truncate(committed)
-        elif size < committed:
-            warn(f"{self.alerts_path} is shorter than the state records (edited or removed?); appending to it")
-            self.state["alerts_bytes"] = size
-
     def _commit(self) -> None:
-        state = {**self.state, "topics": {k: asdict(v) for k, v in self.state["topics"].items()}}
-        atomic_write_json(self.state_path, state)
+        save_state(self.state_path, self.state)
 
     def close(self) -> None:
         if not self._lock.closed:
@@ -251,53 +206,6 @@ class Monitor:
         return plot_topics(self.state["topics"], self.alerts(), Path(path or self.dir / CHART_FILE), self.rule)
 
 
-def plot_topics(topics: dict[str, Topic], alerts: list[dict], path: Path, rule: Rule) -> Path:
-    """One panel per topic: the rolling negative share, its baseline mean, and red marks at alerts."""
-
-    names = sorted(t for t in topics if topics[t].points) or sorted(topics)
-    fig, axes = plt.subplots(max(1, len(names)), 1, figsize=(10, 1.9 * max(1, len(names)) + 0.8), sharex=True,
-                             squeeze=False)
-    for ax, name in zip(axes[:, 0], names or [""], strict=True):
-        pts = topics[name].points if name else []
-        when = [datetime.fromisoformat(p[0]) for p in pts]
-        ax.plot(when, [p[1] for p in pts], lw=1.2, color="tab:blue")
-        base = [(w, p[2]) for w, p in zip(when, pts, strict=True) if p[2] is not None]
-        if base:
-            ax.plot([w for w, _ in base], [m for _, m in base], lw=1, ls="--", color="grey")
-        hits = [a for a in alerts if a["topic"] == name]
-        for a in hits:
-            ax.axvline(datetime.fromisoformat(a["time"]), color="tab:red", alpha=0.3, lw=1)
-        if hits:
-            ax.scatter([datetime.fromisoformat(a["time"]) for a in hits], [a["share"] for a in hits], color="tab:red",
-                       marker="v", zorder=3)
-        ax.set_ylim(-0.03, 1.03)
-        ax.set_ylabel(name or "no data", rotation=0, ha="right", va="center")
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_title(f"Negative share per topic (alert: z >= {rule.threshold:g} over a baseline of "
-                         f"{rule.baseline} texts)")
-    if names:  # one legend for all panels, with the alert mark even where the first panel has none
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], color="tab:blue", lw=1.2), Line2D([], [], color="grey", lw=1, ls="--"),
-                   Line2D([], [], color="tab:red", marker="v", ls="")]
-        axes[0, 0].legend(handles, [f"negative share (last {rule.window})", "baseline mean", "alert"],
-                          loc="upper left", fontsize=7, ncols=3)
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def classifier_id(path: Path) -> str:
-    """Identifies a classifier folder by its head's bytes: a re-tuned model gets a new id."""
-    head = path / "head.safetensors"
-    digest = hashlib.blake2b(head.read_bytes(), digest_size=8).hexdigest() if head.is_file() else "?"
-    return f"{path}#{digest}"
-
-
 def _summary(mon: Monitor, chart: Path | None, records: int) -> str:
     counts, new = mon.state["counts"], mon.new
     topics = mon.state["topics"]
@@ -378,11 +286,3 @@ def run(mon: Monitor, inputs: Sequence[str], follow: bool = False, poll_seconds:
     return _summary(mon, chart_path, records)
 
 
-def is_stale(state_dir: Path, rule: Rule, max_parts: int, cid: str) -> bool:
-    """True when a saved monitor state was made with other settings (a corrupt one is left to Monitor to report)."""
-    try:
-        state = json.loads((state_dir / STATE_FILE).read_bytes())
-    except (OSError, ValueError):
-        return False
-    return not isinstance(state, dict) or state.get("rule") != rule_settings(rule, max_parts) or \
-        state.get("classifier") != cid
