@@ -18,7 +18,7 @@ from palmkit.infer.generate import stream_to
 from palmkit.infer.sampling import SamplingParams
 from palmkit.io import split_list
 from palmkit.model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
-from palmkit.model.layouts import saved_layout
+from palmkit.model.layouts import require_dense, saved_layout
 from palmkit.model.low_rank import low_rank
 from palmkit.model.palm import build_model, preset
 from palmkit.model.quant import quantize_int8
@@ -71,7 +71,7 @@ def quantize_command(checkpoint: str, out: str, int8: bool = True, embedding: bo
     if not int8:
         raise PalmkitError("int8 is the only quantisation palmkit has: leave --int8 on")
     model, tokenizer, config = load_checkpoint(checkpoint)
-    _require_plain(config, checkpoint)
+    require_dense(config, checkpoint, "quantise")
     t0 = time.perf_counter()
     quantize_int8(model, embedding=embedding, dtype=getattr(torch, dtype))
     extra = {k: v for k, v in config.items() if k != "model"}
@@ -107,7 +107,7 @@ def compress_command(checkpoint: str, out: str, method: Literal["svd"] = "svd", 
     if heal_steps and not data:
         raise PalmkitError("--heal_steps needs --data CORPUS (a corpus built with the checkpoint's tokenizer)")
     model, tokenizer, config = load_checkpoint(checkpoint)
-    _require_plain(config, checkpoint)
+    require_dense(config, checkpoint, "factorise")
     before = model.num_params()
     ranks = low_rank(model, rank_ratio, energy, split_list(targets))
     losses = heal(model, data, heal_steps, lr, seq_len, batch) if heal_steps else []
@@ -119,11 +119,6 @@ def compress_command(checkpoint: str, out: str, method: Literal["svd"] = "svd", 
     healed = f"; healed {heal_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
     return (f"{len(ranks)} layers factorised, parameters {before:,} -> {model.num_params():,}, "
             f"{file_size(checkpoint) / 2**20:.1f} MiB -> {file_size(out) / 2**20:.1f} MiB{healed}")
-
-
-def _require_plain(config: dict, checkpoint: str) -> None:
-    if "quantization" in config or "low_rank" in config:
-        raise PalmkitError(f"{checkpoint} is already quantised or factorised: start from a plain checkpoint")
 
 
 def classify_command(texts: list[str], /, checkpoint: str, batch_size: int = 32) -> str:

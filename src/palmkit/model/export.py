@@ -12,7 +12,7 @@ from pathlib import Path
 
 from palmkit.io import atomic_write_json, load_tensors, save_tensors, staged_dir
 from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, load_config
-from palmkit.model.layouts import dense_weights, hf_state_dict
+from palmkit.model.layouts import dense_weights, hf_state_dict, is_dense
 from palmkit.model.palm import ModelConfig
 from palmkit.model.tokenizer import CHAT_SYMBOLS
 
@@ -77,7 +77,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     config = load_config(checkpoint)
     cfg = ModelConfig.from_dict(config["model"])
     state = load_tensors(checkpoint / MODEL_FILE)
-    if "quantization" in config or "low_rank" in config:  # transformers gets the dense weights they stand for
+    if not is_dense(config):  # transformers gets the dense weights they stand for
         state = dense_weights(state)
     tensors = hf_state_dict(state)
     with staged_dir(out) as staging:

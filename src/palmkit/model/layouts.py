@@ -82,6 +82,17 @@ def saved_layout(model: PaLM) -> dict:
     return out
 
 
+def is_dense(config: dict) -> bool:
+    """Whether a checkpoint's config.json describes plain dense weights (no int8 or low-rank layers)."""
+    return "quantization" not in config and "low_rank" not in config
+
+
+def require_dense(config: dict, checkpoint: str, then: str) -> None:
+    """Refuse a quantised or factorised checkpoint for a step that needs dense weights (`then`: that step)."""
+    if not is_dense(config):
+        raise PalmkitError(f"{checkpoint} is quantised or factorised: {then} from a plain checkpoint")
+
+
 def restore_layout(model: PaLM, config: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Swap into a (meta-device) model the layers that config.json describes; returns the state to load."""
     for name, rank in config.get("low_rank", {}).get("ranks", {}).items():

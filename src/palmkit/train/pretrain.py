@@ -23,6 +23,7 @@ from palmkit.data.shards import MixtureLoader
 from palmkit.errors import PalmkitError
 from palmkit.io import atomic_write_json
 from palmkit.model.checkpoint import load_checkpoint
+from palmkit.model.layouts import require_dense
 from palmkit.model.palm import PaLM, build_model, preset
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.train.config import TrainConfig, resume_changes, saved_config
@@ -37,8 +38,7 @@ from palmkit.train.step import compute_autocast, forward_backward, lr_factor, ma
 def init_weights(model: PaLM, checkpoint: str, tokenizer: Tokenizer) -> None:
     """Copy the weights of a finished checkpoint into `model`, which must have its shape and tokenizer."""
     source, source_tokenizer, config = load_checkpoint(checkpoint)
-    if "quantization" in config or "low_rank" in config:
-        raise PalmkitError(f"{checkpoint} is quantised or factorised: continue pretraining from a plain checkpoint")
+    require_dense(config, checkpoint, "continue pretraining")
     # Token ids index the embedding: the same id must mean the same piece, or the weights mean nothing.
     pieces = lambda tok: [tok.piece(i) for i in range(tok.vocab_size)]
     if pieces(source_tokenizer) != pieces(tokenizer):
@@ -76,7 +76,7 @@ def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False,
         raise PalmkitError("give max_steps or max_minutes (or both): with neither the run would never end")
     if cfg.batch_tokens % (cfg.seq_len * d.world_size):
         raise PalmkitError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len x world size "
-                         f"({cfg.seq_len} x {d.world_size})")
+                           f"({cfg.seq_len} x {d.world_size})")
     global_seqs = cfg.batch_tokens // cfg.seq_len
     per_rank = global_seqs // d.world_size
     micro = min(cfg.micro_batch, per_rank)

