@@ -156,3 +156,42 @@ def easy_task(folder: Path, n: int = 160, seed: int = 0) -> Path:
             words.insert(rng.randrange(7), key)
             w.writerow([" ".join(words), key])
     return path
+
+
+def movielens_files(root: Path, n_users: int = 24, n_items: int = 30, seed: int = 0) -> Path:
+    """A miniature MovieLens 100K in RecBole's atomic files, under root/recbole-1.2.1/ where
+    `load_movielens(root)` looks. Two tastes: users of the first half like (4-5 stars) the "Comedy" movies and
+    rate the "Horror" ones low, the others the reverse; the last user rates everything 2 (no likes), and the
+    last movie is rated by nobody."""
+    import random
+
+    rng = random.Random(seed)
+    folder = root / "recbole-1.2.1" / "recbole" / "dataset_example" / "ml-100k"
+    folder.mkdir(parents=True, exist_ok=True)
+    genre = ["Comedy" if i % 2 else "Horror" for i in range(1, n_items + 1)]
+    items = ["item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"]
+    items += [f"{i}\t{'Funny' if genre[i - 1] == 'Comedy' else 'Scary'} Film {i}, The\t{1980 + i}\t{genre[i - 1]}"
+              for i in range(1, n_items + 1)]
+    ratings = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"]
+    for u in range(1, n_users + 1):
+        taste = "Comedy" if u <= n_users // 2 else "Horror"
+        seen = rng.sample(range(1, n_items), 14)
+        for t, i in enumerate(seen):
+            stars = 2 if u == n_users else (rng.choice((4, 5)) if genre[i - 1] == taste else rng.choice((1, 2)))
+            ratings.append(f"{u}\t{i}\t{stars}\t{880000000 + 1000 * t + u}")
+    (folder / "ml-100k.item").write_text("\n".join(items) + "\n", encoding="utf-8")
+    (folder / "ml-100k.inter").write_text("\n".join(ratings) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def recommender_dir(tmp_path_factory, checkpoint) -> tuple[Path, str]:
+    """(folder, summary) of `palmkit recipe recommend` on the miniature MovieLens from the tiny random checkpoint
+    (a few tuning steps: it runs everything, it learns little); the recommender is OUT/model."""
+    from palmkit.apps.recommend import recipe
+
+    root = movielens_files(tmp_path_factory.mktemp("movielens"))
+    out = tmp_path_factory.mktemp("recommend")
+    summary = recipe(checkpoint=str(checkpoint), out=str(out), max_train=32, batch_size=8, history_len=24, dim=8,
+                     factors=4, data=str(root))
+    return out, summary

@@ -1,19 +1,33 @@
-"""palmkit.io: atomic writes, the staged folder swap and lenient UTF-8 decoding."""
+"""palmkit.io: atomic writes, the staged folder swap (never over a folder palmkit did not make), lenient UTF-8."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_bytes, decode_text, staged_dir
+from palmkit.io import (
+    PREVIOUS,
+    STAGING_MARK,
+    atomic_copy,
+    atomic_open,
+    atomic_write_bytes,
+    check_destination,
+    decode_text,
+    remove_stale_staging,
+    staged_dir,
+)
 
 
 def test_staged_dir_replaces_the_target_on_success(tmp_path):
     target = tmp_path / "ckpt"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with staged_dir(target) as staging:
-        assert staging.parent == tmp_path and staging.name.startswith(".ckpt.") and not any(staging.iterdir())
+    with staged_dir(target, own={"old.txt", "new.txt"}) as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".ckpt.")
+        assert [p.name for p in staging.iterdir()] == [STAGING_MARK]  # proof that palmkit made it
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging or .old folder left
@@ -56,3 +70,96 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_bytes(tmp_path / "f.bin", b"defg")
     assert (tmp_path / "f.bin").read_bytes() == b"defg"
     assert os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_a_folder_with_other_files_is_refused_not_replaced(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / "config.json").write_text("{}")
+    ran = []
+    with pytest.raises(PalmkitError, match=r"out is not a palmkit folder \(it holds files palmkit did not write "
+                                           r"there: notes\.txt\): .* --force"):
+        with staged_dir(target, own={"config.json", "model.bin"}):
+            ran.append(True)
+    assert not ran  # refused before any work
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "notes.txt"]
+    # Without `own` the staged files decide what is palmkit's: the swap is refused after the block
+    with pytest.raises(PalmkitError, match=r"notes\.txt"), staged_dir(target) as staging:
+        (staging / "config.json").write_text('{"new": 1}')
+    assert (target / "notes.txt").read_text() == "mine" and (target / "config.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PalmkitError, match="exists and is not a folder"):
+        check_destination(tmp_path / "file", {"x"}, force=True)
+
+
+def test_force_replaces_palmkits_files_and_keeps_the_others(tmp_path):
+    target = tmp_path / "out"
+    (target / "logs").mkdir(parents=True)
+    (target / "logs" / "old.log").write_text("old log")
+    (target / "notes.txt").write_text("mine")
+    (target / "model.bin").write_text("old weights")
+    (target / "stale.json").write_text("from an earlier version")
+    own = {"model.bin", "config.json", "logs", "stale.json"}
+    with staged_dir(target, own, force=True) as staging:
+        (staging / "model.bin").write_text("new weights")
+        (staging / "config.json").write_text("{}")
+        (staging / "logs").mkdir()
+        (staging / "logs" / "new.log").write_text("new log")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "logs", "model.bin", "notes.txt"]
+    assert (target / "model.bin").read_text() == "new weights" and (target / "notes.txt").read_text() == "mine"
+    assert [p.name for p in (target / "logs").iterdir()] == ["new.log"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_link_is_written_through_only_with_force(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "notes.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(PalmkitError, match="link"):
+        check_destination(link, {"a"})
+    with staged_dir(link, {"a"}, force=True) as staging:
+        (staging / "a").write_text("a")
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["a", "notes.txt"]
+
+
+def test_a_killed_run_leaves_staging_that_the_next_run_removes(tmp_path):
+    """kill -9 inside the block: the staging folder stays; the next staged_dir removes it, and only it."""
+    target = tmp_path / "ckpt"
+    script = (f"import os, signal\nfrom palmkit.io import staged_dir\nwith staged_dir({str(target)!r}) as s:\n"
+              "    (s / 'half').write_text('x')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", script], check=False)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+    assert len(left) == 1 and (left[0] / "half").is_file()
+    (tmp_path / ".ckpt.mine.tmp").mkdir()  # not made by palmkit (no mark): never touched
+    live = tmp_path / ".ckpt.live.tmp"  # made by a palmkit process that is still running: never touched
+    live.mkdir()
+    (live / STAGING_MARK).write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
+    with staged_dir(target) as staging:
+        (staging / "x").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.live.tmp", ".ckpt.mine.tmp", "ckpt"]
+
+
+def test_a_swap_cut_short_is_put_back(tmp_path):
+    """Killed between moving the old folder aside and moving the new one in: the old one comes back."""
+    target = tmp_path / "ckpt"
+    holder = tmp_path / ".ckpt.abc.tmp"
+    (holder / PREVIOUS).mkdir(parents=True)
+    (holder / PREVIOUS / "model.bin").write_text("old")
+    (holder / STAGING_MARK).write_text(json.dumps({"pid": 2**22 + 1, "host": os.uname().nodename}))
+    assert remove_stale_staging(target) == [holder]
+    assert (target / "model.bin").read_text() == "old" and not holder.exists()
+
+
+def test_atomic_open_and_copy_leave_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("half")
+        raise RuntimeError
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
+    atomic_copy(path, tmp_path / "copy.txt")
+    assert (tmp_path / "copy.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["copy.txt", "f.txt"]

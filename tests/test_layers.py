@@ -1,6 +1,6 @@
 """The package's layers: every import goes down (or sideways within a layer), never up.
 
-Layers, lowest first: errors, io < model < data < train < finetune, infer < serve < apps < cli. A module may
+Layers, lowest first: errors, io < model < data < train < finetune, infer, recommend < serve < apps < cli. A module may
 import only from its own layer or lower ones, and only at module level, except in apps/ and cli.py, where an
 import inside a function keeps a command cheap to start.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-LAYERS = {"errors": 0, "io": 0, "model": 1, "data": 2, "train": 3, "finetune": 4, "infer": 4, "serve": 5,
-          "apps": 6, "cli": 7}
+LAYERS = {"errors": 0, "io": 0, "model": 1, "data": 2, "train": 3, "finetune": 4, "infer": 4, "recommend": 4,
+          "serve": 5, "apps": 6, "cli": 7}
 LAZY_ALLOWED = ("apps", "cli")
 
 

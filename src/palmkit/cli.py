@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("palmkit.apps.quickstart:quickstart", "the main job: corpus, tokenizer, pretraining, samples"),
     "info": ("palmkit.apps.commands:describe", "parameters and training FLOPs per token of a preset"),
     "generate": ("palmkit.apps.commands:generate_command", "complete a prompt, streaming to the terminal"),
+    "chat": ("palmkit.apps.chat:chat_command", "chat with a model in the terminal: streaming, /reset, /exit"),
     "export": ("palmkit.model.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),
     "pretrain": ("palmkit.train.pretrain:pretrain", "pretrain on a corpus (one process or torchrun: DDP/FSDP2)"),
     "plot": ("palmkit.train.metrics:plot_run", "PNG of a run's training and per-language validation loss"),
@@ -49,11 +50,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("palmkit.apps.commands:classify_command", "classify texts with a fine-tuned classifier"),
     "tag": ("palmkit.apps.commands:tag_command", "find named entities with a fine-tuned tagger"),
     "serve": ("palmkit.serve.app:serve", "OpenAI-compatible HTTP server with streaming and batching"),
+    "choices write": ("palmkit.infer.choices:write_choice_items", "a classification task as multiple-choice JSONL"),
+    "choices score": ("palmkit.infer.choices:score_choices", "multiple-choice accuracy by log-likelihood (as lm-eval)"),
     "corpus fetch": ("palmkit.data.corpus.sources:fetch", "download the built-in text sources into the cache"),
     "corpus build": ("palmkit.data.corpus.build:build", "clean, deduplicate, split text; tokenizer; shards"),
     "recipe support": ("palmkit.apps.support:recipe", "customer-service assistant: chat tuning, FAQ, web chat"),
     "recipe monitor": ("palmkit.apps.monitor.demo:recipe", "financial sentiment monitor: negative share, alerts"),
     "monitor": ("palmkit.apps.monitor.monitor:monitor", "sentiment monitor on a JSONL stream (file, stdin, folder)"),
+    "recipe recommend": ("palmkit.apps.recommend:recipe", "movie recommendations: ALS + tuned LM scorer, evaluated"),
+    "recommend": ("palmkit.apps.recommend:recommend_command", "a user's top movies from a recommender folder"),
 }
 
 HELP = ("-h", "--help")
@@ -103,8 +108,9 @@ def command_parser(words: list[str], fn: Callable) -> ArgumentParser:
     positional = [p for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_ONLY]
     parser.add_function_arguments(fn, skip={p.name for p in positional}, fail_untyped=True, as_group=False)
     helps = {p.arg_name: p.description for p in doc.params}
-    for p in positional:  # typed `list[str]` (all that commands need so far): any number, at least one
-        parser.add_argument(p.name, nargs="+", type=str, help=helps.get(p.name))
+    for p in positional:  # typed `list[str]` (all that commands need so far): any number, at least one unless
+        # the parameter has a default (a command that reads its texts from a file instead)
+        parser.add_argument(p.name, nargs="+" if p.default is p.empty else "*", type=str, help=helps.get(p.name))
     for action in parser._actions:
         # `--resume` alone means `--resume true`; jsonargparse's own bool options always want the value
         if getattr(action, "_typehint", None) is bool:

@@ -1,22 +1,24 @@
 """Files that are never half-written: atomic writes, JSON and safetensors files, folder swaps; reading text.
 
 A write goes to a temporary file beside its target, is fsynced and renamed into place, so a crash leaves the old
-file or the new one, never a mix; a folder is built beside its target and swapped in (`staged_dir`). Reading never
-unpickles: tensors come from safetensors, the rest from JSON; text is UTF-8, with a per-line fallback where a
+file or the new one, never a mix; a folder is built beside its target and swapped in (`staged_dir`), never over a
+folder that holds files palmkit did not write there (`check_destination`). Reading never unpickles: tensors come from safetensors, the rest from JSON; text is UTF-8, with a per-line fallback where a
 source mixes in an 8-bit code page (`decode_text`).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
 import torch
 from safetensors import SafetensorError
@@ -34,14 +36,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: Literal["wb", "w"] = "wb", encoding: str | None = None
+                ) -> Iterator[IO]:
+    """A file to write `path` through: a temporary beside it, fsynced and renamed into place when the block ends,
+    removed when it fails, so that readers see the old file or the whole new one (also after a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -51,8 +56,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy file `src` to `dst` atomically and durably (shutil.copyfile neither fsyncs nor renames)."""
+    with open(src, "rb") as source, atomic_open(dst) as f:
+        shutil.copyfileobj(source, f, 1 << 20)
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -89,30 +106,145 @@ def load_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
 
 
+# ---- folders palmkit writes whole (checkpoints, exports, fine-tuned models)
+#
+# Such a folder is built beside its target and swapped in. The target may only be replaced when everything in it
+# is a file palmkit writes there (`own`): a folder that also holds the user's files is refused, or with `force`
+# updated file by file, palmkit's files replaced and the user's kept.
+
+STAGING_MARK = ".palmkit-staging"  # in a folder palmkit is building: {"pid", "host"}, proof that palmkit made it
+PREVIOUS = "previous"  # in a marked holder folder: the target being replaced, for the moment of the swap
+
+
+def foreign_entries(folder: str | os.PathLike, own: Collection[str]) -> list[str]:
+    """The names in `folder` that are not palmkit's files of that folder (`own`, their atomic temporaries, the
+    staging mark); [] for a folder that does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not _is_own(p.name, own))
+
+
+def _is_own(name: str, own: Collection[str]) -> bool:
+    return name in own or name == STAGING_MARK or (name.endswith(".tmp") and any(
+        name.startswith(f".{o}.") for o in own))
+
+
+def check_destination(target: str | os.PathLike, own: Collection[str], force: bool = False) -> None:
+    """Refuse to write a palmkit folder at `target` where a folder holds files palmkit did not write (see `own`),
+    unless `force`; a file or a link there is always refused without `force` (a link is written through)."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise PalmkitError(f"{target} exists and is not a folder: give the path of a new or empty folder")
+    foreign = foreign_entries(target, own)
+    if force or not (foreign or target.is_symlink()):
+        return
+    shown = "it is a link to a folder" if not foreign else "it holds files palmkit did not write there: " + \
+        ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    raise PalmkitError(f"{target} is not a palmkit folder ({shown}): give a new or empty folder, or --force to "
+                       "write palmkit's files into it and keep the others")
+
+
+def _write_mark(folder: Path) -> None:
+    (folder / STAGING_MARK).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove the staging folders of `target` that a killed palmkit process left beside it; returns them.
+
+    Only folders with a staging mark written on this machine by a process that is gone are touched. One that
+    holds the previous `target` of a swap cut short puts it back when `target` is missing."""
+    target = Path(target)
+    removed = []
+    for folder in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        try:
+            mark = json.loads((folder / STAGING_MARK).read_text())
+            pid, host = int(mark["pid"]), mark["host"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no readable mark: not provably palmkit's
+        if folder.is_symlink() or host != socket.gethostname() or _alive(pid):
+            continue
+        if (folder / PREVIOUS).is_dir() and not (target.exists() or target.is_symlink()):
+            os.replace(folder / PREVIOUS, target)
+            warn(f"{target}: put back the folder that an interrupted swap had moved aside")
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing an existing `dst` with at most a moment where neither exists."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
+    """Move folder `src` to `dst`, replacing an existing `dst` with at most a moment where neither exists.
+
+    For that moment the old `dst` sits in a marked holder folder beside it, which `remove_stale_staging` puts
+    back if the process is killed there."""
+    if not (dst.exists() or dst.is_symlink()):
+        os.replace(src, dst)
+        _fsync_dir(dst.parent)
+        return
+    holder = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    _write_mark(holder)
+    os.replace(dst, holder / PREVIOUS)
     os.replace(src, dst)
     _fsync_dir(dst.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+def _merge_into(staging: Path, target: Path, own: Collection[str]) -> None:
+    """Move the files of `staging` into the existing folder `target` one by one (each an atomic rename) and remove
+    palmkit's files (`own`) that the new folder no longer has; anything else in `target` is left as it is."""
+    dest = target.resolve()
+    new = {p.name for p in staging.iterdir()} - {STAGING_MARK}
+    trash = staging / ".replaced"
+    trash.mkdir()
+    for name in sorted(new | (set(own) - new)):
+        old = dest / name
+        if old.is_dir() and not old.is_symlink():  # a folder is not replaced by a rename: move it aside first
+            os.replace(old, trash / name)
+        if name in new:
+            os.replace(staging / name, old)
+        elif old.exists() or old.is_symlink():
+            old.unlink()
+    _fsync_dir(dest)
 
 
 @contextmanager
-def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+def staged_dir(target: str | os.PathLike, own: Collection[str] | None = None, force: bool = False
+               ) -> Iterator[Path]:
     """An empty folder beside `target` to fill; on success it replaces `target`, on an error it is removed.
 
     Built in `target`'s parent so that the swap is a rename on one file system; an error inside the block
-    leaves the old `target` as it was.
+    leaves the old `target` as it was. `own` names the files palmkit writes in such a folder (None: the files
+    the block wrote): an existing `target` that holds anything else is refused before the block runs, or with
+    `force` is updated in place, palmkit's files replaced and the others kept (`check_destination`).
+    Staging folders that a killed run left beside `target` are removed first (`remove_stale_staging`).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if own is not None:
+        check_destination(target, own, force)
+    remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    _write_mark(staging)
     try:
         yield staging
-        replace_dir(staging, target)
+        names = set(own) if own is not None else {p.name for p in staging.iterdir()}
+        check_destination(target, names, force)  # again: a long job's target may have changed meanwhile
+        if target.is_symlink() or foreign_entries(target, names):
+            _merge_into(staging, target, names)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            replace_dir(staging, target)
+            (target / STAGING_MARK).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

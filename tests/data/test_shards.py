@@ -9,17 +9,20 @@ from palmkit.data.shards import MixtureLoader, TokenStream, mixture_weights, val
 from palmkit.errors import PalmkitError
 
 
-def test_shards_hold_every_document_once_with_eod(corpus, tokenizer):
+def test_shards_hold_every_document_once_between_bos_and_eod(corpus, tokenizer):
     from palmkit.model.tokenizer import Tokenizer
 
     tok = Tokenizer(corpus / "tokenizer.model")
     for lang in ("en", "de", "zh"):
         docs = [json.loads(line)["text"] for line in open(corpus / "text" / lang / "train.jsonl", encoding="utf-8")]
-        expected = [t for d in docs for t in [*tok.encode(d), tok.eos_id]]
+        # a document starts as every prompt does (the BOS rule), and EOS ends it
+        expected = [t for d in docs for t in [*tok.encode_prompt(d), tok.eos_id]]
+        assert expected[0] == tok.bos_id
         stream = TokenStream(corpus / "shards" / lang, "train", seq_len=16)
         assert np.asarray(stream.tokens).tolist() == expected
         index = json.loads((corpus / "shards" / lang / "index.json").read_text())
         assert index["train"]["documents"] == len(docs) and index["dtype"] == "uint16"
+        assert index["bos_id"] == tok.bos_id
 
 
 def test_windows_cover_each_token_exactly_once_per_epoch(corpus):
@@ -115,3 +118,16 @@ def test_unigram_perplexity_matches_hand_computation(corpus):
 
     expected = math.exp(-sum(math.log(counts[t] / total) for t in valid.tolist()) / len(valid))
     assert unigram_perplexity(corpus, "zh") == pytest.approx(expected, rel=1e-9)
+
+
+def test_shards_without_bos_are_warned_about(corpus, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(corpus / "shards", old / "shards")
+    index_file = old / "shards" / "en" / "index.json"
+    index = json.loads(index_file.read_text())
+    del index["bos_id"]  # as an older palmkit wrote it, documents without BOS
+    index_file.write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match="shards of en under .* have no BOS"):
+        MixtureLoader(old, seq_len=16, batch_size=2)

@@ -102,11 +102,13 @@ def test_tagger_report_and_baseline(checkpoint, tmp_path):
     assert "| ner-zh |" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_chat_evaluation_scores_assistant_tokens(checkpoint, tmp_path):
+def test_chat_evaluation_scores_assistant_tokens(checkpoint, tmp_path, capsys):
     out = tmp_path / "chat"
     finetune_chat(str(checkpoint), str(out), task="dialogue-en",
                   train=FinetuneConfig(epochs=1, batch_size=4, max_len=64))
+    capsys.readouterr()
     entry = evaluate(str(out), out=str(tmp_path / "r"))["tasks"]["dialogue-en"]
+    assert "evaluate dialogue-en" in capsys.readouterr().err  # a progress bar while it scores
     assert entry["examples"] == 3 and entry["model"]["assistant_tokens"] > 0
     assert math.isfinite(entry["model"]["assistant_loss"]) and entry["model"]["assistant_ppl"] > 1
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item
 from palmkit.finetune.fit import FinetuneConfig, fit
 from palmkit.finetune.heads import HEAD_FILE, SequenceClassifier
@@ -35,3 +36,25 @@ def test_early_stopping_stops_and_keeps_the_best(tokenizer, tmp_path):
     assert not torch.equal(saved["weight"], heads[3])
     assert load_config(tmp_path / "run")["best"]["step"] == 2
     assert any("early stop" in r.get("event", "") for r in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_finetune_never_replaces_a_folder_with_the_users_files(tokenizer, tmp_path):
+    model = random_model(tokenizer.vocab_size)
+    module = SequenceClassifier(model, 2)
+    items = [Item([5, 6, 7, tokenizer.eos_id], i % 2) for i in range(4)]
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "data.csv").write_text("text,label\n")
+    validated = []
+
+    def run(**kw):
+        return fit(module, model, tokenizer, items, lambda: validated.append(1) or {"loss": 1.0, "accuracy": 0.5},
+                   lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y),
+                   FinetuneConfig(epochs=1, batch_size=4), out, "accuracy",
+                   {"task": "classify", "labels": ["a", "b"], "pooling": "last"}, **kw)
+
+    with pytest.raises(PalmkitError, match=r"not a palmkit folder .*data\.csv.*--force"):
+        run()
+    assert not validated and [p.name for p in out.iterdir()] == ["data.csv"]  # refused before training
+    run(force=True)
+    assert (out / "data.csv").read_text() == "text,label\n" and (out / HEAD_FILE).is_file()

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from palmkit.errors import CheckpointError
-from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
+from palmkit.errors import CheckpointError, PalmkitError
+from palmkit.model.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from tests.conftest import random_model
 
 
@@ -89,9 +89,42 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, checkpoint, monkeypatch
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("palmkit.model.checkpoint.shutil.copyfile", boom)
+    monkeypatch.setattr("palmkit.model.checkpoint.atomic_copy", boom)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(target, random_model(tok.vocab_size, seed=9), tok, extra={"step": 2})
     assert (target / "model.safetensors").read_bytes() == before
     assert json.loads((target / "config.json").read_text())["step"] == 1
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_save_never_replaces_a_folder_with_the_users_files(tmp_path, checkpoint):
+    model, tok, _ = load_checkpoint(checkpoint)
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.md").write_text("my notes")
+    with pytest.raises(PalmkitError, match=r"not a palmkit folder .*notes\.md.*--force"):
+        save_checkpoint(target, model, tok)
+    assert [p.name for p in target.iterdir()] == ["notes.md"]
+    save_checkpoint(target, model, tok, force=True)  # the checkpoint's files written in, the notes kept
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "notes.md", "tokenizer.model"]
+    assert (target / "notes.md").read_text() == "my notes" and load_checkpoint(target)[2]["model"]
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    save_checkpoint(tmp_path / "ckpt", model, tok, extra={"step": 2})  # palmkit's own folder: replaced
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["step"] == 2
+
+
+def test_the_bos_rule_is_recorded_and_old_checkpoints_keep_theirs(tmp_path, tokenizer):
+    from palmkit.model.tokenizer import Tokenizer
+
+    model = random_model(tokenizer.vocab_size)
+    save_checkpoint(tmp_path / "new", model, tokenizer)
+    assert json.loads((tmp_path / "new" / CONFIG_FILE).read_text())["tokenizer"] == {"add_bos": True}
+    assert load_checkpoint(tmp_path / "new")[1].add_bos
+    save_checkpoint(tmp_path / "no-bos", model, Tokenizer(tokenizer.path, add_bos=False))
+    tok = load_checkpoint(tmp_path / "no-bos")[1]
+    assert not tok.add_bos and tok.encode_prompt("Hi") == tokenizer.encode("Hi")
+    # written before the rule was recorded: palmkit prompted such checkpoints with BOS, and still does
+    config = json.loads((tmp_path / "new" / CONFIG_FILE).read_text())
+    del config["tokenizer"]
+    (tmp_path / "new" / CONFIG_FILE).write_text(json.dumps(config))
+    assert load_checkpoint(tmp_path / "new")[1].encode_prompt("Hi") == tokenizer.encode("Hi", bos=True)

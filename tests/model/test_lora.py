@@ -1,6 +1,7 @@
 """LoRA: merged weights give the same logits, and training moves only the adapters (a low-rank update) and the head."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -64,3 +65,34 @@ def test_lora_trains_only_the_adapters_and_the_head(tokenizer, tmp_path):
     saved = load_tensors(tmp_path / "out" / "model.safetensors")  # the checkpoint is plain: LoRA merged
     assert set(saved) == set(before)
     torch.testing.assert_close(saved["layers.0.self_attn.q_proj.weight"], after["layers.0.self_attn.q_proj.weight"])
+
+
+def test_peft_adapter_on_the_exported_base_is_the_merged_model(tmp_path, tokenizer):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from palmkit.model.checkpoint import save_checkpoint
+    from palmkit.model.export import export_hf
+    from palmkit.model.lora import ADAPTER_CONFIG, write_peft_adapter
+
+    # GQA with 2 key/value heads: k_proj and v_proj are narrower than q_proj
+    model = random_model(tokenizer.vocab_size, seed=3, n_kv_heads=2)
+    save_checkpoint(tmp_path / "base", model, tokenizer)
+    export_hf(tmp_path / "base", tmp_path / "base-hf")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    add_lora(model, rank=4, alpha=8, targets=targets)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.2)
+    write_peft_adapter(tmp_path / "adapter", model)
+    merged = merge_lora(copy.deepcopy(model)).eval()
+    assert peft.LoraConfig.from_pretrained(tmp_path / "adapter").r == 4
+    assert sorted(json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["target_modules"]) \
+        == sorted(targets)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base-hf", dtype=torch.float32)
+    x = torch.randint(0, tokenizer.vocab_size, (2, 24))
+    with torch.no_grad():
+        before = base(x).logits
+        tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        theirs, ours = tuned(input_ids=x).logits, merged(x)
+    assert (theirs - ours).abs().max().item() < 1e-4
+    assert (before - ours).abs().max().item() > 1e-2  # the adapters really change the model

@@ -12,14 +12,17 @@ import pytest
 import uvicorn
 
 from palmkit.serve.app import create_app
+from palmkit.serve.connections import uvicorn_config
 
 
 @contextmanager
 def running(app):
-    """Serve `app` with uvicorn in a thread on a free loopback port; yield its base URL."""
+    """Serve `app` as `palmkit serve` does (its limits on connections) in a thread on a free loopback port;
+    yield its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    limits = app.state.palmkit.limits
+    server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

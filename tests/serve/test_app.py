@@ -1,8 +1,10 @@
-"""The app: JSON errors, a full queue, the API key, extra routers, a failing model, and the web chat page."""
+"""The app: JSON errors, a full queue, the API key, extra routers, a failing model, a dead or wedged engine, and the
+web chat page."""
 
 import itertools
 import json
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -12,10 +14,12 @@ import openai
 import pytest
 from fastapi import APIRouter, Request
 
-from palmkit.infer.engine import Engine
+from palmkit.infer.engine import Engine, EngineStopped
 from palmkit.model.checkpoint import load_checkpoint
-from palmkit.serve.app import create_app
+from palmkit.serve import app as app_module
+from palmkit.serve.app import create_app, serve
 from palmkit.serve.grounding import NO_ANSWER
+from palmkit.serve.limits import Limits
 from tests.conftest import Slow
 from tests.serve.conftest import metric, running, streaming, wait_for
 
@@ -78,16 +82,20 @@ class Flaky(Slow):
         return super().hidden_states(idx, *args, **kwargs)
 
 
-def test_a_failing_model_answers_500_json_and_the_server_keeps_serving(loaded):
+def test_a_failing_model_answers_a_generic_500_with_a_request_id_and_the_server_keeps_serving(loaded, caplog):
     model, tok = loaded
     with running(create_app(Engine(Flaky(model, 0), tok), model_name="tiny")) as base:
         bad = {"model": "tiny", "prompt": [1, 13], "max_tokens": 4, "temperature": 0}
         r = httpx.post(f"{base}/v1/completions", json=bad, timeout=30)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-        assert "boom" in r.json()["error"]["message"]
+        # the exception's text stays in the log, under the id the client is given
+        rid = r.headers["x-request-id"]
+        assert "boom" not in r.text and rid in r.json()["error"]["message"]
+        assert any(rid in rec.getMessage() and "boom" in rec.getMessage() for rec in caplog.records)
         with httpx.stream("POST", f"{base}/v1/completions", json={**bad, "stream": True}, timeout=30) as s:
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
-        assert json.loads(events[0][6:])["error"]["type"] == "server_error" and events[-1] == "data: [DONE]"
+        error = json.loads(events[0][6:])["error"]
+        assert error["type"] == "server_error" and "boom" not in error["message"] and events[-1] == "data: [DONE]"
         good = httpx.post(f"{base}/v1/completions", json={**bad, "prompt": [1, 14]}, timeout=30)
         assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
         assert httpx.get(f"{base}/health").status_code == 200
@@ -100,7 +108,8 @@ def test_a_failing_model_answers_500_json_and_the_server_keeps_serving(loaded):
 def test_malformed_requests_and_the_page(checkpoint, faq_file):
     app = create_app(checkpoint, faq=faq_file)
     with running(app) as base:
-        post = lambda body: httpx.post(f"{base}/v1/chat/completions", content=body, timeout=30)
+        post = lambda body: httpx.post(f"{base}/v1/chat/completions", content=body, timeout=30,
+                                       headers={"Content-Type": "application/json"})
         no_user = post(json.dumps({"model": "tiny", "messages": [{"role": "system", "content": "hi"}]}))
         assert no_user.status_code == 400 and no_user.json()["error"]["param"] == "messages"
         assert "needs a user message" in no_user.json()["error"]["message"]
@@ -192,3 +201,122 @@ def test_browser_streams_a_grounded_answer(checkpoint, faq_file):
     assert source == 'Source: \u201cHow do I reset my password?\u201d (faq.csv:2)'
     assert declined == NO_ANSWER
     assert too_long == "" and error.startswith("Error 400: This model's maximum context length is 256 tokens")
+
+
+def test_cors_origins_let_those_pages_call_the_api_and_no_others(loaded):
+    model, tok = loaded
+    page = "https://app.example.com"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    with running(create_app(Engine(model, tok, autotune=False), model_name="tiny", api_key="k",
+                            cors_origins=[page])) as base:
+        r = httpx.options(f"{base}/v1/completions", headers=preflight)  # no key: a browser sends none here
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.post(f"{base}/v1/completions", json=body, headers={"Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = httpx.post(f"{base}/v1/completions", json=body, headers={"Origin": page})  # the page may read the 401
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == page
+        other = httpx.options(f"{base}/v1/completions", headers={**preflight, "Origin": "https://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with running(create_app(Engine(model, tok, autotune=False), model_name="tiny")) as base:  # no origins: no CORS
+        r = httpx.post(f"{base}/v1/completions", json=body, headers={"Origin": page})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+# --------------------------------------------------------------------------------------------------
+# A dead or wedged engine
+
+
+class Fatal(BaseException):
+    """Not an Exception: nothing in the engine catches it, so its thread dies (as on a fatal runtime error)."""
+
+
+class Dying(Slow):
+    """The same model; its engine thread dies on any input that contains token 13."""
+
+    def hidden_states(self, idx, *args, **kwargs):
+        if (idx == 13).any():
+            raise Fatal("the engine thread dies")
+        return super().hidden_states(idx, *args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_answers_503_on_every_route_and_reports_its_death(loaded):
+    model, tok = loaded
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/vocab")
+    async def vocab(request: Request) -> dict:
+        state = request.app.state.palmkit
+        return {"vocab": await state.engine.run(lambda: state.engine.vocab)}  # run: the engine thread's work
+
+    deaths = []
+    app = create_app(Engine(Dying(model, 0), tok, autotune=False), model_name="tiny", routers=[router],
+                     on_engine_death=lambda: deaths.append(1))
+    with running(app) as base:
+        r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [1, 13], "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+        for method, path, body in (("POST", "/v1/completions", {"model": "tiny", "prompt": "x"}),
+                                   ("POST", "/v1/chat/completions", chat), ("GET", "/v1/models", None),
+                                   ("GET", "/v1/vocab", None)):
+            r = httpx.request(method, base + path, json=body, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", path
+        assert httpx.get(f"{base}/health").json() == {"status": "engine stopped"}
+        assert wait_for(lambda: deaths == [1])
+
+
+def test_engine_run_after_the_engine_died_is_refused_not_left_waiting(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok, autotune=False).start()
+    engine.stop()
+    with pytest.raises(EngineStopped):
+        engine.call(lambda: 1)
+
+
+class Stuck(Slow):
+    """The same model, stuck (until released) on any input that contains token 13."""
+
+    def __init__(self, inner):
+        super().__init__(inner, 0)
+        self.release = threading.Event()
+
+    def hidden_states(self, idx, *args, **kwargs):
+        if (idx == 13).any():
+            assert self.release.wait(60)
+        return super().hidden_states(idx, *args, **kwargs)
+
+
+def test_health_reports_a_wedged_engine(loaded):
+    model, tok = loaded
+    stuck = Stuck(model)
+    app = create_app(Engine(stuck, tok, autotune=False), model_name="tiny", limits=Limits(wedge_seconds=0.2))
+    with running(app) as base, ThreadPoolExecutor(1) as pool:
+        assert httpx.get(f"{base}/health").status_code == 200  # idle is not wedged, however long
+        held = pool.submit(httpx.post, f"{base}/v1/completions", timeout=60,
+                           json={"model": "tiny", "prompt": [1, 13], "max_tokens": 2})
+        try:
+            assert wait_for(lambda: httpx.get(f"{base}/health").json() == {"status": "engine wedged"})
+            assert httpx.get(f"{base}/health").status_code == 503
+        finally:
+            stuck.release.set()
+        assert held.result(timeout=60).status_code == 200
+        assert wait_for(lambda: httpx.get(f"{base}/health").status_code == 200)
+
+
+class Dead(Slow):
+    """An engine thread with this model dies at its first forward pass (the startup timing of decode steps)."""
+
+    def hidden_states(self, *args, **kwargs):
+        raise Fatal("the engine thread dies")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_serve_exits_with_status_1_when_the_engine_dies(checkpoint, monkeypatch):
+    model, tok, _ = load_checkpoint(checkpoint)
+    monkeypatch.setattr(app_module, "load_engine", lambda *args: (Engine(Dead(model, 0), tok), {}))
+    with pytest.raises(SystemExit) as exit_:
+        serve(str(checkpoint), port=0)
+    assert exit_.value.code == 1

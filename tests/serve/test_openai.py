@@ -164,3 +164,149 @@ def test_chat_stops_at_the_end_marker_token(loaded):
         out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=50)
         assert out.choices[0].message.content == "Hi 🙂" and out.choices[0].finish_reason == "stop"
         assert out.usage.completion_tokens == len(tok.encode("Hi 🙂")) + 1
+
+
+def forward_logprobs(model, ids: list[int]):
+    """The independent reference: log_softmax of one full forward pass over the ids (no cache, no engine)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+
+
+def token_ids(names: list[str]) -> list[int]:
+    assert all(n.startswith("token_id:") for n in names)
+    return [int(n.removeprefix("token_id:")) for n in names]
+
+
+def test_completion_logprobs_and_echo_equal_a_full_forward_pass(client, loaded):
+    model, tok = loaded
+    prompt = tok.encode("The quick brown fox", bos=True)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0, logprobs=5, echo=True,
+                                    extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    lp = out.choices[0].logprobs
+    ids = token_ids(lp.tokens)
+    assert ids[: len(prompt)] == prompt and len(ids) == len(prompt) + 8
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing before the first token
+    ref = forward_logprobs(model, ids)
+    for t in range(1, len(ids)):
+        assert lp.token_logprobs[t] == pytest.approx(ref[t - 1, ids[t]].item(), abs=1e-4)
+        top = ref[t - 1].topk(5)
+        expected = {f"token_id:{i}": v for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)}
+        expected[f"token_id:{ids[t]}"] = ref[t - 1, ids[t]].item()  # the chosen token is always there
+        assert lp.top_logprobs[t].keys() == expected.keys()
+        assert list(lp.top_logprobs[t].values()) == pytest.approx(list(expected.values()), abs=1e-4)
+        if t >= len(prompt):  # greedy: the best token
+            assert ids[t] == int(ref[t - 1].argmax())
+    assert out.choices[0].text == tok.decode(ids)
+    assert out.usage.completion_tokens == 8
+
+
+def test_text_offsets_and_token_names_spell_the_text(client):
+    out = client.completions.create(model="tiny", prompt="Hello wörld 🙂 ok", max_tokens=12, temperature=0,
+                                    logprobs=0, echo=True, extra_body={"ignore_eos": True})
+    lp, text = out.choices[0].logprobs, out.choices[0].text
+    assert text.startswith("Hello wörld 🙂 ok")
+    assert lp.tokens[0] == "<s>" and lp.text_offset[:2] == [0, 0]  # BOS is named but adds no text
+    assert any(n.startswith("bytes:\\x") for n in lp.tokens)  # the emoji's bytes are tokens of their own
+    assert all(len(top) == 1 for top in lp.top_logprobs[1:])  # logprobs 0: the chosen token alone
+    ends = [*lp.text_offset[1:], len(text)]
+    for name, start, end in zip(lp.tokens[1:], lp.text_offset[1:], ends[1:], strict=True):
+        if not name.startswith("bytes:"):
+            assert text[start:end] == name
+
+
+def test_max_tokens_0_with_echo_scores_the_prompt(client, loaded):
+    model, tok = loaded
+    prompt = "A language model predicts the next token"
+    ids = tok.encode(prompt, bos=True)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    ref = forward_logprobs(model, ids)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([ref[t - 1, ids[t]].item()
+                                                                for t in range(1, len(ids))], abs=1e-4)
+    # a prompt that fills the whole context can still be scored
+    full = client.completions.create(model="tiny", prompt=[1] + [50] * 255, max_tokens=0, echo=True, logprobs=0)
+    assert len(full.choices[0].logprobs.tokens) == 256
+    # what lm-evaluation-harness sends: the ids of context + continuation, one token, echo, logprobs 1
+    both = client.completions.create(model="tiny", prompt=[ids, ids[:4]], max_tokens=1, echo=True, logprobs=1,
+                                     temperature=0, seed=1234)
+    assert both.choices[0].logprobs.token_logprobs[: len(ids)] == choice.logprobs.token_logprobs
+    assert len(both.choices[1].logprobs.tokens) == 5
+
+
+def test_sampled_tokens_get_the_models_own_logprobs(client, loaded):
+    model, tok = loaded
+    prompt = tok.encode("Once", bos=True)
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=1.5, top_p=0.9, seed=5,
+                                    logprobs=0, extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    generated = token_ids(out.choices[0].logprobs.tokens)
+    ids = prompt + generated
+    ref = forward_logprobs(model, ids)  # before temperature and top-p, as OpenAI's and vLLM's are
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx(
+        [ref[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))], abs=1e-4)
+
+
+def test_streamed_completion_logprobs_join_into_the_full_ones(client):
+    kwargs = dict(model="tiny", prompt="Hello there", max_tokens=10, temperature=0, logprobs=2, echo=True,
+                  extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True)]
+    assert chunks[0].text == "Hello there" and chunks[0].logprobs.token_logprobs[0] is None
+    parts = [c.logprobs for c in chunks if c.logprobs]
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in parts for x in getattr(p, field)] == getattr(full.logprobs, field)
+    assert "".join(c.text for c in chunks) == full.text
+
+
+def test_chat_logprobs_equal_a_full_forward_pass_streamed_or_not(client, loaded):
+    model, tok = loaded
+    messages = [{"role": "user", "content": "Hello there"}]
+    kwargs = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=3,
+                  extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
+    out = client.chat.completions.create(**kwargs)
+    content = out.choices[0].logprobs.content
+    prompt = tok.encode(format_chat(messages), bos=True)
+    generated = token_ids([c.token for c in content])
+    ids = prompt + generated
+    ref = forward_logprobs(model, ids)
+    for t, c in zip(range(len(prompt), len(ids)), content, strict=True):
+        assert c.logprob == pytest.approx(ref[t - 1, ids[t]].item(), abs=1e-4)
+        top = ref[t - 1].topk(3)
+        assert [x.token for x in c.top_logprobs] == [f"token_id:{i}" for i in top.indices.tolist()]
+        assert [x.logprob for x in c.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert c.bytes == list(tok.decode([ids[t]]).encode()) or tok.sp.is_byte(ids[t])
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    assert plain.choices[0].logprobs is None  # not asked for, not sent
+
+
+def test_chat_logprobs_leave_out_the_end_of_turn_token(loaded):
+    model, tok = loaded
+    messages = [{"role": "user", "content": "hi"}]
+    reply = [*tok.encode("Hi 🙂"), tok.sp.piece_to_id("<|end|>"), *tok.encode(" never shown")]
+    prompt_len = len(tok.encode(format_chat(messages), bos=True))
+    with running(create_app(Engine(Scripted(model.config, reply, prompt_len), tok), model_name="tiny")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=50, logprobs=True)
+        content = out.choices[0].logprobs.content
+        assert b"".join(bytes(c.bytes) for c in content).decode() == "Hi 🙂" == out.choices[0].message.content
+        assert all(c.top_logprobs == [] for c in content)
+        assert out.usage.completion_tokens == len(content) + 1  # the end-of-turn token is counted, not shown
+
+
+def test_top_k_1_is_greedy(client):
+    greedy = client.completions.create(model="tiny", prompt="Once", max_tokens=10, temperature=0)
+    top1 = client.completions.create(model="tiny", prompt="Once", max_tokens=10, temperature=1.5, seed=3,
+                                     extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy.choices[0].text
+
+
+def test_fields_clients_send_are_accepted(client):
+    out = client.completions.create(model="tiny", prompt="x", max_tokens=2, n=1, seed=1, user="u1",
+                                    frequency_penalty=0, presence_penalty=0.0, logit_bias={}, best_of=1,
+                                    extra_body={"metadata": {"k": "v"}, "top_k": -1})
+    assert out.choices[0].finish_reason in ("stop", "length")

@@ -29,7 +29,24 @@ TOO_LONG = "a " * 400  # the tiny model's context is 256 tokens
     ("/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt", "invalid_value"),
     ("/v1/completions", {"model": "tiny", "prompt": TOO_LONG}, 400, "prompt", "context_length_exceeded"),
-    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 2}, 400, "logprobs", "unsupported_parameter"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": True}, 400, "logprobs", "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_k": -2}, 400, "top_k", "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "min_p": 0.1}, 400, "min_p", "unknown_parameter"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "top_logprobs": 2}, 400, "top_logprobs",
+     "unknown_parameter"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "frequency_penalty": 0.5}, 400, "frequency_penalty",
+     "unsupported_parameter"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "echo": True}, 400,
+     "echo", "unknown_parameter"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+     400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+     400, "max_tokens", "invalid_value"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+     400, "tools", "unsupported_parameter"),
     ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages", "invalid_value"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
      "messages.0.role", "invalid_value"),
@@ -47,6 +64,8 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param, code)
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["message"]
     assert (error["param"], error["code"]) == (param, code)
+    if code in ("unknown_parameter", "unsupported_parameter"):
+        assert param in error["message"]
 
 
 def test_oversized_body_is_refused_with_413(server):

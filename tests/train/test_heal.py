@@ -14,7 +14,7 @@ from tests.conftest import random_model
 
 
 @pytest.mark.usefixtures("one_thread")  # conftest: tiny models train fastest on one thread
-def test_healing_lowers_the_loss_and_is_recorded(tmp_path, corpus):
+def test_healing_lowers_the_loss_and_is_recorded(tmp_path, corpus, capsys):
     from palmkit.model.tokenizer import Tokenizer
 
     tok = Tokenizer(corpus / "tokenizer.model")
@@ -25,6 +25,8 @@ def test_healing_lowers_the_loss_and_is_recorded(tmp_path, corpus):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
     assert not torch.equal(before["layers.0.mlp.up_proj.a.weight"], model.layers[0].mlp.up_proj.a.weight)
     assert not model.training
+    bar = capsys.readouterr().err  # the progress bar counts training tokens: 10 steps of 4 x 32
+    assert "heal" in bar and "1.28k/1.28k" in bar and "tok/s" in bar
     save_checkpoint(tmp_path / "fp32", random_model(tok.vocab_size, seed=3), tok)
     args = ["compress", "--checkpoint", str(tmp_path / "fp32"), "--rank_ratio", "0.25", "--seq_len", "32",
             "--batch", "4", "--targets", "mlp"]

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 
 from palmkit.errors import PalmkitError
 from palmkit.io import load_tensors
+from palmkit.train import pretrain as pretrain_module
 from palmkit.train.config import TrainConfig
 from palmkit.train.metrics import read_metrics
 from palmkit.train.pretrain import pretrain
@@ -53,8 +55,6 @@ def test_resume_continues_the_same_run_in_process(corpus, reference, tmp_path):
     pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "max_steps": 6}))
     # A shorter run has its own cosine schedule, so continue from the step-3 checkpoint of the reference
     # set-up instead: copy it and resume with the reference's options.
-    import shutil
-
     shutil.rmtree(run)
     shutil.copytree(reference / "checkpoints" / "step-0000003", run / "checkpoints" / "step-0000003")
     pretrain(str(corpus), str(run), TrainConfig(**BASE), resume=True)
@@ -123,3 +123,69 @@ def test_pretraining_fused_matches_plain_and_resumes_from_plain_checkpoints(corp
     assert plain.keys() == fused.keys()
     for k in plain:
         torch.testing.assert_close(fused[k], plain[k], rtol=0, atol=1e-4)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(corpus, tmp_path, monkeypatch):
+    real = pretrain_module.forward_backward
+    calls = itertools.count()
+
+    def poisoned(model, *args, **kwargs):  # the 3rd micro-batch leaves an inf in one gradient, its loss finite
+        out = real(model, *args, **kwargs)
+        if next(calls) == 2:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(pretrain_module, "forward_backward", poisoned)
+    run = tmp_path / "inf-grad"
+    pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "max_steps": 3, "eval_every": 0, "micro_batch": 8}))
+    assert all(bool(torch.isfinite(v).all()) for v in weights(run).values())
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["event"] for r in records if "event" in r] == ["non-finite gradient, batch skipped"]
+    assert records[-1]["step"] == 3 and records[-1]["skipped_batches"] == 1
+
+
+def test_non_finite_weights_never_become_the_latest_checkpoint(corpus, tmp_path, monkeypatch):
+    real = pretrain_module.optimizer_step
+    calls = itertools.count(1)
+
+    def corrupting(model, *args, **kwargs):  # the 4th update leaves an inf in the weights
+        norm = real(model, *args, **kwargs)
+        if next(calls) == 4:
+            with torch.no_grad():
+                next(model.parameters()).view(-1)[0] = float("inf")
+        return norm
+
+    monkeypatch.setattr(pretrain_module, "optimizer_step", corrupting)
+    run = tmp_path / "inf-weights"
+    with pytest.raises(PalmkitError, match=r"weights at step 4 are not finite .* latest checkpoint stays step-0000002"):
+        pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "eval_every": 0, "save_every": 2, "keep_last": 1}))
+    assert json.loads((run / "latest.json").read_text())["path"] == "step-0000002"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002"]  # not pruned
+
+
+@pytest.mark.parametrize("damage", ["weights", "latest.json"])
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(corpus, reference, tmp_path, capsys, damage):
+    run = tmp_path / "damaged"
+    for step in (3, 6):
+        shutil.copytree(reference / "checkpoints" / f"step-{step:07d}", run / "checkpoints" / f"step-{step:07d}")
+    (run / "latest.json").write_text(json.dumps({"step": 6, "path": "step-0000006"}))
+    if damage == "weights":  # a torn write or a bad disk: the newest checkpoint is not whole
+        weights_file = run / "checkpoints" / "step-0000006" / "model.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    else:
+        (run / "latest.json").write_text('{"step": 6, "pa')
+    pretrain(str(corpus), str(run), TrainConfig(**BASE), resume=True)
+    err = capsys.readouterr().err
+    if damage == "weights":
+        assert "cannot resume from step-0000006" in err and "trying the checkpoint before it" in err
+    else:
+        assert "latest.json" in err and "using the newest complete checkpoint instead" in err
+    assert_same_weights(weights(run), weights(reference))
+
+
+def test_resume_with_no_checkpoint_that_loads_is_an_error(corpus, reference, tmp_path):
+    run = tmp_path / "all-damaged"
+    shutil.copytree(reference / "checkpoints" / "step-0000003", run / "checkpoints" / "step-0000003")
+    (run / "checkpoints" / "step-0000003" / "optimizer.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(PalmkitError, match=r"no checkpoint of .* can be loaded"):
+        pretrain(str(corpus), str(run), TrainConfig(**BASE), resume=True)

@@ -59,3 +59,38 @@ def test_only_trainable_parameters_are_optimised():
         kept = {id(p) for g in opt.param_groups for p in g["params"]}
         assert kept == {id(p) for p in model.parameters() if p.requires_grad}
         assert all(g["lr"] == 1e-3 for g in opt.param_groups)
+
+
+def test_embedding_learning_rate_group():
+    from palmkit.model.palm import build_model, preset
+    from palmkit.train.step import make_optimizer
+
+    model = build_model(preset("tiny", vocab_size=100))
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1, embed_lr_ratio=10.0)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        expected = (1e-2, 0.1) if name == "embed_tokens.weight" else (1e-3, 0.1 if p.dim() == 2 else 0.0)
+        assert lr_of[id(p)] == expected, name
+    # at ratio 1 the two groups AdamW always had, so that optimiser states saved before still load
+    assert len(make_optimizer(model, lr=1e-3, weight_decay=0.1, embed_lr_ratio=1.0).param_groups) == 2
+    assert len(opt.param_groups) == 3
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_skips_the_update(bad):
+    """A finite loss can still give an inf or nan gradient: the step is skipped, not applied as nans."""
+    from palmkit.train.step import make_optimizer, optimizer_step
+
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(model, lr=1e-1)
+    model(torch.ones(1, 3)).sum().backward()
+    model.weight.grad[0, 0] = bad
+    norm = optimizer_step(model, opt, grad_clip=1.0)
+    assert not torch.isfinite(norm)
+    for p, p0 in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0)
+        assert p.grad is None  # cleared for the next batch
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer_step(model, opt, grad_clip=1.0)  # a finite one is applied
+    assert not torch.equal(model.weight.detach(), before[0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -16,8 +17,8 @@ from palmkit.finetune.evaluate import evaluate, render_markdown
 from palmkit.finetune.predict import load_classifier, load_tagger
 from palmkit.infer.generate import stream_to
 from palmkit.infer.sampling import SamplingParams
-from palmkit.io import split_list
-from palmkit.model.checkpoint import MODEL_FILE, load_checkpoint, save_checkpoint
+from palmkit.io import check_destination, split_list
+from palmkit.model.checkpoint import CHECKPOINT_FILES, MODEL_FILE, load_checkpoint, save_checkpoint
 from palmkit.model.layouts import require_dense, saved_layout
 from palmkit.model.low_rank import low_rank
 from palmkit.model.palm import build_model, preset
@@ -55,7 +56,7 @@ def file_size(path: str | os.PathLike) -> int:
 
 
 def quantize_command(checkpoint: str, out: str, int8: bool = True, embedding: bool = True,
-                     dtype: Literal["bfloat16", "float32"] = "bfloat16") -> str:
+                     dtype: Literal["bfloat16", "float32"] = "bfloat16", force: bool = False) -> str:
     """Write an int8-weight copy of CHECKPOINT to OUT for CPU inference.
 
     Weights are quantised per output channel, symmetrically; activations run in DTYPE. The copy loads wherever
@@ -67,22 +68,25 @@ def quantize_command(checkpoint: str, out: str, int8: bool = True, embedding: bo
         int8: quantise the weights to int8 (the one quantisation palmkit has)
         embedding: quantise the shared input/output embedding too; false keeps it in DTYPE
         dtype: dtype of the activations and of the weights kept in floating point
+        force: write into OUT even when it holds other files: the checkpoint's files are replaced, the others
+            kept (without it such a folder is refused, never deleted)
     """
     if not int8:
         raise PalmkitError("int8 is the only quantisation palmkit has: leave --int8 on")
+    check_destination(out, CHECKPOINT_FILES, force)  # before the work, not after it
     model, tokenizer, config = load_checkpoint(checkpoint)
     require_dense(config, checkpoint, "quantise")
     t0 = time.perf_counter()
     quantize_int8(model, embedding=embedding, dtype=getattr(torch, dtype))
     extra = {k: v for k, v in config.items() if k != "model"}
-    save_checkpoint(out, model, tokenizer, extra={**extra, **saved_layout(model)})
+    save_checkpoint(out, model, tokenizer, extra={**extra, **saved_layout(model)}, force=force)
     return (f"int8 checkpoint written to {out} in {time.perf_counter() - t0:.1f}s: "
             f"{file_size(checkpoint) / 2**20:.1f} MiB -> {file_size(out) / 2**20:.1f} MiB")
 
 
 def compress_command(checkpoint: str, out: str, method: Literal["svd"] = "svd", rank_ratio: float = 0.0,
                      energy: float = 0.0, targets: list[str] | str = "self_attn,mlp", heal_steps: int = 0,
-                     data: str = "", lr: float = 3e-4, seq_len: int = 256, batch: int = 8) -> str:
+                     data: str = "", lr: float = 3e-4, seq_len: int = 256, batch: int = 8, force: bool = False) -> str:
     """Write a low-rank copy of CHECKPOINT to OUT: each chosen projection becomes two thinner ones (truncated SVD).
 
     Give RANK_RATIO or ENERGY. The shared embedding is never factorised. With HEAL_STEPS and DATA, the
@@ -101,11 +105,14 @@ def compress_command(checkpoint: str, out: str, method: Literal["svd"] = "svd", 
         lr: peak learning rate of the healing
         seq_len: tokens per healing sequence
         batch: sequences per healing step
+        force: write into OUT even when it holds other files: the checkpoint's files are replaced, the others
+            kept (without it such a folder is refused, never deleted)
     """
     if method != "svd":
         raise PalmkitError(f"unknown compression method {method!r}: svd is the one palmkit has")
     if heal_steps and not data:
         raise PalmkitError("--heal_steps needs --data CORPUS (a corpus built with the checkpoint's tokenizer)")
+    check_destination(out, CHECKPOINT_FILES, force)
     model, tokenizer, config = load_checkpoint(checkpoint)
     require_dense(config, checkpoint, "factorise")
     before = model.num_params()
@@ -115,33 +122,56 @@ def compress_command(checkpoint: str, out: str, method: Literal["svd"] = "svd", 
     layout = saved_layout(model)
     layout.setdefault("low_rank", {"method": "svd", "ranks": {}}).update(
         rank_ratio=rank_ratio, energy=energy, heal_steps=heal_steps)
-    save_checkpoint(out, model, tokenizer, extra={**extra, **layout})
+    save_checkpoint(out, model, tokenizer, extra={**extra, **layout}, force=force)
     healed = f"; healed {heal_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
     return (f"{len(ranks)} layers factorised, parameters {before:,} -> {model.num_params():,}, "
             f"{file_size(checkpoint) / 2**20:.1f} MiB -> {file_size(out) / 2**20:.1f} MiB{healed}")
 
 
-def classify_command(texts: list[str], /, checkpoint: str, batch_size: int = 32) -> str:
+def classify_command(texts: list[str] | None = None, /, *, checkpoint: str, batch_size: int = 32, input: str = "",
+                     output: str = "", field: str = "text") -> str | None:
     """Classify texts with a fine-tuned classifier: one line per text with its label, probability and text.
+
+    With --input/--output, the records of a JSONL file instead, split over the ranks of `torchrun` and resumable
+    (palmkit.infer.sharded): each gets "label" and "probabilities".
 
     Args:
         texts: the texts to classify
         checkpoint: a classifier folder written by `palmkit finetune classify`
         batch_size: texts per forward pass
+        input: a JSONL file of objects, each with a string field FIELD, to classify instead of TEXTS
+        output: the JSONL file of INPUT's records with their results, in input order
+        field: the field of each INPUT record that holds its text
     """
+    if _batch_job(texts, input, output):
+        from palmkit.infer.sharded import classify_file
+
+        return classify_file(checkpoint, input, output, batch_size, field)
     clf = load_classifier(checkpoint)
     rows = clf.predict(texts, batch_size)
     return "\n".join(f"{label}\t{probs[label]:.3f}\t{text}" for text, (label, probs) in zip(texts, rows, strict=True))
 
 
-def tag_command(texts: list[str], /, checkpoint: str, json_output: bool = False) -> str:
+def tag_command(texts: list[str] | None = None, /, *, checkpoint: str, json_output: bool = False, input: str = "",
+                output: str = "", field: str = "text", batch_size: int = 32) -> str | None:
     """Find named entities with a fine-tuned tagger: each text with its entities marked as [TYPE text].
+
+    With --input/--output, the records of a JSONL file instead, split over the ranks of `torchrun` and resumable
+    (palmkit.infer.sharded): each gets "entities".
 
     Args:
         texts: the texts to tag
         checkpoint: a tagger folder written by `palmkit finetune ner`
         json_output: one JSON line per text instead, {"text", "entities": [{"type", "text", "start", "end"}]}
+        input: a JSONL file of objects, each with a string field FIELD, to tag instead of TEXTS
+        output: the JSONL file of INPUT's records with their entities, in input order
+        field: the field of each INPUT record that holds its text
+        batch_size: records per batch with --input
     """
+    if _batch_job(texts, input, output):
+        from palmkit.infer.sharded import tag_file
+
+        return tag_file(checkpoint, input, output, batch_size, field)
     tagger = load_tagger(checkpoint)
     results = tagger.tag(texts)
     if json_output:
@@ -155,6 +185,15 @@ def tag_command(texts: list[str], /, checkpoint: str, json_output: bool = False)
             pos = e["end"]
         lines.append("".join([*marked, text[pos:]]))
     return "\n".join(lines)
+
+
+def _batch_job(texts: list[str] | None, input: str, output: str) -> bool:
+    """Whether a command works on an --input file (True) or on texts given on the command line (False)."""
+    if bool(input) != bool(output):
+        raise PalmkitError("--input and --output go together")
+    if bool(input) == bool(texts):
+        raise PalmkitError("give either texts or --input FILE --output FILE")
+    return bool(input)
 
 
 def evaluate_command(checkpoint: str, task: str = "", eval_tasks: list[str] | str = "", out: str = "",
@@ -179,10 +218,16 @@ def evaluate_command(checkpoint: str, task: str = "", eval_tasks: list[str] | st
     return render_markdown(result) + f"\n\n(written to {Path(out) if out else Path(checkpoint) / 'eval'})"
 
 
-def generate_command(checkpoint: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+def generate_command(checkpoint: str, prompt: str = "", max_new_tokens: int = 128, temperature: float = 0.8,
                      top_k: int = 0, top_p: float = 0.95, seed: int | None = None,
-                     stop: list[str] | str | None = None, device: str = "cpu") -> None:
+                     stop: list[str] | str | None = None, device: str = "cpu", tp: int = 1,
+                     vocab_parallel: bool = False, input: str = "", output: str = "", field: str = "prompt",
+                     batch_size: int = 8) -> str | None:
     """Complete PROMPT with the model in CHECKPOINT, streaming the text to the terminal.
+
+    `torchrun --nproc_per_node=N -m palmkit.cli generate --tp N ...` splits the model over N processes
+    (tensor parallelism, palmkit.infer.tensor_parallel); rank 0 writes the text. With --input/--output, the
+    prompts of a JSONL file instead, split over the ranks of `torchrun` and resumable (palmkit.infer.sharded).
 
     Args:
         checkpoint: a checkpoint folder
@@ -193,12 +238,34 @@ def generate_command(checkpoint: str, prompt: str, max_new_tokens: int = 128, te
         top_p: sample among the most likely tokens that together hold this probability (nucleus sampling)
         seed: seed of the sampling, for a repeatable text; none: a fresh one
         stop: stop when the text ends with this string (one string, or a list of them)
-        device: cpu, cuda, cuda:1, ...
+        device: cpu, cuda, cuda:1, ... (under torchrun each rank takes the GPU of its local rank, or the CPU)
+        tp: tensor-parallel processes (torchrun's --nproc_per_node); 1: one process
+        vocab_parallel: with --tp, split the shared embedding by vocabulary instead of keeping it whole on
+            every rank
+        input: a JSONL file of objects, each with a string field FIELD, to complete instead of PROMPT
+        output: the JSONL file of INPUT's records with "completion", "finish_reason", "completion_tokens"
+        field: the field of each INPUT record that holds its prompt
+        batch_size: prompts generated together with --input
     """
-    model, tokenizer, _ = load_checkpoint(checkpoint, device=device)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=stops)
-    sys.stdout.write(prompt)
-    done = stream_to(model, tokenizer, prompt, params)
-    sys.stdout.write(f"\n[{len(done.token_ids)} tokens, finish_reason={done.finish_reason}]\n")
+    if _batch_job([prompt] if prompt else None, input, output):
+        if tp > 1:
+            raise PalmkitError("--input splits the records over the ranks (each holds the whole model): drop --tp")
+        from palmkit.infer.sharded import generate_file
+
+        return generate_file(checkpoint, input, output, params, batch_size, field, device)
+    out = sys.stdout
+    if tp > 1:
+        from palmkit.infer.tensor_parallel import agree_on_seed, load_tensor_parallel
+
+        model, tokenizer, d = load_tensor_parallel(checkpoint, tp, "generate", vocab_parallel=vocab_parallel)
+        params.seed = agree_on_seed(params.seed, d)  # every rank must draw the same tokens
+        out = out if d.is_main else io.StringIO()
+    else:
+        model, tokenizer, _ = load_checkpoint(checkpoint, device=device)
+    out.write(prompt)
+    done = stream_to(model, tokenizer, prompt, params, out)
+    out.write(f"\n[{len(done.token_ids)} tokens, finish_reason={done.finish_reason}]\n")
+    return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from palmkit.data.corpus.build import build
@@ -12,12 +13,52 @@ from palmkit.infer.generate import generate
 from palmkit.infer.sampling import SamplingParams
 from palmkit.io import split_list
 from palmkit.model.checkpoint import load_checkpoint
-from palmkit.train.config import TrainConfig
+from palmkit.train.config import RESUME_FIXED, TrainConfig, saved_config
 from palmkit.train.metrics import read_metrics
 from palmkit.train.pretrain import pretrain
 
+# What a quickstart run folder keeps from the run that started it: the options a resume cannot change, and the
+# rest of the optimiser's recipe (its learning rate and schedule belong to the optimiser it was saved with).
+RECIPE = (*RESUME_FIXED, "lr", "warmup_steps", "weight_decay", "min_lr_ratio", "schedule")
+
 SAMPLE_PROMPTS = {"en": "The company said", "de": "Die Datei wird", "zh": "中国人民", "fr": "Le fichier",
                   "es": "El programa", "ru": "Эта программа", "ja": "このコマンドは"}
+
+
+def continue_as_saved(run: Path, options: TrainConfig) -> TrainConfig:
+    """`options` with the RECIPE of the run saved in `run`, if there is one: a quickstart folder started by an
+    earlier palmkit, with other defaults, goes on with the recipe it was started with."""
+    saved = saved_config(run)
+    kept = {k: getattr(saved, k) for k in RECIPE if saved and getattr(saved, k) != getattr(options, k)}
+    if kept:
+        print(f"{run} was started with other settings; continuing with them: "
+              + ", ".join(f"{k} {v!r}" for k, v in kept.items()))
+    return replace(options, **kept)
+
+
+def unigram_table(metrics: dict[str, float], unigram: dict[str, float]) -> list[str]:
+    """Markdown rows: each language's validation perplexity beside the unigram baseline's and their ratio, then
+    one line on whether the model beats the baseline in every language.
+
+    The ratio is unigram perplexity / model perplexity: above 1 the model predicts held-out text better than
+    token frequencies alone do.
+    """
+    rows = ["| language | validation perplexity | unigram baseline | unigram / model | bits per byte |",
+            "|---|---:|---:|---:|---:|"]
+    ratios = {}
+    for lang, base in sorted(unigram.items()):
+        ppl = metrics[f"val/{lang}/ppl"]
+        ratios[lang] = base / ppl
+        rows.append(f"| {lang} | {ppl:.1f} | {base:.1f} | {ratios[lang]:.2f}x | {metrics[f'val/{lang}/bpb']:.3f} |")
+    behind = [lang for lang, r in ratios.items() if r <= 1.0]
+    weakest = min(ratios, key=ratios.get)
+    if behind:
+        verdict = (f"Not yet better than the unigram baseline in {', '.join(behind)} of {len(ratios)} languages: "
+                   "train longer (--minutes).")
+    else:
+        verdict = (f"Better than the unigram baseline in all {len(ratios)} languages: by {ratios[weakest]:.2f}x "
+                   f"at least ({weakest}).")
+    return [*rows, "", verdict]
 
 
 def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str = "small",
@@ -61,12 +102,11 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str 
     options = TrainConfig(preset=preset, seq_len=seq_len, batch_tokens=batch_tokens, max_steps=0, max_minutes=minutes,
                           warmup_steps=10, lr=lr, eval_every=eval_every, eval_sequences=32, save_every=50,
                           compile=compile, seed=seed)
+    options = continue_as_saved(out_dir / "model", options)
     metrics = pretrain(str(corpus_dir), str(out_dir / "model"), options, resume=True)
     model, tokenizer, _ = load_checkpoint(out_dir / "model" / "final")
-    rows = ["| language | validation perplexity | unigram baseline | bits per byte |", "|---|---|---|---|"]
-    for lang in sorted({k.split("/")[1] for k in metrics if k.startswith("val/")}):
-        rows.append(f"| {lang} | {metrics[f'val/{lang}/ppl']:.1f} | {unigram_perplexity(corpus_dir, lang):.1f} | "
-                    f"{metrics[f'val/{lang}/bpb']:.3f} |")
+    langs_seen = sorted({k.split("/")[1] for k in metrics if k.startswith("val/")})
+    rows = unigram_table(metrics, {lang: unigram_perplexity(corpus_dir, lang) for lang in langs_seen})
     samples = []
     for lang in [x for x in ("en", "de", "zh") if x in langs] or langs[:3]:
         prompt = SAMPLE_PROMPTS.get(lang, "")

@@ -1,6 +1,7 @@
 """Tokenised shards and the cross-lingual mixture that feeds pretraining.
 
-Each language's documents are encoded, separated by EOD (the EOS id) and concatenated into one
+Each language's documents are encoded as `BOS text EOS` (`encode_document`: the BOS rule of
+palmkit.model.tokenizer, the EOS marking the end of the document) and concatenated into one
 token stream stored as a memory-mapped uint16/uint32 array with a small JSON index. Sequences are
 fixed windows of that stream with no padding (PaLM section 3): window i holds tokens
 [i*T, i*T + T] (T+1 tokens, inputs and shifted targets), wrapping around at the end so that every
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -34,6 +37,34 @@ def read_documents(path: Path) -> Iterator[str]:
                 yield json.loads(line)["text"]
 
 
+def encode_document(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
+    """A pretraining document's tokens from its text's ids: BOS first (the rule every prompt follows, so that a
+    model sees at inference what it saw in training) and EOS last (end of document)."""
+    return [tokenizer.bos_id, *ids, tokenizer.eos_id]
+
+
+def shard_dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
+    """The smallest unsigned integer type that holds every token id of `tokenizer`."""
+    return np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+
+
+def shard_index(lang: str, tokenizer: Tokenizer) -> dict:
+    """The head of a language's `index.json` (the split entries are added as they are written)."""
+    return {"lang": lang, "dtype": np.dtype(shard_dtype(tokenizer)).name, "vocab_size": tokenizer.vocab_size,
+            "eod_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
+
+
+def write_tokens(f: BinaryIO, tokenizer: Tokenizer, texts: list[str], dtype: type[np.unsignedinteger],
+                 ) -> list[int]:
+    """Append the encoded documents `texts` (`encode_document`) to the open file `f`; returns each one's tokens."""
+    counts = []
+    for ids in tokenizer.encode_batch(texts):
+        ids = encode_document(tokenizer, ids)
+        f.write(np.asarray(ids, dtype=dtype).tobytes())
+        counts.append(len(ids))
+    return counts
+
+
 def write_shards(corpus_dir: str | os.PathLike, tokenizer: Tokenizer, batch_docs: int = 2048) -> dict:
     """Encode `corpus_dir/text/<lang>/{train,valid}.jsonl` into `corpus_dir/shards/<lang>/`."""
     corpus_dir = Path(corpus_dir)
@@ -41,13 +72,12 @@ def write_shards(corpus_dir: str | os.PathLike, tokenizer: Tokenizer, batch_docs
         if (corpus_dir / "text").is_dir() else []
     if not langs:
         raise PalmkitError(f"no languages under {corpus_dir / 'text'}: build the corpus first")
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    dtype = shard_dtype(tokenizer)
     summary = {}
     for lang in langs:
         out = corpus_dir / "shards" / lang
         out.mkdir(parents=True, exist_ok=True)
-        index = {"lang": lang, "dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size,
-                 "eod_id": tokenizer.eos_id}
+        index = shard_index(lang, tokenizer)
         for split in SPLITS:
             src = corpus_dir / "text" / lang / f"{split}.jsonl"
             if not src.is_file():
@@ -61,10 +91,7 @@ def write_shards(corpus_dir: str | os.PathLike, tokenizer: Tokenizer, batch_docs
                     if text is not None:
                         batch.append(text)
                     if batch and (text is None or len(batch) >= batch_docs):
-                        for ids in tokenizer.encode_batch(batch):
-                            ids.append(tokenizer.eos_id)  # EOD between documents
-                            f.write(np.asarray(ids, dtype=dtype).tobytes())
-                            tokens += len(ids)
+                        tokens += sum(write_tokens(f, tokenizer, batch, dtype))
                         docs += len(batch)
                         nbytes += sum(len(t.encode("utf-8")) for t in batch)
                         batch = []
@@ -132,6 +159,10 @@ class MixtureLoader:
         if batch_size % world_size:
             raise PalmkitError(f"global batch of {batch_size} sequences does not split over {world_size} ranks")
         self.streams = {lang: TokenStream(shard_root / lang, "train", seq_len) for lang in langs}
+        old = [lang for lang, s in self.streams.items() if "bos_id" not in s.index]
+        if old:  # shards of an older palmkit: documents without BOS, unlike every prompt
+            warnings.warn(f"shards of {', '.join(old)} under {shard_root} have no BOS before documents; rebuild "
+                          "them (palmkit corpus build) so that training matches how prompts are encoded", stacklevel=2)
         self.langs = langs
         self.weights = mixture_weights({lang: len(s.tokens) for lang, s in self.streams.items()}, alpha)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed

@@ -15,7 +15,8 @@ def _lm_loss(module, ids, lengths, targets):
 
 
 def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
-                  train: FinetuneConfig = FinetuneConfig()) -> dict:
+                  train: FinetuneConfig = FinetuneConfig(),
+                  force: bool = False) -> dict:
     """Supervised fine-tuning on conversations; returns the best validation scores.
 
     The conversations are written in the chat template and the loss counts the assistant's replies only. OUT
@@ -25,9 +26,12 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
         checkpoint: pretrained checkpoint folder to start from
         out: folder of the tuned model
         task: a built-in task (dialogue-en), or give train_file instead
-        train_file: your own conversations, JSONL {"messages": [{"role": ..., "content": ...}, ...]}
+        train_file: your own conversations, JSONL or a JSON array of {"messages": [{"role": ..., "content": ...},
+            ...]} or of TRL's {"prompt": ..., "completion": ...} (strings, or lists of messages)
         valid_file: validation conversations (default: a seeded 10% of train_file)
         train: training options
+        force: write into OUT even when it holds other files: the model's files are replaced, the others kept
+            (without it such a folder is refused before training, never deleted)
     """
     cfg = train
     job = start("chat", checkpoint, cfg, task, {"train": train_file, "valid": valid_file})
@@ -41,4 +45,4 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
     extra = {"task": "chat", "max_len": cfg.max_len, **job.source}
     if template:
         extra["chat_template"] = template
-    return fit(model, model, tokenizer, items, validate, _lm_loss, cfg, out, metric_name(cfg, "chat"), extra)
+    return fit(model, model, tokenizer, items, validate, _lm_loss, cfg, out, metric_name(cfg, "chat"), extra, force)

@@ -37,7 +37,9 @@ def _classify_loss(module, ids, lengths, targets):
 
 def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
                       test_file: str = "", text_field: str = "text", label_field: str = "label",
-                      pooling: Literal["last", "mean"] = "last", train: FinetuneConfig = FinetuneConfig()) -> dict:
+                      label_names: list[str] | str = "", pooling: Literal["last", "mean"] = "last",
+                      train: FinetuneConfig = FinetuneConfig(),
+                      force: bool = False) -> dict:
     """Fine-tune a text classifier (a linear head on the pretrained model); returns the best validation scores.
 
     OUT ends up holding the checkpoint that did best on validation, with metrics.jsonl, learning_curve.png and
@@ -48,17 +50,22 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
         out: folder of the fine-tuned classifier
         task: a built-in task (sentiment-en, sentiment-fr, sentiment-de, sentiment-zh, tweets-en), or give
             train_file instead
-        train_file: your own examples, CSV or JSONL rows with a text and a label
+        train_file: your own examples: CSV, JSONL or a JSON array of records with a text and a label
         valid_file: validation examples (default: a seeded 10% of train_file)
         test_file: test examples for `palmkit evaluate` (default: a seeded 10% of train_file)
         text_field: the CSV column or JSON key of the text
         label_field: the CSV column or JSON key of the label
+        label_names: where labels are class numbers (0, 1, ...), the name of each, in order (a list, or one
+            comma-separated string): the classes get these names and this order
         pooling: what the head reads: the hidden state of the last token, or the mean over the tokens
         train: training options
+        force: write into OUT even when it holds other files: the model's files are replaced, the others kept
+            (without it such a folder is refused before training, never deleted)
     """
     cfg = train
     job = start("classify", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
-                                                    "text_field": text_field, "label_field": label_field})
+                                                    "text_field": text_field, "label_field": label_field,
+                                                    "label_names": label_names})
     data, model, tokenizer = job.data, job.model, job.tokenizer
     _check_labels(data, data.train + data.valid)
     module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
@@ -71,4 +78,5 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
                 **classification_scores(y.tolist(), logits.argmax(-1).tolist(), len(data.labels))}
 
     extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len, **job.source}
-    return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra)
+    return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra,
+               force)

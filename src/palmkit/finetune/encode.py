@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from palmkit.model.chat_template import END, chat_template
+from palmkit.model.chat_template import END, chat_pieces, chat_template
 from palmkit.model.tokenizer import Tokenizer
 
 
@@ -56,27 +56,22 @@ def align_words(tokenizer: Tokenizer, words: Sequence[str], tags: Sequence[int] 
 
 
 def chat_item(tokenizer: Tokenizer, messages: list[dict], max_len: int, template: str | None = None) -> Item:
-    """Ids of a conversation in the chat template with targets on exactly the assistant replies and their
-    `<|end|>` (every other position is -100). Segments are encoded separately: the template's markers are
-    single pieces, so this gives the ids of encoding the whole text at once."""
-
-    fmt = chat_template(template)
-    segments: list[tuple[str, bool]] = []
-    done = ""
-    for i, message in enumerate(messages):
-        full = fmt(messages[: i + 1], add_generation_prompt=False)
-        if message["role"] == "assistant":
-            prompt = fmt(messages[:i], add_generation_prompt=True)
-            body_end = full.rindex(END) + len(END)
-            segments += [(prompt[len(done):], False), (full[len(prompt):body_end], True), (full[body_end:], False)]
+    """Ids of a conversation in the chat template (`encode_chat`'s, so content is plain text) with targets on
+    exactly the assistant replies and their `<|end|>` (every other position is -100)."""
+    ids, mask = [tokenizer.bos_id] * tokenizer.add_bos, [False] * tokenizer.add_bos
+    after_reply = False
+    for text, index in chat_pieces(messages, add_generation_prompt=False, template=chat_template(template)):
+        if index is not None:
+            reply = messages[index]["role"] == "assistant"
+            parts = [(tokenizer.encode_plain(text), reply)]
         else:
-            segments.append((full[len(done):], False))
-        done = full
-    ids, mask = [tokenizer.bos_id], [False]
-    for text, trained in segments:
-        piece_ids = tokenizer.encode(text) if text else []
-        ids += piece_ids
-        mask += [trained] * len(piece_ids)
+            cut = text.index(END) + len(END) if after_reply and END in text else 0  # the reply's end is learnt
+            parts = [(tokenizer.encode(text[:cut]) if cut else [], True), (tokenizer.encode(text[cut:]), False)]
+            reply = False
+        for piece_ids, trained in parts:
+            ids += piece_ids
+            mask += [trained] * len(piece_ids)
+        after_reply = reply
     ids, mask = ids[: max_len + 1], mask[: max_len + 1]
     # position t predicts token t+1: a target is kept where the predicted token is the assistant's
     targets = [tok if m else -100 for tok, m in zip(ids[1:], mask[1:], strict=True)]

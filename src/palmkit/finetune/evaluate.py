@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay
+from tqdm import tqdm
 
 from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
@@ -56,7 +57,8 @@ def _rebuild(config: dict, kind: str, seed: int) -> TaskData:
     files = config.get("data_files") or {}
     if files.get("train"):
         return load_user_task(kind, files["train"], files.get("valid", ""), files.get("test", ""),
-                              files.get("text_field", "text"), files.get("label_field", ""), seed)
+                              files.get("text_field", "text"), files.get("label_field", ""), seed,
+                              label_names=files.get("label_names", ""))
     return load_task(config["data"], seed=seed)
 
 
@@ -135,7 +137,9 @@ def _evaluate_chat(path: Path, config: dict, data: TaskData, split: str, max_exa
     max_len = int(config.get("max_len", model.config.max_seq_len))
     items = chat_items(tokenizer, subsample(data.split(split), max_examples, seed), max_len,
                        config.get("chat_template"))
-    loss, count = mean_lm_loss(model, lm_batches(items, 32, tokenizer.pad_id))
+    progress = tqdm(lm_batches(items, 32, tokenizer.pad_id), total=math.ceil(len(items) / 32), unit="batch",
+                    desc=f"evaluate {data.name}", leave=False, dynamic_ncols=True)
+    loss, count = mean_lm_loss(model, progress)
     result["tasks"][data.name] = {"lang": data.lang, "examples": len(items), "zero_shot": False,
                                   "model": {"assistant_loss": loss, "assistant_ppl": math.exp(min(loss, 50)),
                                             "assistant_tokens": int(count)}}

@@ -1,8 +1,9 @@
 """The fine-tuning loop: AdamW, warm-up, dropout, evaluation, early stopping, the best checkpoint kept.
 
 Dropout 0.1 during fine-tuning follows PaLM (section 5: no dropout in pretraining, 0.1 when fine-tuning). The
-output folder always holds the best model so far on the validation metric, with `metrics.jsonl` and
-learning-curve PNGs beside it.
+output folder always holds the best model so far on the validation metric, with `metrics.jsonl`, TensorBoard
+events (`tensorboard/`, as in pretraining) and learning-curve PNGs beside it. A LoRA chat model also gets its
+adapters alone in PEFT's format (`adapter/`), for the base model as `palmkit export` writes it.
 """
 
 from __future__ import annotations
@@ -24,15 +25,20 @@ from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
-from palmkit.io import save_tensors, split_list, staged_dir
-from palmkit.model.checkpoint import load_checkpoint, write_checkpoint
-from palmkit.model.lora import add_lora, merged_state_dict
+from palmkit.io import atomic_copy, check_destination, save_tensors, split_list, staged_dir
+from palmkit.model.checkpoint import CHECKPOINT_FILES, load_checkpoint, write_checkpoint
+from palmkit.model.lora import LoRALinear, add_lora, merged_state_dict, write_peft_adapter
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.train.metrics import MetricsLog, plot_curves, read_metrics
 from palmkit.train.step import lr_factor, make_optimizer, optimizer_step
 
 LOG_FILES = ("metrics.jsonl", "learning_curve.png", "valid_metric.png")
+LOG_DIRS = ("tensorboard",)
+ADAPTER_DIR = "adapter"  # a LoRA chat model's adapters in PEFT's format
+EVAL_DIR = "eval"  # `palmkit evaluate`'s default report folder, inside the model's folder
+# an existing OUT is replaced only when it holds these
+FINETUNE_FILES = CHECKPOINT_FILES | {HEAD_FILE, ADAPTER_DIR, EVAL_DIR, *LOG_FILES, *LOG_DIRS}
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -117,18 +123,21 @@ def _higher_is_better(metric: str) -> bool:
 class _Run:
     """The output folder: always a complete checkpoint of the best model so far, plus the logs."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, force: bool = False):
+        check_destination(out, FINETUNE_FILES, force)  # before the first log line is written there
+        self.out, self.force = out, force
         out.mkdir(parents=True, exist_ok=True)
         for name in LOG_FILES:
             (out / name).unlink(missing_ok=True)
-        self.log = MetricsLog(out, tensorboard=False)
+        for name in LOG_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
+        self.log = MetricsLog(out)
 
     def save(self, module: nn.Module, model: PaLM, tokenizer: Tokenizer, extra: dict) -> None:
         """Write model (LoRA merged) and head into a staging folder with the logs, then swap it in."""
         self.log.close()
         try:
-            with staged_dir(self.out) as staging:
+            with staged_dir(self.out, FINETUNE_FILES, self.force) as staging:
                 with torch.device("meta"):
                     shell = PaLM(model.config)
                 state = merged_state_dict(model)
@@ -137,11 +146,16 @@ class _Run:
                 head = getattr(module, "head", None)
                 if head is not None:
                     save_tensors(staging / HEAD_FILE, dict(head.state_dict()), metadata={"format": "pt"})
+                elif any(isinstance(m, LoRALinear) for m in model.modules()):
+                    write_peft_adapter(staging / ADAPTER_DIR, model)
                 for name in LOG_FILES:
                     if (self.out / name).is_file():
-                        shutil.copyfile(self.out / name, staging / name)
+                        atomic_copy(self.out / name, staging / name)
+                for name in LOG_DIRS:
+                    if (self.out / name).is_dir():
+                        shutil.copytree(self.out / name, staging / name)
         finally:
-            self.log = MetricsLog(self.out, tensorboard=False)
+            self.log = MetricsLog(self.out)
 
     def plot(self, metric: str) -> None:
         records = read_metrics(self.log.path)
@@ -158,10 +172,13 @@ class _Run:
 
 def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[Item],
         validate: Callable[[], dict[str, float]], loss_fn: Callable, cfg: FinetuneConfig, out: str | Path,
-        metric: str, extra: dict) -> dict:
+        metric: str, extra: dict, force: bool = False) -> dict:
     """Train `module` with AdamW, warm-up then cosine decay, validation with early stopping; the best
-    model is saved to `out` each time the validation metric improves. Returns the best validation record."""
-    run = _Run(Path(out))
+    model is saved to `out` each time the validation metric improves. Returns the best validation record.
+
+    An `out` that holds files palmkit does not write there is refused before training, or with `force` updated in
+    place: palmkit's files replaced, the others kept (palmkit.io.staged_dir)."""
+    run = _Run(Path(out), force)
     steps_per_epoch = math.ceil(len(train_items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(module, cfg.peak_lr, cfg.weight_decay)
@@ -240,10 +257,11 @@ class Job(NamedTuple):
 
 
 def start(kind: str, checkpoint: str, cfg: FinetuneConfig, task: str, files: dict[str, str]) -> Job:
-    """The task's data (a built-in `task`, or the user's `files`: train, valid, test, text_field, label_field) and
-    the pretrained model prepared for fine-tuning."""
+    """The task's data (a built-in `task`, or the user's `files`: train, valid, test, text_field, label_field,
+    label_names) and the pretrained model prepared for fine-tuning."""
     data = task_data(kind, task, files.get("train", ""), files.get("valid", ""), files.get("test", ""),
-                     files.get("text_field", "text"), files.get("label_field", "label"), cfg.seed)
+                     files.get("text_field", "text"), files.get("label_field", "label"), cfg.seed,
+                     files.get("label_names", ""))
     model, tokenizer, config = prepare(checkpoint, cfg)
     return Job(data, model, tokenizer, config, data_source(data, files))
 
@@ -274,11 +292,12 @@ def prepare(checkpoint: str, cfg: FinetuneConfig) -> tuple[PaLM, Tokenizer, dict
 
 
 def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file: str, text_field: str,
-               label_field: str, seed: int) -> TaskData:
+               label_field: str, seed: int, label_names: list[str] | str = "") -> TaskData:
     if bool(task) == bool(train_file):
         raise PalmkitError("give either --task (a built-in task) or --train_file (your own data)")
     data = load_task(task, seed=seed) if task else load_user_task(kind, train_file, valid_file, test_file,
-                                                                  text_field, label_field, seed)
+                                                                  text_field, label_field, seed,
+                                                                  label_names=label_names)
     if data.kind != kind:
         raise PalmkitError(f"task {data.name} is a {data.kind} task, not {kind}")
     return data

@@ -31,8 +31,10 @@ def _token_loss(module, ids, lengths, targets):
 
 
 def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
-                 test_file: str = "", label_field: str = "tags", char_level: bool = False,
-                 context: Literal["causal", "echo"] = "causal", train: FinetuneConfig = FinetuneConfig()) -> dict:
+                 test_file: str = "", label_field: str = "tags", label_names: list[str] | str = "",
+                 char_level: bool = False,
+                 context: Literal["causal", "echo"] = "causal", train: FinetuneConfig = FinetuneConfig(),
+                 force: bool = False) -> dict:
     """Fine-tune a named-entity tagger (BIO tags, a linear head on every token); returns the best validation scores.
 
     OUT ends up holding the checkpoint that did best on validation, with metrics.jsonl, learning_curve.png and
@@ -42,18 +44,23 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
         checkpoint: pretrained checkpoint folder to start from
         out: folder of the fine-tuned tagger
         task: a built-in task (ner-en, ner-zh, ner-ja), or give train_file instead
-        train_file: your own sentences: CoNLL (word and tag columns) or JSONL {"tokens": [...], "tags": [...]}
+        train_file: your own sentences: CoNLL (word and tag columns), or JSONL or a JSON array of
+            {"tokens": [...], "tags": [...]}
         valid_file: validation sentences (default: a seeded 10% of train_file)
         test_file: test sentences for `palmkit evaluate` (default: a seeded 10% of train_file)
-        label_field: the JSON key of the tags
+        label_field: the JSON key of the tags (ner_tags in Hugging Face datasets)
+        label_names: where tags are numbers, the tag of each (O,B-PER,I-PER,...: a list, or one comma-separated
+            string)
         char_level: one token per character, for scripts written without spaces
         context: causal: each token's tag sees only the words before it; echo: the sentence is fed twice and
             the tags read the second copy, so that every tag sees the whole sentence
         train: training options
+        force: write into OUT even when it holds other files: the model's files are replaced, the others kept
+            (without it such a folder is refused before training, never deleted)
     """
     cfg = train
     job = start("ner", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
-                                               "label_field": label_field})
+                                               "label_field": label_field, "label_names": label_names})
     data, model, tokenizer = job.data, job.model, job.tokenizer
     char_level = data.char_level or char_level
     echo = context == "echo"
@@ -71,4 +78,4 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
 
     extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
              "max_len": cfg.max_len, **job.source}
-    return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra)
+    return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra, force)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from palmkit.data.tasks import words_of
 from palmkit.errors import PalmkitError
@@ -22,14 +23,18 @@ from palmkit.model.tokenizer import Tokenizer
 @torch.no_grad()
 def predict_logits(module: nn.Module, items: Sequence[Item], pad_id: int, batch_size: int = 32,
                    ) -> list[torch.Tensor]:
-    """Logits of each item in input order (per text for classifiers, per position for taggers)."""
+    """Logits of each item in input order (per text for classifiers, per position for taggers); more than one
+    batch shows a progress bar (examples/s) on stderr."""
     out: list[torch.Tensor | None] = [None] * len(items)
     position = {id(it): i for i, it in enumerate(items)}
-    for batch in batches(items, batch_size):
-        ids, lengths = pad(batch, pad_id)
-        logits = module(ids, lengths).float()
-        for it, row, n in zip(batch, logits, lengths.tolist(), strict=True):
-            out[position[id(it)]] = row if row.dim() == 1 else row[:n]
+    with tqdm(total=len(items), unit="ex", desc="predict", leave=False, disable=len(items) <= batch_size,
+              dynamic_ncols=True) as bar:
+        for batch in batches(items, batch_size):
+            ids, lengths = pad(batch, pad_id)
+            logits = module(ids, lengths).float()
+            for it, row, n in zip(batch, logits, lengths.tolist(), strict=True):
+                out[position[id(it)]] = row if row.dim() == 1 else row[:n]
+            bar.update(len(batch))
     return out  # type: ignore[return-value]
 
 

@@ -10,6 +10,11 @@ A client that disconnects is cancelled at the next step boundary, which frees it
 
 Greedy requests give exactly the tokens of `palmkit.infer.generate.generate`; each sampled request draws from its
 own seeded generator, so a seeded request gives the same text whatever else runs.
+
+Log-probabilities are per request (`SamplingParams.logprobs`, `.prompt_logprobs`): each event carries those of the
+tokens accepted since the previous event (a final stop token, which the text never shows, left out), and the
+sequence's first event those of its prompt, from the prefill's own logits. `max_new_tokens=0` only prefills
+(scoring a prompt).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 
 from palmkit.errors import PalmkitError
-from palmkit.infer.sampling import SamplingParams, make_generator, sample
+from palmkit.infer.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
 from palmkit.infer.stop import StopRule
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.model.palm import KVCache, PaLM
@@ -49,6 +54,8 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens new since the last event, when requested
+    prompt_logprobs: list[TokenLogprob] | None = None  # of prompt[1:], on a sequence's first event, when requested
 
 
 class Sink:
@@ -71,6 +78,8 @@ class Sequence_:
     written: int = 0  # cache positions filled; the next token is fed at this position
     finish: str | None = None
     cancelled: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet delivered
+    prompt_logprobs: list[TokenLogprob] | None = None  # not yet delivered
 
 
 class EngineBusy(Exception):
@@ -102,6 +111,8 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._admitting = 0  # sequences taken from the queue whose prefill has not yet given them a slot
+        self.progress_at = time.monotonic()  # the engine thread's last sign of life; see `wedged`
         self.prompt_tokens = self.completion_tokens = self.decode_steps = 0
         self.autotune = autotune
         self.step_rows = list(range(max_batch + 1))  # decode rows for b running sequences; see tune_step_rows
@@ -110,7 +121,8 @@ class Engine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """The engine thread runs and takes work (False from the moment it starts to stop or dies)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     @property
     def queue_depth(self) -> int:
@@ -119,6 +131,11 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self._active)
+
+    def wedged(self, seconds: float) -> bool:
+        """Work is waiting and the engine thread has not finished a step for `seconds` (stuck or far too slow)."""
+        busy = self._pending or self._active or self._calls or self._admitting
+        return bool(busy) and time.monotonic() - self.progress_at > seconds
 
     def start(self) -> Engine:
         """Start the engine thread (once)."""
@@ -148,9 +165,10 @@ class Engine:
                           make_generator(p.seed, self.device))
                 for i, (prompt, p) in enumerate(requests)]
         with self._cond:
-            if not self.alive or self._stopping:
+            if not self.alive:
                 raise EngineStopped("The engine is not running.")
-            free = self.max_batch - len(self._active)
+            # sequences being admitted hold slots already: without them the queue would take that many too many
+            free = self.max_batch - len(self._active) - self._admitting
             if len(self._pending) + len(seqs) > self.max_queue + free:
                 raise EngineBusy(f"The server is busy ({len(self._pending)} requests waiting); retry shortly.")
             self._pending.extend(seqs)
@@ -170,6 +188,8 @@ class Engine:
         """Run `fn()` on the engine thread between steps (exclusive use of the model); a future of its result."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
+            if not self.alive:  # nobody would ever run it
+                raise EngineStopped("The engine is not running.")
             self._calls.append((fn, future))
             self._cond.notify()
         return future
@@ -181,6 +201,7 @@ class Engine:
     # -- the engine thread -------------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        self.progress_at = time.monotonic()
         try:
             with torch.inference_mode():
                 if self.autotune:
@@ -189,8 +210,12 @@ class Engine:
                         log.info("decode rows per running count: %s", self.step_rows[1:])
                     except Exception:  # e.g. out of memory at the largest batch: serve untuned
                         log.exception("could not time the decode step; stepping exactly the running rows")
+                self.progress_at = time.monotonic()
                 while self._step():
-                    pass
+                    self.progress_at = time.monotonic()
+        except BaseException:
+            log.critical("the engine thread died", exc_info=True)
+            raise
         finally:
             with self._cond:
                 self._stopping = True
@@ -200,8 +225,10 @@ class Engine:
                 self._calls.clear()
             self._fail(orphans, "the engine stopped")
             for _, future in calls:
-                future.cancel()
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(EngineStopped("The engine stopped."))
             self._active.clear()
+            self._admitting = 0
 
     def _step(self) -> bool:
         with self._cond:
@@ -214,6 +241,7 @@ class Engine:
             admit = []
             while self._pending and len(self._active) + len(admit) < self.max_batch:
                 admit.append(self._pending.popleft())
+            self._admitting = len(admit)
         for fn, future in calls:
             if future.set_running_or_notify_cancel():
                 try:
@@ -223,14 +251,16 @@ class Engine:
         events: list[tuple[Sequence_, Event]] = []
         # A failure fails the sequences it touched, never the server: one prompt's prefill, or one whole step.
         for seq in admit:
-            if seq.cancelled:
-                continue
             try:
-                self._prefill(seq, events)
+                if not seq.cancelled:
+                    self._prefill(seq, events)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._active.remove(seq)
                 self._fail([seq], f"generation failed: {exc}")
+            finally:
+                with self._cond:  # now in a slot (or gone): counted by len(self._active) from here on
+                    self._admitting -= 1
         try:
             self._retire()
             if self._active:
@@ -253,6 +283,13 @@ class Engine:
         h = self.model.hidden_states(ids, positions, cache=self.cache.rows(slice(slot, slot + 1)))
         seq.written = len(seq.prompt)
         self.prompt_tokens += len(seq.prompt)
+        if seq.params.prompt_logprobs is not None:
+            logits = self.model.logits(h[0, :-1])[:, : self.vocab]
+            seq.prompt_logprobs = token_logprobs(logits, seq.prompt[1:], seq.params.prompt_logprobs)
+        if seq.params.max_new_tokens == 0:
+            seq.finish = "length"
+            events.append((seq, Event(seq.index, finish_reason="length", prompt_logprobs=seq.prompt_logprobs)))
+            return
         self._sample([seq], self.model.logits(h[:, -1]), events)
 
     def _decode(self, events: list) -> None:
@@ -304,6 +341,8 @@ class Engine:
         greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
         for seq, row, best in zip(seqs, logits, greedy, strict=True):
             token = best if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
+            if seq.params.logprobs is not None:
+                seq.logprobs += token_logprobs(row[None], [token], seq.params.logprobs)
             self._accept(seq, token, events)
 
     def _accept(self, seq: Sequence_, token: int, events: list) -> None:
@@ -311,8 +350,13 @@ class Engine:
         self.completion_tokens += 1
         text = seq.rule.push(token)  # the rule generate() applies: stop ids, stop strings, length
         seq.finish = seq.rule.finish
+        if seq.finish == "stop" and token in seq.rule.stop_ids and seq.logprobs:
+            seq.logprobs.pop()  # the stop token is not part of the text, nor of its log-probabilities
         if text or seq.finish:
-            events.append((seq, Event(seq.index, text, seq.finish, len(seq.tokens))))
+            events.append((seq, Event(seq.index, text, seq.finish, len(seq.tokens),
+                                      logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                                      prompt_logprobs=seq.prompt_logprobs)))
+            seq.logprobs, seq.prompt_logprobs = [], None
 
     def _retire(self) -> None:
         """Drop finished and cancelled sequences, moving the last running one into each freed slot."""
@@ -324,11 +368,12 @@ class Engine:
                 continue
             last = self._active.pop()
             if last is not seq:
-                src, n = len(self._active), last.written
-                for k, v in zip(self.cache.k, self.cache.v, strict=True):
-                    k[i, :, :n] = k[src, :, :n]
-                    v[i, :, :n] = v[src, :, :n]
+                self._move_row(len(self._active), i, last.written)
                 self._active[i] = last
+
+    def _move_row(self, src: int, dst: int, n: int) -> None:
+        """Copy cache row `src`'s first n positions into row `dst` (a tensor-parallel engine does it on every rank)."""
+        move_cache_row(self.cache, src, dst, n)
 
     def _fail(self, seqs: Iterable[Sequence_], message: str) -> None:
         self._deliver([(s, Event(s.index, error=message, completion_tokens=len(s.tokens))) for s in seqs])
@@ -345,6 +390,13 @@ class Engine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the loop is closed: nobody is waiting for these events
                 pass
+
+
+def move_cache_row(cache: KVCache, src: int, dst: int, n: int) -> None:
+    """Copy row `src`'s first n cached positions into row `dst`, in every layer."""
+    for k, v in zip(cache.k, cache.v, strict=True):
+        k[dst, :, :n] = k[src, :, :n]
+        v[dst, :, :n] = v[src, :, :n]
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Event]]) -> None:

@@ -100,7 +100,7 @@ def generate(model: PaLM, tokenizer: Tokenizer, prompts: str | Sequence[str],
     """Complete each prompt; a batch of prompts of different lengths runs together."""
     params = params or SamplingParams()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    encoded = [tokenizer.encode_prompt(p) for p in prompts]
     # generate_ids stops rows by the token rules alone; the same rules with the text also catch stop strings
     rules = [_text_rule(model, tokenizer, ids, params) for ids in encoded]
     gen = generate_ids(model, encoded, params)
@@ -126,7 +126,7 @@ def _text_rule(model: PaLM, tokenizer: Tokenizer, prompt: list[int], params: Sam
 
 def stream_to(model: PaLM, tokenizer: Tokenizer, prompt: str, params: SamplingParams, out=sys.stdout) -> Completion:
     """Generate for one prompt, writing text to `out` as it is produced."""
-    encoded = tokenizer.encode(prompt, bos=True)
+    encoded = tokenizer.encode_prompt(prompt)
     rule = _text_rule(model, tokenizer, encoded, params)
     for (tok,) in generate_ids(model, [encoded], params):
         out.write(rule.push(tok))

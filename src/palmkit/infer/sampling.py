@@ -1,4 +1,5 @@
-"""Sampling parameters and drawing one token: greedy, temperature, top-k, top-p, seeded generators."""
+"""Sampling parameters and drawing one token: greedy, temperature, top-k, top-p, seeded generators; the
+log-probabilities of tokens and their most likely alternatives."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] = ()
     stop_at_eos: bool = True
+    # Log-probabilities, of the model's own distribution (before temperature, top-k and top-p): None for none,
+    # k >= 0 for each token's own and the k most likely alternatives'; of the generated tokens, and of the
+    # prompt's tokens from the second on (the first has no context to be predicted from).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature < float("inf")):  # also rejects NaN
@@ -31,6 +37,9 @@ class SamplingParams:
             raise PalmkitError(f"top_k must be >= 0, got {self.top_k}")
         if self.max_new_tokens < 0:
             raise PalmkitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise PalmkitError(f"{name} must be None or >= 0, got {getattr(self, name)}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
 
@@ -60,3 +69,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs[drop] = 0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability under the model and the `k` most likely ids at its position."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (id, log-probability), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, ids: Sequence[int], k: int = 0) -> list[TokenLogprob]:
+    """The log-probability of ids[t] under logits[t] (T, V) for every t, with the k most likely ids at t."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(ids, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return [TokenLogprob(i, lp, []) for i, lp in zip(ids, chosen, strict=True)]
+    values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return [TokenLogprob(i, lp, list(zip(ti, tv, strict=True)))
+            for i, lp, ti, tv in zip(ids, chosen, indices.tolist(), values.tolist(), strict=True)]

@@ -7,25 +7,28 @@ checkpoint, and loading never unpickles: tensors come from safetensors, everythi
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from palmkit.errors import CheckpointError
-from palmkit.io import atomic_write_json, load_json, load_tensors, save_tensors, staged_dir
+from palmkit.io import atomic_copy, atomic_write_json, load_json, load_tensors, save_tensors, staged_dir
 from palmkit.model.layouts import model_state, restore_layout, saved_layout
 from palmkit.model.palm import ModelConfig, PaLM, rotary_tables
 from palmkit.model.tokenizer import Tokenizer
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.model"
+CHECKPOINT_FILES = frozenset({MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE})  # what a folder may hold to be replaced
 
 
 def save_checkpoint(path: str | os.PathLike, model: PaLM, tokenizer: Tokenizer | str | os.PathLike,
-                    extra: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically: built beside the target, then renamed into place."""
+                    extra: dict | None = None, force: bool = False) -> Path:
+    """Write a checkpoint folder atomically: built beside the target, then renamed into place.
+
+    An existing folder is replaced only when it holds nothing but checkpoint files; `force` writes into any
+    folder, replacing the checkpoint files and keeping the others (palmkit.io.staged_dir)."""
     path = Path(path)
-    with staged_dir(path) as staging:
+    with staged_dir(path, CHECKPOINT_FILES, force) as staging:
         write_checkpoint(staging, model, tokenizer, extra)
     return path
 
@@ -34,12 +37,13 @@ def write_checkpoint(folder: Path, model: PaLM, tokenizer: Tokenizer | str | os.
                      extra: dict | None = None) -> None:
     """Write the checkpoint files into an existing folder (one being staged: see `save_checkpoint`)."""
     tok_file = tokenizer.path if isinstance(tokenizer, Tokenizer) else Path(tokenizer)
-    config = {"model": model.config.to_dict(), **(extra or {})}
+    add_bos = tokenizer.add_bos if isinstance(tokenizer, Tokenizer) else True
+    config = {"model": model.config.to_dict(), "tokenizer": {"add_bos": add_bos}, **(extra or {})}
     for section, layout in saved_layout(model).items():  # int8 or low-rank layers: how to rebuild them
         config[section] = {**config.get(section, {}), **layout}
     save_tensors(folder / MODEL_FILE, model_state(model), metadata={"format": "pt"})
     atomic_write_json(folder / CONFIG_FILE, config)
-    shutil.copyfile(tok_file, folder / TOKENIZER_FILE)
+    atomic_copy(tok_file, folder / TOKENIZER_FILE)
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -53,6 +57,12 @@ def load_config(path: str | os.PathLike) -> dict:
     return config
 
 
+def bos_rule(config: dict) -> bool:
+    """Whether the checkpoint's sequences start with BOS (`tokenizer.add_bos` in config.json). A checkpoint
+    written before the rule was recorded says nothing: palmkit prompted and fine-tuned those with BOS, so True."""
+    return bool(config.get("tokenizer", {}).get("add_bos", True))
+
+
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[PaLM, Tokenizer, dict]:
     """(model in eval mode, tokenizer, config dict) from a checkpoint folder."""
@@ -64,7 +74,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"corrupt checkpoint file {path / CONFIG_FILE}: {exc}") from None
     state = load_tensors(path / MODEL_FILE)
     try:
-        tokenizer = Tokenizer(path / TOKENIZER_FILE)
+        tokenizer = Tokenizer(path / TOKENIZER_FILE, add_bos=bos_rule(config))
     except (FileNotFoundError, ValueError) as exc:
         raise CheckpointError(str(exc)) from None
     with torch.device("meta"):

@@ -2,23 +2,37 @@
 
 Cohere's architecture is PaLM's (parallel block, one bias-free LayerNorm, SwiGLU, multi-query
 attention, interleaved rotary pairs, tied embeddings, a logit scale), so export is a rename.
+
+The tokenizer goes out as `tokenizer.json` (the `tokenizers` library's format: loading needs neither
+sentencepiece nor protobuf) built from the SentencePiece model's pieces, with the checkpoint's BOS rule and the
+chat template; generation stops at `</s>` and at the chat template's `<|end|>`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from palmkit.io import atomic_write_json, load_tensors, save_tensors, staged_dir
-from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, load_config
+from palmkit.errors import PalmkitError
+from palmkit.io import atomic_copy, atomic_write_json, check_destination, load_tensors, save_tensors, staged_dir
+from palmkit.model.chat_template import CONTENT_CUT, END, jinja_template
+from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, bos_rule, load_config
 from palmkit.model.layouts import dense_weights, hf_state_dict, is_dense
 from palmkit.model.palm import ModelConfig
-from palmkit.model.tokenizer import CHAT_SYMBOLS
+from palmkit.model.tokenizer import CHAT_SYMBOLS, Tokenizer
+
+# Fine-tuned checkpoints whose output is a head of their own (head.safetensors), which CohereForCausalLM lacks.
+HEAD_TASKS = ("classify", "ner")
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-    """config.json for transformers' CohereConfig."""
+def stop_ids(tokenizer: Tokenizer) -> list[int]:
+    """The ids that end a generation: EOS, and the chat template's end of turn."""
+    end = tokenizer.sp.piece_to_id(END)
+    return [tokenizer.eos_id] + ([end] if end != tokenizer.sp.unk_id() else [])
+
+
+def hf_config(cfg: ModelConfig, eos_ids: list[int] | None = None) -> dict:
+    """config.json for transformers' CohereConfig (eos_ids: `stop_ids` of the tokenizer; EOS alone by default)."""
     return {
         "architectures": ["CohereForCausalLM"],
         "model_type": "cohere",
@@ -41,20 +55,17 @@ def hf_config(cfg: ModelConfig) -> dict:
         "attention_bias": False,
         "pad_token_id": cfg.pad_id,
         "bos_token_id": cfg.bos_id,
-        "eos_token_id": cfg.eos_id,
+        "eos_token_id": eos_ids or [cfg.eos_id],
         "torch_dtype": "float32",
     }
 
 
-def tokenizer_config(cfg: ModelConfig) -> dict:
-    """tokenizer_config.json: a SentencePiece LlamaTokenizer that adds nothing of its own."""
+def tokenizer_config(cfg: ModelConfig, add_bos: bool = True) -> dict:
+    """tokenizer_config.json: the fast tokenizer of tokenizer.json, BOS by the checkpoint's rule, the chat template."""
     return {
-        "tokenizer_class": "LlamaTokenizer",
-        "legacy": False,
-        "add_bos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
         "add_eos_token": False,
-        "add_prefix_space": False,
-        "add_dummy_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "bos_token": "<s>",
         "eos_token": "</s>",
@@ -62,31 +73,97 @@ def tokenizer_config(cfg: ModelConfig) -> dict:
         "unk_token": "<unk>",
         "model_max_length": cfg.max_seq_len,
         "additional_special_tokens": list(CHAT_SYMBOLS),
+        "chat_template": jinja_template(add_bos),
     }
 
 
-def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def tokenizer_json(tokenizer: Tokenizer, add_bos: bool = True) -> dict:
+    """The SentencePiece BPE model as a `tokenizers` BPE model that gives the same ids.
+
+    SentencePiece merges, at each step, the adjacent pair whose merged piece scores highest; a `tokenizers`
+    BPE merges the pair of lowest rank. Ranking every split of every piece by the merged piece's score makes
+    them the same algorithm (transformers' own SentencePiece conversion does this too). Spaces become "▁" and
+    nothing else is normalised, as in training; unknown characters fall back to bytes. Control pieces and the
+    chat markers are added tokens. The pre-tokenizer cuts text at CONTENT_CUT and drops it: the exported chat
+    template writes it after the "<" of a marker typed inside a message, so that the marker stays letters.
+    """
+    sp = tokenizer.sp
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    added = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i) or pieces[i] in CHAT_SYMBOLS]
+    skip = set(added)
+    mergeable = {p: i for i, p in enumerate(pieces) if i not in skip and not sp.is_byte(i) and not sp.is_unused(i)}
+    merges = sorted((-sp.get_score(i), i, p[:k], p[k:]) for p, i in mergeable.items()
+                    for k in range(1, len(p)) if p[:k] in mergeable and p[k:] in mergeable)
+    bos = pieces[tokenizer.bos_id]
+    lead = [{"SpecialToken": {"id": bos, "type_id": 0}}] if add_bos else []
+    second = [{"SpecialToken": {"id": bos, "type_id": 1}}] if add_bos else []
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in added],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        "pre_tokenizer": {"type": "Split", "pattern": {"String": CONTENT_CUT}, "behavior": "Removed",
+                          "invert": False},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [*lead, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [*lead, {"Sequence": {"id": "A", "type_id": 0}}, *second, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}} if add_bos else {},
+        },
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[sp.unk_id()], "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": {p: i for i, p in enumerate(pieces)}, "merges": [[a, b] for *_, a, b in merges]},
+    }
+
+
+# What an export folder holds: an existing OUT is replaced only when it holds nothing else (or with --force).
+EXPORT_FILES = frozenset({"model.safetensors", "config.json", "generation_config.json", "tokenizer_config.json",
+                          "special_tokens_map.json", "tokenizer.json", "tokenizer.model"})
+
+
+def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, drop_head: bool = False,
+              force: bool = False) -> Path:
     """Write a folder that `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline.
 
     Args:
         checkpoint: a palmkit checkpoint folder (int8 or low-rank ones are written as the dense weights they
             stand for)
-        out: the Hugging Face folder (CohereForCausalLM: config.json, model.safetensors, tokenizer)
+        out: the Hugging Face folder (CohereForCausalLM: config.json, model.safetensors, tokenizer.json with the
+            chat template)
+        drop_head: export a classify or ner checkpoint's language model without its head (refused otherwise:
+            CohereForCausalLM has no place for the head, so the export would not classify or tag)
+        force: write into OUT even when it holds files of its own: the export's files are replaced, the others
+            kept (without it such a folder is refused, never deleted)
     """
     checkpoint, out = Path(checkpoint), Path(out)
+    check_destination(out, EXPORT_FILES, force)  # before the work, not after it
     config = load_config(checkpoint)
+    task = config.get("task")
+    if task in HEAD_TASKS and not drop_head:
+        raise PalmkitError(f"{checkpoint} is a {task} checkpoint: its head (head.safetensors) has no place in a "
+                           "transformers CohereForCausalLM, so the export would not " + ("classify" if task ==
+                           "classify" else "tag") + "; use it with palmkit (serve, classify, tag), or pass "
+                           "--drop_head to export its language model alone")
     cfg = ModelConfig.from_dict(config["model"])
     state = load_tensors(checkpoint / MODEL_FILE)
     if not is_dense(config):  # transformers gets the dense weights they stand for
         state = dense_weights(state)
     tensors = hf_state_dict(state)
-    with staged_dir(out) as staging:
+    add_bos = bos_rule(config)
+    tokenizer = Tokenizer(checkpoint / TOKENIZER_FILE, add_bos=add_bos)
+    eos_ids = stop_ids(tokenizer)
+    with staged_dir(out, EXPORT_FILES, force) as staging:
         save_tensors(staging / "model.safetensors", tensors, metadata={"format": "pt"})
-        atomic_write_json(staging / "config.json", hf_config(cfg))
+        atomic_write_json(staging / "config.json", hf_config(cfg, eos_ids))
         atomic_write_json(staging / "generation_config.json", {
-            "bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "pad_token_id": cfg.pad_id})
-        atomic_write_json(staging / "tokenizer_config.json", tokenizer_config(cfg))
+            "bos_token_id": cfg.bos_id, "eos_token_id": eos_ids, "pad_token_id": cfg.pad_id})
+        atomic_write_json(staging / "tokenizer_config.json", tokenizer_config(cfg, add_bos))
         atomic_write_json(staging / "special_tokens_map.json", {
             "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
-        shutil.copyfile(checkpoint / TOKENIZER_FILE, staging / "tokenizer.model")
+        atomic_write_json(staging / "tokenizer.json", tokenizer_json(tokenizer, add_bos))
+        atomic_copy(checkpoint / TOKENIZER_FILE, staging / "tokenizer.model")  # for tools that read SentencePiece
     return out

@@ -1,17 +1,25 @@
 """LoRA (Hu et al. 2021, https://arxiv.org/abs/2106.09685): frozen base weights plus a trainable low-rank
 update B @ A on chosen projections, merged into the weights on save.
+
+`write_peft_adapter` also writes the adapters alone in PEFT's format (adapter_config.json,
+adapter_model.safetensors) for the base model as `palmkit export` writes it: PEFT's LoRA computes the same
+W x + (alpha / r) B A x, so `PeftModel.from_pretrained(exported_base, folder)` is the merged model.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from palmkit.errors import PalmkitError
+from palmkit.io import atomic_write_json, save_tensors
+from palmkit.model.layouts import hf_state_dict
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,3 +89,35 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 plain.weight.data.copy_(child.merged_weight().detach())
                 setattr(module, name, plain)
     return model
+
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def peft_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, adapter_config) of the model's LoRA adapters in PEFT's format, under the exported base's names."""
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not lora:
+        raise PalmkitError("the model has no LoRA adapters")
+    ours = {f"{name}.lora_{part}.weight": getattr(m, f"lora_{part}").detach().float().clone()
+            for name, m in lora.items() for part in "AB"}
+    # PEFT wraps the transformers model (base_model.model) and stores weights without the adapter's name.
+    tensors = {f"base_model.model.{k}": v for k, v in hf_state_dict(ours).items()}
+    first = next(iter(lora.values()))
+    rank = first.lora_A.shape[0]
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": first.scaling * rank,
+              "lora_dropout": first.dropout.p, "target_modules": sorted({n.rpartition(".")[2] for n in lora}),
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+              "base_model_name_or_path": None, "revision": None}
+    return tensors, config
+
+
+def write_peft_adapter(folder: str | os.PathLike, model: nn.Module) -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter folder for the base model's export."""
+    tensors, config = peft_adapter(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, config)
+    return folder

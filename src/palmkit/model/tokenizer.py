@@ -2,18 +2,27 @@
 
 Lossless: whitespace is kept as is, digits are split into single tokens, and anything outside the
 vocabulary falls back to UTF-8 bytes, so decode(encode(text)) == text for every string.
+
+The BOS rule: every sequence the model sees starts with BOS. A pretraining document is
+`BOS text EOS` (palmkit.data.shards.encode_document), a prompt is `BOS text` (`encode_prompt`), a
+conversation is `BOS` and its template (chat_template.encode_chat), and the exported tokenizer adds BOS
+too (`add_bos_token`), so the same string gives the same ids in palmkit, in transformers and in the server.
+A checkpoint records the rule in config.json (`tokenizer.add_bos`); `add_bos` below is that flag.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 from palmkit.errors import PalmkitError
+from palmkit.io import atomic_write_bytes
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 
@@ -21,12 +30,20 @@ PAD, BOS, EOS, UNK = 0, 1, 2, 3
 # Chat-template markers are whole pieces so that a role switch is one token, never split by text.
 CHAT_SYMBOLS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 
+# The names of the special pieces; transformers reads them in any text as their tokens, SentencePiece does not.
+SPECIAL_PIECES = ("<pad>", "<s>", "</s>", "<unk>")
+
+# Text that must stay letters inside a chat message: `encode_plain` cuts each occurrence after its "<", so that
+# neither SentencePiece (which matches the chat markers) nor transformers (which matches all of them) sees it.
+_CONTROL_TEXT = re.compile("|".join(re.escape(s) for s in (*CHAT_SYMBOLS, *SPECIAL_PIECES)))
+
 
 class Tokenizer:
     """Thin wrapper over a SentencePiece model file with palmkit's special ids."""
 
-    def __init__(self, model_file: str | os.PathLike):
+    def __init__(self, model_file: str | os.PathLike, add_bos: bool = True):
         path = Path(model_file)
+        self.add_bos = add_bos  # the BOS rule the model was trained with (see the module docstring)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {path}")
         self.path = path
@@ -44,6 +61,20 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids for one string."""
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt to complete: BOS first when the model was trained that way (`add_bos`)."""
+        return self.encode(text, bos=self.add_bos)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of text in which chat markers and special-piece names are letters, never control tokens.
+
+        Message content goes through here, so that a user who types `<|system|>` cannot open a system turn.
+        Each such name is encoded as "<" followed by the rest, the same cut the exported chat template makes.
+        """
+        cuts = [m.start() + 1 for m in _CONTROL_TEXT.finditer(text)]
+        bounds = [0, *cuts, len(text)]
+        return [i for a, b in itertools.pairwise(bounds) if b > a for i in self.sp.encode(text[a:b])]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids for many strings (SentencePiece encodes them in parallel threads)."""
@@ -80,7 +111,5 @@ def train_tokenizer(texts: Iterable[str], out_file: str | os.PathLike, vocab_siz
         )
     except RuntimeError as exc:
         raise PalmkitError(f"tokenizer training failed: {exc}") from None
-    tmp = out_file.with_suffix(out_file.suffix + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out_file)
+    atomic_write_bytes(out_file, model.getvalue())
     return Tokenizer(out_file)

@@ -15,37 +15,51 @@ More endpoints (e.g. `/v1/classify`) plug in with `create_app(..., routers=[r])`
 check, the metrics and the error format, and reach the model through `request.app.state.palmkit`
 (`ServerState`); `await state.engine.run(fn)` runs `fn()` on the engine thread between decode steps, so the
 model is never used by two threads at once.
+
+Hostile or unlucky clients (serve/limits.py, serve/guard.py, serve/connections.py): bodies are bounded (1 MiB
+unless `--limits.max_body_bytes` says more) and parsed, tokenized and grounded off the event loop; the Host,
+the key, the Content-Type and the size are checked before a body is read; headers, slow connections and the
+number of connections are bounded. If the engine thread dies every model route answers 503 and the process
+exits with status 1, for a supervisor (systemd `Restart=on-failure`, Kubernetes) to restart it; `/health`
+answers 503 too, and also while the engine is wedged (work waiting, no step finished for
+`--limits.wedge_seconds`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from palmkit.infer.engine import Engine, EngineBusy, EngineStopped, load_engine
+from palmkit.infer.tensor_parallel import tensor_parallel_engine
 from palmkit.model.chat_template import chat_template
 from palmkit.serve.classify import classify_router
+from palmkit.serve.connections import uvicorn_config
 from palmkit.serve.grounding import FaqIndex
+from palmkit.serve.guard import LOOPBACK_NAMES, PUBLIC_PATHS, Guard, engine_stopped, request_id, server_error
+from palmkit.serve.limits import Limits
 from palmkit.serve.metrics import Metrics
 from palmkit.serve.openai import api_router
 from palmkit.serve.protocol import APIError
-from palmkit.serve.state import ServerState, check_key
-
-log = logging.getLogger(__name__)
-
+from palmkit.serve.recommend import recommend_router
+from palmkit.serve.schema import error_responses, openapi_document
+from palmkit.serve.state import ServerState
 
 log = logging.getLogger("palmkit.serve")
 
@@ -88,8 +102,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return APIError(429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}).response()
 
     @app.exception_handler(EngineStopped)
-    async def engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
-        return APIError(503, str(exc), "server_error", code="engine_stopped").response()
+    async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+        return engine_stopped().response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,17 +118,31 @@ def _install_error_handlers(app: FastAPI) -> None:
                         headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return APIError(500, "The server had an error while processing your request.", "server_error").response()
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # the traceback stays in the log, under the id the client is given
+        log.exception("request %s: unhandled error on %s", request_id(request.scope), request.url.path)
+        return server_error(request.scope).response()
+
+
+async def _watch(engine: Engine, on_death: Callable[[], None] | None) -> None:
+    """Wait for the engine thread to end while the app runs (it never should), then report it."""
+    while engine.alive:
+        await asyncio.sleep(0.2)
+    log.critical("the engine thread has stopped: every model route answers 503")
+    if on_death is not None:
+        on_death()
 
 
 def create_app(source: str | os.PathLike | Engine, model_name: str | None = None, api_key: str | None = None,
                max_batch: int = 16, max_queue: int = 64, device: str = "cpu", dtype: str = "float32",
                template: str | None = None, routers: Sequence[APIRouter] = (),
-               faq: str | os.PathLike | FaqIndex | None = None) -> FastAPI:
+               faq: str | os.PathLike | FaqIndex | None = None, limits: Limits = Limits(),
+               allowed_hosts: Iterable[str] | None = None,
+               on_engine_death: Callable[[], None] | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
     """The FastAPI app serving a checkpoint folder or an Engine (max_batch, max_queue, device: folder only);
-    faq: a FAQ file (or index) that grounds chat requests."""
+    faq: a FAQ file (or index) that grounds chat requests; limits: what clients may send (serve/limits.py);
+    allowed_hosts: the only Host names answered (None: any); on_engine_death: called if the engine thread dies;
+    cors_origins: web origins whose pages may call the API ("*": any)."""
     faq_index = FaqIndex.from_file(faq) if faq is not None and not isinstance(faq, FaqIndex) else faq
     if isinstance(source, Engine):
         engine, config, default_name = source, {}, "palmkit"
@@ -125,22 +153,33 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        watch = asyncio.create_task(_watch(engine, on_engine_death))
         try:
             yield
         finally:
+            watch.cancel()
             engine.stop()
 
-    app = FastAPI(title="palmkit", lifespan=lifespan)
+    # With a key the interactive docs are off (a browser cannot send the key); /openapi.json needs the key.
+    app = FastAPI(title="palmkit", lifespan=lifespan, docs_url=None if api_key else "/docs", redoc_url=None)
     app.state.palmkit = state = ServerState(
         engine=engine, model_name=model_name or default_name,
         format_chat=chat_template(template or config.get("chat_template")), api_key=api_key or None,
-        metrics=Metrics(), created=int(time.time()), faq=faq_index)
+        metrics=Metrics(), created=int(time.time()), faq=faq_index, limits=limits)
     _install_error_handlers(app)
-    app.include_router(api_router(), dependencies=[Depends(check_key)])
     if config.get("task") == "classify":
         routers = [*routers, classify_router(source, engine)]
-    for router in routers:
-        app.include_router(router, dependencies=[Depends(check_key)])
+    if config.get("task") == "recommend":
+        routers = [*routers, recommend_router(source, engine)]
+    for router in (api_router(), *routers):
+        app.include_router(router, responses=error_responses())
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(app, state.model_name, state.api_key is not None, PUBLIC_PATHS)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     page = chat_page_html(state)  # nothing in it changes while the app runs
 
@@ -149,18 +188,24 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
         """The web chat page."""
         return HTMLResponse(page)
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "The engine has stopped or is wedged."}})
     async def health() -> JSONResponse:
-        """200 while the engine runs, 503 when it has stopped."""
-        ok = engine.alive
-        return JSONResponse({"status": "ok" if ok else "engine stopped"}, status_code=200 if ok else 503)
+        """200 while the engine runs; 503 when it has stopped, or is wedged (work waiting, no step finished for
+        limits.wedge_seconds)."""
+        status = ("engine stopped" if not engine.alive else
+                  "engine wedged" if engine.wedged(limits.wedge_seconds) else "ok")
+        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={**error_responses(401), 200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
         """Prometheus text exposition."""
         return Response(state.metrics.render(engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.add_middleware(_Instrument, state=state)
+    app.add_middleware(Guard, state=state, allowed_hosts=allowed_hosts)
+    if cors_origins:  # outside the guard: a browser's preflight carries no key, and its refusals need the headers
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"])
+    app.add_middleware(_Instrument, state=state)  # outermost: counts the guard's refusals too
     return app
 
 
@@ -176,7 +221,8 @@ def chat_page_html(state: ServerState) -> str:
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
           dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info",
-          faq: str = "") -> None:
+          faq: str = "", limits: Limits = Limits(), allowed_hosts: str = "", tp: int = 1,
+          vocab_parallel: bool = False, cors_origins: str = "") -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
     The chat page is at http://HOST:PORT/.
@@ -195,10 +241,44 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         log_level: uvicorn's log level (critical, error, warning, info, debug)
         faq: a FAQ file (CSV question,answer or JSONL) that grounds chat answers; questions it does not cover
             get a fixed "no answer" reply
+        limits: what one client may send and hold (body size, connections, timeouts; README "Serve")
+        allowed_hosts: comma-separated Host names answered besides the loopback ones when bound to loopback
+            (e.g. the name a local reverse proxy forwards); ignored on other addresses
+        tp: tensor-parallel processes: `torchrun --nproc_per_node=N -m palmkit.cli serve --tp N ...`; rank 0
+            serves, each rank takes the GPU of its local rank (or the CPU); device is then ignored
+        vocab_parallel: with --tp, split the shared embedding by vocabulary instead of keeping it whole on
+            every rank
+        cors_origins: comma-separated web origins (`https://app.example.com`) whose pages may call the API
+            from a browser, or `*` for any; none by default
     """
     api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
-    app = create_app(checkpoint, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     device=device, dtype=dtype, faq=faq or None)
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+    loopback = host in LOOPBACK_NAMES
+    hosts = [*LOOPBACK_NAMES, *(h.strip() for h in allowed_hosts.split(",") if h.strip())] if loopback else None
+    server: uvicorn.Server | None = None
+    died = False
+
+    def exit_on_engine_death() -> None:
+        nonlocal died
+        died = True
+        if server is not None:
+            server.should_exit = True
+
+    source: str | Engine = checkpoint
+    template = None
+    if tp > 1:  # rank 0 serves; the other ranks follow its forward passes until its engine stops
+        engine, config = tensor_parallel_engine(checkpoint, tp, dtype, max_batch, max_queue, vocab_parallel)
+        if engine is None:
+            return
+        source, template = engine, config.get("chat_template")
+        model_name = model_name or Path(checkpoint).resolve().name
+    app = create_app(source, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     device=device, dtype=dtype, template=template, faq=faq or None, limits=limits,
+                     allowed_hosts=hosts, on_engine_death=exit_on_engine_death,
+                     cors_origins=[o.strip() for o in cors_origins.split(",") if o.strip()])
+    if not loopback and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
+    server.run()
+    if died:  # status 1: a supervisor restarts a server whose engine is gone
+        log.critical("exiting: the engine thread died")
+        sys.exit(1)

@@ -10,8 +10,12 @@ from pydantic import BaseModel
 
 from palmkit.finetune.predict import load_classifier
 from palmkit.infer.engine import Engine
+from palmkit.serve.limits import cut_text, read_json
 from palmkit.serve.protocol import APIError
+from palmkit.serve.schema import json_body
 from palmkit.serve.state import server_state
+
+MAX_TEXTS = 256
 
 
 class ClassifyRequest(BaseModel):
@@ -27,13 +31,17 @@ def classify_router(checkpoint: str | os.PathLike, engine: Engine) -> APIRouter:
     classifier = load_classifier(checkpoint, model=engine.model, tokenizer=engine.tokenizer)
     router = APIRouter()
 
-    @router.post("/v1/classify")
-    async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+    @router.post("/v1/classify", openapi_extra=json_body(ClassifyRequest, {"input": "The service was quick."}))
+    async def classify(request: Request) -> JSONResponse:
+        """Labels and their probabilities for one text or up to 256."""
         state = server_state(request)
+        body = await read_json(request, ClassifyRequest, state.limits)
         state.check_model(body.model)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts or len(texts) > 256:
-            raise APIError(400, "input must hold 1 to 256 texts", param="input")
+        if not texts or len(texts) > MAX_TEXTS:
+            raise APIError(400, f"input must hold 1 to {MAX_TEXTS} texts", param="input", code="invalid_value")
+        # the classifier reads the first max_len tokens: the rest of a long text is never tokenized
+        texts = [cut_text(t, classifier.max_len, state.piece_chars) for t in texts]
         results = await state.engine.run(lambda: classifier.predict(texts))
         return JSONResponse({"object": "list", "model": state.model_name, "labels": classifier.labels,
                              "data": [{"index": i, "label": label, "probabilities": probs}

@@ -8,10 +8,13 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-MAX_BODY_BYTES = 8 << 20  # prompts are bounded by the context; this bounds what a client can make us buffer
+MAX_BODY_BYTES = 1 << 20  # the default of serve.limits.Limits.max_body_bytes (--limits.max_body_bytes)
 
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+MAX_LOGPROBS = 20  # alternatives per token: chat's limit at OpenAI (its legacy completions stop at 5)
 
 
 class APIError(Exception):
@@ -40,22 +43,28 @@ class StreamOptions(_Body):
 
 
 class SamplingBody(_Body):
-    model_config = ConfigDict(extra="allow")  # kept so that UNSUPPORTED parameters can be refused by name
+    model_config = ConfigDict(extra="allow")  # kept so that unknown parameters can be refused by name
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: no cut
     n: int | None = Field(None, ge=1, le=128)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:ID"
 
 
 class CompletionBody(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 with echo scores the prompt alone (an evaluation harness's log-likelihood request)
+    max_tokens: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the legacy form: how many alternatives
+    echo: bool = False  # the prompt before the completion, in the text and the logprobs
 
 
 class TextPart(_Body):
@@ -71,13 +80,20 @@ class ChatMessage(_Body):
 class ChatBody(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-# Parameters this server does not implement: refused unless they carry the value that means "off".
-UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False),
-               "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+# OpenAI parameters this server does not implement: refused unless they carry the value that means "off"
+# (client libraries send some of them with that value).
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
                "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "tools": (None, []),
-               "functions": (None, []), "response_format": (None, {"type": "text"})}
+               "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
+               "functions": (None, []), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"}), "modalities": (None, ["text"])}
+
+# OpenAI parameters that only tell OpenAI about the caller or its bookkeeping: accepted and ignored.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
 
 
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:
@@ -95,10 +111,15 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
         msg = first["msg"] if len(errors) == 1 else f"{first['msg']} (and {len(errors) - 1} more errors)"
         raise APIError(400, f"Invalid value for '{param or 'body'}': {msg}.", param=param or None,
                        code="invalid_value" if param else "invalid_body") from None
-    extra = body.model_extra or {}
-    for name, off in UNSUPPORTED.items():
-        if name in extra and extra[name] not in off:
-            raise APIError(400, f"'{name}' is not supported by this server.", param=name, code="unsupported_parameter")
+    # Anything else is refused by name: a parameter silently ignored would change results without a word.
+    for name, value in (body.model_extra or {}).items():
+        if name in UNSUPPORTED:
+            if value not in UNSUPPORTED[name]:
+                raise APIError(400, f"'{name}' is not supported by this server.", param=name,
+                               code="unsupported_parameter")
+        elif name not in IGNORED:
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name,
+                           code="unknown_parameter")
     return body
 
 

@@ -1,18 +1,18 @@
-"""What the endpoints share (`request.app.state.palmkit`), and the API-key check."""
+"""What the endpoints share (`request.app.state.palmkit`)."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from palmkit.infer.engine import Engine
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.serve.grounding import FaqIndex
+from palmkit.serve.limits import Limits, check_request, max_piece_chars
 from palmkit.serve.metrics import Metrics
-from palmkit.serve.protocol import APIError
+from palmkit.serve.protocol import APIError, SamplingBody
 
 
 @dataclass
@@ -26,6 +26,7 @@ class ServerState:
     metrics: Metrics
     created: int
     faq: FaqIndex | None = None  # with --faq: every chat request is answered from the FAQ or not at all
+    limits: Limits = field(default_factory=Limits)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -35,20 +36,19 @@ class ServerState:
     def context(self) -> int:
         return self.engine.config.max_seq_len
 
+    @property
+    def piece_chars(self) -> int:
+        """The most characters one token stands for (limits.max_piece_chars)."""
+        return max_piece_chars(self.tokenizer)
+
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
+    def check_request(self, body: SamplingBody) -> None:
+        """Refuse a request too large for this model and server by its counts alone (limits.check_request)."""
+        check_request(body, self.limits, self.context, self.engine.max_batch, self.piece_chars)
+
 
 def server_state(request: Request) -> ServerState:
     return request.app.state.palmkit
-
-
-def check_key(request: Request) -> None:
-    key = server_state(request).api_key
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())):
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})

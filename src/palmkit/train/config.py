@@ -16,7 +16,12 @@ OLD_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 # Options that decide what a resumed run continues: the model's shape, the data stream that the saved loader
 # position indexes into, and the layout of the restored optimiser state. A resume that changes one of them would
 # load state that does not fit, so it is refused; every other option may change on a resume.
-RESUME_FIXED = ("preset", "seq_len", "batch_tokens", "alpha", "seed", "optimizer", "fuse_projections")
+RESUME_FIXED = ("preset", "seq_len", "batch_tokens", "alpha", "seed", "optimizer", "embed_lr_ratio",
+                "fuse_projections")
+
+# Options added after runs were already being saved, with the value that does what those runs did: a saved
+# train_config.json without one of them resumes the way it was trained, whatever the default is now.
+ADDED_LATER = {"embed_lr_ratio": 1.0}
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,10 @@ class TrainConfig:
     """adamw, or adafactor: PaLM's Adafactor without factorisation (section 5)"""
     lr: float = 2e-3
     """peak learning rate, reached at the end of warm-up"""
+    embed_lr_ratio: float = 10.0
+    """AdamW: the token embedding's peak learning rate is lr x this (PaLM's N(0, 1) embedding moves by a far
+    smaller share of its size than the N(0, 1/fan_in) kernels at one lr; benchmarks/README.md, "Pretraining
+    recipe"); 1: one lr for all"""
     min_lr_ratio: float = 0.1
     """the cosine schedule ends at lr x min_lr_ratio"""
     schedule: Literal["cosine", "rsqrt"] = "cosine"
@@ -87,9 +96,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """Build from a saved dict (old dtype spellings included), ignoring keys this version does not know."""
+        """Build from a saved dict (old dtype spellings included), ignoring keys this version does not know.
+
+        Options the dict lacks because they did not exist when it was saved take their ADDED_LATER values.
+        """
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{**ADDED_LATER, **{k: v for k, v in d.items() if k in names}})
 
 
 def saved_config(run: str | os.PathLike) -> TrainConfig | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from tqdm import tqdm
 
 from palmkit.data.shards import MixtureLoader
 from palmkit.errors import PalmkitError
@@ -32,10 +33,15 @@ def heal(model: PaLM, data: str | os.PathLike, steps: int, lr: float = 3e-4, seq
     autocast = compute_autocast(torch.device("cpu"), torch.bfloat16)
     losses = []
     model.train()
-    for _ in range(steps):
-        x, y, _ = loader.next_batch()
-        losses.append(float(forward_backward(model, x, y, autocast)[1]))
-        optimizer_step(model, optimizer, grad_clip=1.0)
-        schedule.step()
+    # The bar counts tokens, so its rate is training tokens/s, as pretraining reports it
+    with tqdm(total=steps * batch * loader.seq_len, unit="tok", unit_scale=True, desc="heal", dynamic_ncols=True,
+              leave=False) as bar:
+        for _ in range(steps):
+            x, y, _ = loader.next_batch()
+            losses.append(float(forward_backward(model, x, y, autocast)[1]))
+            optimizer_step(model, optimizer, grad_clip=1.0)
+            schedule.step()
+            bar.update(x.numel())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses

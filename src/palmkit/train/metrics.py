@@ -10,6 +10,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
+from palmkit.io import atomic_write_bytes
+
 matplotlib.use("Agg")  # files only: never needs a display
 
 
@@ -22,7 +24,7 @@ class MetricsLog:
         if truncate_after_step is not None and self.path.exists():
             # On resume, drop records past the checkpoint: those steps are trained again.
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())  # a crash keeps all
         self.file = open(self.path, "a", encoding="utf-8")
         self.tb = None
         if tensorboard:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from palmkit.data.shards import MixtureLoader
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_json
-from palmkit.model.checkpoint import load_checkpoint
+from palmkit.io import atomic_write_json, check_destination
+from palmkit.model.checkpoint import CHECKPOINT_FILES, load_checkpoint
 from palmkit.model.layouts import require_dense
 from palmkit.model.palm import PaLM, build_model, preset
 from palmkit.model.tokenizer import Tokenizer
@@ -31,7 +31,7 @@ from palmkit.train.distributed import all_reduce, grad_sync, init_distributed, p
 from palmkit.train.lm_eval import evaluate_lm
 from palmkit.train.metrics import MetricsLog, plot_run
 from palmkit.train.perf import keep_freed_memory, measure_matmul_peak
-from palmkit.train.state import latest_checkpoint, load_training_state, replace_dir_copy, save_training_state
+from palmkit.train.state import latest_checkpoint, replace_dir_copy, resume_training_state, save_training_state
 from palmkit.train.step import compute_autocast, forward_backward, lr_factor, make_optimizer, optimizer_step
 
 
@@ -61,6 +61,7 @@ def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False,
     if d.device.type == "cpu":
         keep_freed_memory()
     run = Path(out)
+    check_destination(run / "final", CHECKPOINT_FILES)  # refused now rather than after the training
     ckpt = latest_checkpoint(run) if resume else None
     if ckpt and (saved := saved_config(run)):
         changes = resume_changes(run, saved, cfg)
@@ -88,12 +89,16 @@ def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False,
     if init_from and not ckpt:  # a resumed run restores its own weights, which began as these
         init_weights(plain, init_from, tokenizer)
     model = parallelize(plain, cfg, d)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.embed_lr_ratio)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    step, seconds_before = 0, 0.0
-    if ckpt:
-        state = load_training_state(ckpt, model, optimizer, loader)
-        step, seconds_before = state["step"], state.get("train_seconds", 0.0)
+    step, seconds_before, skipped = 0, 0.0, 0
+    if ckpt:  # the newest checkpoint that loads whole: a damaged one is reported and passed over
+        resumed = resume_training_state(run, model, optimizer, loader)
+        if resumed is None:
+            raise PalmkitError(f"no checkpoint of {run} can be loaded (see the warnings): resume from a copy of a "
+                               "good one, or start afresh in another --out")
+        ckpt, state = resumed
+        step, seconds_before, skipped = state["step"], state.get("train_seconds", 0.0), state.get("skipped_batches", 0)
     elif resume and d.is_main:
         print(f"no checkpoint in {run}: starting from scratch")
     compute_dtype = getattr(torch, cfg.dtype)
@@ -137,24 +142,28 @@ def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False,
             ce_sum += ce.item() / accum
             z_sum += z.item() / accum
         loss_sum, ce_sum, z_sum = (v / d.world_size for v in all_reduce([loss_sum, ce_sum, z_sum], d))
-        if not math.isfinite(loss_sum):
+        # optimizer_step skips the update itself when the gradient is not finite, even with a finite loss
+        grad_norm = float(optimizer_step(model, optimizer, cfg.grad_clip)) if math.isfinite(loss_sum) else math.nan
+        if not math.isfinite(grad_norm):
             bad += 1
+            skipped += 1
             optimizer.zero_grad(set_to_none=True)
+            what = "gradient" if math.isfinite(loss_sum) else "loss"
             if log:
-                log.log({"step": step, "event": "non-finite loss, batch skipped", "consecutive": bad})
+                log.log({"step": step, "event": f"non-finite {what}, batch skipped", "consecutive": bad,
+                         "skipped_batches": skipped})
             if bad >= cfg.max_bad_steps:
-                raise PalmkitError(f"loss was not finite for {bad} consecutive steps at step {step}: "
+                raise PalmkitError(f"loss or gradient was not finite for {bad} consecutive steps at step {step}: "
                                    "lower --train.lr, raise --train.warmup_steps or train in --train.dtype float32")
             continue
         bad = 0
-        grad_norm = float(optimizer_step(model, optimizer, cfg.grad_clip))
         step += 1
         dt = time.perf_counter() - t0
         tok_s = cfg.batch_tokens / dt
         mfu = flops_per_step / dt / peak
         metrics = {"step": step, "loss": ce_sum, "z_loss": z_sum, "total_loss": loss_sum, "grad_norm": grad_norm,
                    "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s, "mfu": mfu,
-                   "tokens": step * cfg.batch_tokens}
+                   "tokens": step * cfg.batch_tokens, "skipped_batches": skipped}
         if budget and not cfg.max_steps:
             # a timed run's length in steps is an estimate, kept current so the bar's ETA means something
             bar.total = max(step + 1, round(step / elapsed() * budget))
@@ -176,7 +185,7 @@ def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False,
         if (cfg.save_every and step % cfg.save_every == 0) or last:
             save_training_state(run, step, model, optimizer, loader, cfg, tokenizer, plain, d,
                                 {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
-                                 "train_seconds": train_seconds})
+                                 "train_seconds": train_seconds, "skipped_batches": skipped})
         if out_of_time:
             break
     bar.close()
@@ -205,8 +214,8 @@ def pretrain(data: str, out: str = "runs/pretrain", train: TrainConfig = TrainCo
         resume: continue exactly where the newest checkpoint in OUT stopped (from scratch if there is none).
             On the command line, options not given take their values from OUT/train_config.json. Options that
             differ from the saved ones are printed and used, except preset, seq_len, batch_tokens, alpha, seed,
-            optimizer and fuse_projections: the saved state only fits the run they describe, so changing one
-            is an error
+            optimizer, embed_lr_ratio and fuse_projections: the saved state only fits the run they describe, so
+            changing one is an error
         init_from: a finished checkpoint folder (e.g. RUN/final) to take the initial weights from, for
             continued pretraining: the optimiser, schedule and step count start afresh. It must have the
             preset's shape and the corpus's tokenizer

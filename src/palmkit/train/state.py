@@ -1,4 +1,9 @@
-"""Training checkpoints: model, optimiser, RNG and data-loader state, written atomically, for an exact resume."""
+"""Training checkpoints: model, optimiser, RNG and data-loader state, written atomically, for an exact resume.
+
+A checkpoint whose weights are not finite is never written (it would become the latest while older, good ones are
+pruned), and a resume falls back, with a warning, to the newest checkpoint that loads when latest.json or the
+newest checkpoint is damaged.
+"""
 
 from __future__ import annotations
 
@@ -16,14 +21,27 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from palmkit.data.shards import MixtureLoader
-from palmkit.io import atomic_write_json, load_json, load_tensors, save_tensors, staged_dir
-from palmkit.model.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, write_checkpoint
+from palmkit.errors import CheckpointError, PalmkitError
+from palmkit.io import (
+    atomic_copy,
+    atomic_write_json,
+    foreign_entries,
+    load_json,
+    load_tensors,
+    save_tensors,
+    staged_dir,
+    warn,
+)
+from palmkit.model.checkpoint import CHECKPOINT_FILES, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, write_checkpoint
 from palmkit.model.fused import is_fused
 from palmkit.model.layouts import fused_state_dict, plain_state_dict
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.train.config import TrainConfig
 from palmkit.train.distributed import Dist
+
+OPTIMIZER_FILE, TRAINER_FILE = "optimizer.safetensors", "trainer_state.json"
+STEP_FILES = CHECKPOINT_FILES | {OPTIMIZER_FILE, TRAINER_FILE}  # what run/checkpoints/step-N holds
 
 
 def _flatten(prefix: str, obj, tensors: dict, meta):
@@ -58,42 +76,87 @@ def save_training_state(run: Path, step: int, model: torch.nn.Module, optimizer:
     if not d.is_main:
         return None
     ckpt_root = run / "checkpoints"
+    bad = [k for k, v in model_sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        newest = latest_checkpoint(run)
+        raise PalmkitError(f"the weights at step {step} are not finite ({len(bad)} tensors, e.g. {bad[0]}): not "
+                           f"saved, {'the latest checkpoint stays ' + newest.name if newest else 'no checkpoint'}"
+                           "; lower --train.lr, raise --train.warmup_steps or train in --train.dtype float32")
     target = ckpt_root / f"step-{step:07d}"
     with torch.device("meta"):
         shell = PaLM(plain.config)
     model_sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in model_sd.items()}
     shell.load_state_dict(plain_state_dict(model_sd, plain.config), assign=True)
-    with staged_dir(target) as staging:
+    with staged_dir(target, STEP_FILES) as staging:
         write_checkpoint(staging, shell, tokenizer, extra={"train": asdict(cfg), "step": step, **extra})
         tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
         skeleton = _flatten("optim", optim_sd, tensors, None)
-        save_tensors(staging / "optimizer.safetensors", tensors)
-        atomic_write_json(staging / "trainer_state.json", {"step": step, "optimizer": skeleton,
-                                                           "loader": loader.state_dict(), **extra})
+        save_tensors(staging / OPTIMIZER_FILE, tensors)
+        atomic_write_json(staging / TRAINER_FILE, {"step": step, "optimizer": skeleton,
+                                                   "loader": loader.state_dict(), **extra})
     atomic_write_json(run / "latest.json", {"step": step, "path": target.name})
-    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
-    for p in old[: max(0, len(old) - cfg.keep_last)]:
-        shutil.rmtree(p, ignore_errors=True)
+    # The oldest go; folders of later steps (left by a run resumed from an earlier checkpoint) are replaced as the
+    # run reaches them. Only folders that hold nothing but a checkpoint's files are pruned.
+    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name < target.name)
+    for p in old[: max(0, len(old) + 1 - cfg.keep_last)]:
+        if not foreign_entries(p, STEP_FILES):
+            shutil.rmtree(p, ignore_errors=True)
     return target
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    latest = run / "latest.json"
+def _step_folders(run: Path) -> list[Path]:
+    return sorted((p for p in (run / "checkpoints").glob("step-*") if (p / TRAINER_FILE).is_file()), reverse=True)
+
+
+def checkpoint_candidates(run: Path) -> list[Path]:
+    """The run's complete checkpoints, best first: the one latest.json names, then the others newest first.
+
+    A latest.json that cannot be read, or that names a missing checkpoint, is reported and passed over."""
+    latest, first = run / "latest.json", []
     if latest.is_file():
-        path = run / "checkpoints" / load_json(latest)["path"]
-        if (path / "trainer_state.json").is_file():
-            return path
-    done = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
+        try:
+            path = run / "checkpoints" / str(load_json(latest)["path"])
+            if not (path / TRAINER_FILE).is_file():
+                raise CheckpointError(f"{latest} names {path.name}, which is missing or incomplete")
+            first = [path]
+        except (CheckpointError, KeyError, TypeError) as exc:
+            warn(f"{exc if isinstance(exc, CheckpointError) else f'corrupt checkpoint file {latest}'}: "
+                 "using the newest complete checkpoint instead")
+    return first + [p for p in _step_folders(run) if p not in first]
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of a run (the one latest.json names, when it can be read), or None."""
+    found = checkpoint_candidates(run)
+    return found[0] if found else None
+
+
+def resume_training_state(run: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                          loader: MixtureLoader) -> tuple[Path, dict] | None:
+    """Restore the newest checkpoint of `run` that loads whole; a damaged one is reported and the next older one
+    tried. Returns (its folder, its trainer_state.json), or None when the run has no checkpoint that loads."""
+    for path in checkpoint_candidates(run):
+        try:
+            return path, load_training_state(path, model, optimizer, loader)
+        except CheckpointError as exc:
+            warn(f"cannot resume from {path.name} ({exc}): trying the checkpoint before it")
+    return None
 
 
 def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         loader: MixtureLoader) -> dict:
-    """Restore model, optimiser, RNG and loader from a checkpoint; returns trainer_state.json."""
-    state = load_json(path / "trainer_state.json")
-    tensors = load_tensors(path / "optimizer.safetensors")
-    weights = load_tensors(path / "model.safetensors")
+    """Restore model, optimiser, RNG and loader from a checkpoint; returns trainer_state.json.
+
+    Every file is read and checked before anything is restored, so a damaged checkpoint (CheckpointError) leaves
+    the model and optimiser as they were."""
+    state = load_json(path / TRAINER_FILE)
+    tensors = load_tensors(path / OPTIMIZER_FILE)
+    weights = load_tensors(path / MODEL_FILE)
+    if not isinstance(state, dict) or not {"step", "optimizer", "loader"} <= state.keys() or "rng.torch" not in tensors:
+        raise CheckpointError(f"corrupt checkpoint file {path / TRAINER_FILE}: not a training state")
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path / MODEL_FILE} has weights that are not finite ({bad[0]})")
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     if is_fused(model):  # checkpoints hold the plain layout
         weights = fused_state_dict(weights)
@@ -105,7 +168,8 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
 
 
 def replace_dir_copy(src: Path, dst: Path) -> None:
-    """Copy checkpoint `src` to `dst` (model files only), replacing `dst` atomically."""
-    with staged_dir(dst) as staging:
+    """Copy checkpoint `src` to `dst` (model files only), replacing `dst` atomically (never a folder that holds
+    other files)."""
+    with staged_dir(dst, CHECKPOINT_FILES) as staging:
         for name in (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE):
-            shutil.copyfile(src / name, staging / name)
+            atomic_copy(src / name, staging / name)

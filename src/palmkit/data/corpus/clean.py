@@ -127,3 +127,20 @@ def filter_lines(text: str, lang: str, stats: Counter | None = None) -> str:
         if ok:
             kept.append(line)
     return _BLANKS.sub("\n\n", "\n".join(kept)).strip()
+
+
+def detect_language(text: str) -> str | None:
+    """The language of a text by the rules of `keep_line`: the script (Chinese, Japanese, Russian), else the
+    Latin-script language whose stopwords are most frequent; None when no rule decides."""
+    letters = _count(_LETTER, text)
+    if not letters:
+        return None
+    han, kana = _count(_HAN, text), _count(_KANA, text)
+    if han + kana >= 0.3 * letters:
+        return "ja" if kana > 0.2 * (han + kana) else "zh"
+    if _count(_CYRILLIC, text) >= 0.5 * letters:
+        return "ru"
+    words = [w.lower() for w in _WORD.findall(text)]
+    scores = {k: sum(w in stop for w in words) for k, stop in STOPWORDS.items()}
+    best = max(scores, key=scores.__getitem__)
+    return best if scores[best] >= 3 and _count(_LATIN, text) >= 0.9 * letters else None

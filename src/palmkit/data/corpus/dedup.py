@@ -1,11 +1,19 @@
-"""Exact and near-duplicate removal (MinHash + LSH over character 5-grams) and hash-based splits."""
+"""Exact and near-duplicate removal (MinHash + LSH over character 5-grams) and hash-based splits.
+
+`deduplicate` holds a list of documents in memory; `DuplicateIndex` makes the same decisions one document at a
+time with its state in an SQLite file (the exact keys, the LSH buckets of the documents kept), for corpora larger
+than memory: a document is dropped as an exact duplicate when its normalised text was seen before, as a near
+duplicate when it shares an LSH band with a kept document whose estimated Jaccard similarity is at least NEAR_DUP.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import re
+import sqlite3
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -80,7 +88,7 @@ def deduplicate(docs: Sequence[str]) -> tuple[list[int], int, int]:
     bands: dict[bytes, list[int]] = defaultdict(list)
     kept, exact, near = [], 0, 0
     for i, norm in enumerate(norms):
-        key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
+        key = exact_key(norm)
         if key in seen:
             exact += 1
             continue
@@ -105,5 +113,66 @@ def deduplicate_and_key(docs: list[str]) -> tuple[list[int], int, int, list[floa
 
 def doc_hash(text: str, salt: str = "") -> float:
     """A deterministic number in [0, 1) for a document (independent of Python's hash randomisation)."""
-    digest = hashlib.blake2b(normalise(text).encode(), digest_size=8, person=salt.encode()[:16]).digest()
+    return norm_hash(normalise(text), salt)
+
+
+def norm_hash(norm: str, salt: str = "") -> float:
+    """`doc_hash` of an already normalised text."""
+    digest = hashlib.blake2b(norm.encode(), digest_size=8, person=salt.encode()[:16]).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+KEPT, EXACT, NEAR = 0, 1, 2  # what became of a document
+
+
+def exact_key(norm: str) -> bytes:
+    """The exact-duplicate key of a normalised text."""
+    return hashlib.blake2b(norm.encode(), digest_size=16).digest()
+
+
+def band_keys(sigs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keys (n, BANDS) int64, filled (n, BANDS) bool) of MinHash signatures: a 64-bit hash of each band's values
+    and its number, so that equal bands of different numbers differ; a band of empty bins has no key. Two bands
+    with one key are candidates only, which the similarity check confirms or not."""
+    rows = sigs.reshape(len(sigs), BANDS, -1)
+    filled = ~(rows == _EMPTY).all(axis=2)
+    h = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), rows.shape[:2]).copy()
+    for j in range(rows.shape[2]):
+        h = _mix64(h * np.uint64(0x9E3779B97F4A7C15) ^ rows[:, :, j])
+    return h.view(np.int64), filled
+
+
+class DuplicateIndex:
+    """`deduplicate`'s decisions for a stream of documents, with its state on disk (SQLite).
+
+    Documents are numbered in the order they are added; `sig_of(i)` reads the signature of an earlier document
+    (kept on disk by the caller), so memory does not grow with the number of documents.
+    """
+
+    def __init__(self, path: Path, sig_of: Callable[[int], np.ndarray], cache_mb: int = 64):
+        path.unlink(missing_ok=True)  # a scratch file: an interrupted build starts it again
+        self.db = sqlite3.connect(path, isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mb * 1024}", "temp_store=FILE"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.execute("CREATE TABLE exact (key BLOB PRIMARY KEY) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE bands (key INTEGER, doc INTEGER, PRIMARY KEY (key, doc)) WITHOUT ROWID")
+        self.db.execute("BEGIN")
+        self.sig_of, self.count = sig_of, 0
+
+    def add(self, key: bytes, sig: np.ndarray, bands: np.ndarray) -> int:
+        """KEPT, EXACT or NEAR for the next document: its exact key, signature and the keys of its filled bands."""
+        doc, self.count = self.count, self.count + 1
+        if not self.db.execute("INSERT OR IGNORE INTO exact VALUES (?)", (key,)).rowcount:
+            return EXACT
+        bands = bands.tolist()
+        if bands:
+            marks = ",".join("?" * len(bands))
+            for (other,) in self.db.execute(f"SELECT DISTINCT doc FROM bands WHERE key IN ({marks})", bands):
+                if similarity(sig, self.sig_of(other)) >= NEAR_DUP:
+                    return NEAR
+            self.db.executemany("INSERT INTO bands VALUES (?, ?)", [(b, doc) for b in bands])
+        return KEPT
+
+    def close(self) -> None:
+        self.db.execute("COMMIT")
+        self.db.close()

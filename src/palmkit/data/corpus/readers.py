@@ -1,25 +1,22 @@
 """Readers that turn each source's files into plain-text documents: roff man pages, help HTML, fortunes,
-People's Daily, chats, BBC articles, wikitext, and the user's own .txt/.jsonl/.csv files.
+People's Daily, chats, BBC articles, wikitext (the user's own files: `palmkit.data.corpus.inputs`).
 """
 
 from __future__ import annotations
 
 import bz2
-import csv
 import gzip
 import html
-import io
 import json
 import re
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from palmkit.data.corpus.clean import clean_text
-from palmkit.errors import PalmkitError
 from palmkit.io import decode_text
 
 # Plain UTF-8 without overstrike or colour (-P-cbou), tables (-t), no hyphenation (HY=0), one continuous page
@@ -333,52 +330,8 @@ def read_wiki(path: Path, stats: Counter) -> Iterator[str]:
             elem.clear()
 
 
-# User files: invalid UTF-8 records are counted and skipped, never guessed at.
-_INVALID = re.compile(r"[\udc80-\udcff]")
-
-
-def _user_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
-
-
-def read_user_file(path: Path, stats: Counter, text_field: str = "text") -> Iterator[str]:
-    """A user's file: `.txt` (documents separated by blank lines), `.jsonl` (TEXT_FIELD of each object) or
-    `.csv` (the TEXT_FIELD column). Records that are not valid UTF-8 (or JSON) are counted in `stats`."""
-    text, suffix = _user_text(path), path.suffix.lower()
-    if suffix == ".txt":
-        records: Iterable[str | None] = re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))
-    elif suffix == ".jsonl":
-        records = (_json_field(line, text_field, path) for line in text.splitlines() if line.strip())
-    elif suffix == ".csv":
-        rows = csv.DictReader(io.StringIO(text, newline=""))
-        if rows.fieldnames is not None and text_field not in rows.fieldnames:
-            raise PalmkitError(f"{path}: no column {text_field!r} (columns: {', '.join(rows.fieldnames)}); "
-                               f"choose one with --text_field")
-        records = (row.get(text_field) if not _INVALID.search("".join(map(str, row.values()))) else "\udc80"
-                   for row in rows)
-    else:
-        raise PalmkitError(f"unsupported input file {path}: use .txt, .jsonl or .csv")
-    for record in records:
-        if record is None or _INVALID.search(record):
-            stats[("invalid", str(path))] += 1
-        elif record.strip():
-            yield record
-
-
-def _json_field(line: str, field: str, path: Path) -> str | None:
-    if _INVALID.search(line):
-        return None
-    try:
-        value = json.loads(line).get(field)
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
 READERS: dict[str, Callable[..., Iterator[str]]] = {
     "help": read_help, "fortunes": read_fortunes, "peoples_daily": read_peoples_daily,
-    "chitchat": read_chitchat, "bbc": read_bbc, "wiki": read_wiki, "user": read_user_file,
+    "chitchat": read_chitchat, "bbc": read_bbc, "wiki": read_wiki,
 }
 
-
-USER_SUFFIXES = (".txt", ".jsonl", ".csv")

@@ -10,10 +10,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
-def count_tokens(tokenizer, docs: list[str], batch: int = 2048) -> int:
-    return sum(len(ids) for i in range(0, len(docs), batch) for ids in tokenizer.encode_batch(docs[i:i + batch]))
-
-
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
@@ -23,17 +19,12 @@ def mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def fertility_table(tokenizer, valid: dict[str, list[str]]) -> str:
-    """Tokens per character and per whitespace-separated word of each language's validation documents."""
-    rows = []
-    for lang in sorted(valid):
-        docs = valid[lang]
-        tokens = count_tokens(tokenizer, docs)
-        chars = sum(len(d) for d in docs)
-        words = sum(len(d.split()) for d in docs)
-        nbytes = sum(len(d.encode()) for d in docs)
-        rows.append((lang, len(docs), chars, words, tokens, f"{tokens / max(chars, 1):.3f}",
-                     f"{tokens / max(words, 1):.2f}", f"{nbytes / max(tokens, 1):.2f}"))
+def fertility_table(counts: dict[str, dict]) -> str:
+    """Tokens per character and per whitespace-separated word of each language's validation documents, from
+    counts {lang: {docs, chars, words, tokens, bytes}} (tokens of the texts, without BOS/EOS)."""
+    rows = [(lang, c["docs"], c["chars"], c["words"], c["tokens"], f"{c['tokens'] / max(c['chars'], 1):.3f}",
+             f"{c['tokens'] / max(c['words'], 1):.2f}", f"{c['bytes'] / max(c['tokens'], 1):.2f}")
+            for lang, c in sorted(counts.items())]
     return ("# Tokenizer fertility (validation split)\n\nWords are whitespace-separated, so Chinese and Japanese "
             "have few, long ones.\n\n" + markdown_table(("language", "documents", "characters", "words", "tokens",
                                                  "tokens/char", "tokens/word", "bytes/token"), rows) + "\n")
@@ -68,8 +59,10 @@ def sum_by(rows: list[dict], key: str = "lang") -> dict[str, Counter]:
     return totals
 
 
-def write_report(rows: list[dict], stats: dict[str, Counter], stages: dict[str, float], vocab_size: int,
-            alpha: float) -> str:
+def write_report(rows: list[dict], stats: dict[str, Counter], stages: dict[str, tuple[float, int]], vocab_size: int,
+                 alpha: float, skipped: Sequence[tuple[str, int, str, str]] = ()) -> str:
+    """report.md: sizes per language and source, duplicates, the time and throughput of each stage
+    ({name: (seconds, bytes in)}) and the input records skipped ((file, count, first lines, reasons))."""
     langs = sum_by(rows)
     valid = sum_by([r for r in rows if r["split"] == "valid"])
     sources = sum_by(rows, "source")
@@ -83,9 +76,11 @@ def write_report(rows: list[dict], stats: dict[str, Counter], stages: dict[str, 
                  stats[s]["lines_kept"], stats[s]["duplicates"]) for s, v in sorted(sources.items())]
     return "\n\n".join([
         "# Corpus report",
-        f"Built in {sum(stages.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in stages.items())}; "
-        f"then the token shards). Tokenizer: {vocab_size} pieces, trained on a sample with language weights "
-        f"n_l ** {alpha}. MB are 10^6 bytes of UTF-8; documents and tokens cover train + validation.",
+        f"Built in {sum(t for t, _ in stages.values()):.0f} s ("
+        + ", ".join(f"{k} {t:.0f} s" + (f" at {n / 1e6 / max(t, 1e-9):.1f} MB/s" if n else "")
+                    for k, (t, n) in stages.items())
+        + f"). Tokenizer: {vocab_size} pieces, trained on a sample with language weights n_l ** {alpha}. MB are "
+        "10^6 bytes of UTF-8; documents and tokens (with each document's BOS and EOS) cover train + validation.",
         "## Per language",
         markdown_table(("language", "MB", "documents", "tokens", "valid docs", "valid MB", "exact dups", "near dups"),
                lang_rows),
@@ -95,4 +90,7 @@ def write_report(rows: list[dict], stats: dict[str, Counter], stages: dict[str, 
         markdown_table(("source", "language", "MB", "documents", "tokens", "lines dropped", "lines kept", "duplicates"),
                src_rows),
         "![text per language](report.png)",
+        *(["## Skipped input records",
+            "Records that could not be read; each one is listed with its file, line and reason in rejected.jsonl.",
+            markdown_table(("file", "records", "first lines", "reasons"), skipped)] if skipped else []),
     ]) + "\n"

@@ -1,0 +1,243 @@
+"""Corpus build at scale: the streaming build beside the in-memory build it replaced, from 0.1 to several GB.
+
+The input is the shipped corpus's text (the text/ folder of a built corpus, --base) written out again and again
+with seeded edits until it reaches each size: a round's copy of a document is the same (an exact duplicate), lightly
+edited (a near duplicate: ~2% of its words or characters changed), or heavily edited (its lines shuffled and a
+third of its words changed: a new document). Each build runs in a fresh process; the table gives its wall time,
+input MB/s, peak resident memory (that process and, separately, its largest child), and the duplicates removed.
+
+Near-duplicate recall: of a sample of the light copies whose exact Jaccard similarity (character 5-grams) to their
+original is at least the threshold, the share the build removed; false removals: the share of a sample of heavy
+copies (far below the threshold) removed. The same sample is scored by datasketch's MinHash (128 permutations)
+when it is installed, as an independent estimate of the similarities.
+
+The in-memory build is palmkit's own code at --old-commit (read with `git show`, imported under another name);
+it runs where it fits (--old-max-gb).
+
+    python benchmarks/bench_corpus.py --base /path/to/built/corpus --sizes 0.1 1 4 --out /tmp/bench-corpus
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+RUN = """
+import json, resource, sys, time
+sys.path[:0] = {paths!r}
+from {module} import build
+t = time.perf_counter()
+build({out!r}, langs="en", subset="none", inputs={inputs!r}, lang="en", vocab_size={vocab}, workers={workers}{extra})
+wall = time.perf_counter() - t
+self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print("RESULT " + json.dumps({{"wall": wall, "rss_mb": self_kb / 1024, "child_rss_mb": child_kb / 1024}}))
+"""
+
+
+def digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
+def _tokens(text: str) -> tuple[list[str], str]:
+    """Words, or characters for text written without spaces (Chinese, Japanese)."""
+    return (text.split(" "), " ") if text.count(" ") > len(text) / 20 else (list(text), "")
+
+
+def edit(text: str, rng: random.Random, rate: float, shuffle: bool) -> str:
+    if shuffle:
+        lines = text.split("\n")
+        rng.shuffle(lines)
+        text = "\n".join(lines)
+    toks, sep = _tokens(text)
+    pool = toks[:200]
+    for _ in range(max(1, int(len(toks) * rate))):
+        toks[rng.randrange(len(toks))] = rng.choice(pool) + rng.choice("xqzj")
+    return sep.join(toks)
+
+
+def make_input(base: list[str], size_bytes: int, path: Path, seed: int, sample: int = 1500) -> dict:
+    """Write the perturbed input; returns a sample of (original, light copy) and heavy copies and the counts."""
+    rng = random.Random(seed)
+    light, heavy, counts = [], [], {"exact": 0, "light": 0, "heavy": 0, "original": 0}
+    written, r = 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < size_bytes:
+            order = list(range(len(base)))
+            random.Random(f"{seed}-{r}").shuffle(order)
+            for i in order:
+                doc = base[i]
+                if r == 0:
+                    kind, text = "original", doc
+                else:
+                    kind = rng.choices(["exact", "light", "heavy"], [0.15, 0.35, 0.5])[0]
+                    text = doc if kind == "exact" else edit(doc, rng, 0.02, False) if kind == "light" else \
+                        edit(doc, rng, 0.33, True)
+                counts[kind] += 1
+                if kind == "light" and rng.random() < 0.05 and len(light) < sample:
+                    light.append((doc, text))
+                if kind == "heavy" and rng.random() < 0.05 and len(heavy) < sample:
+                    heavy.append(text)
+                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                f.write(line)
+                written += len(line.encode())
+                if written >= size_bytes:
+                    break
+            r += 1
+    return {"light": light, "heavy": heavy, "counts": counts}
+
+
+def shingles(text: str) -> set[str]:
+    from palmkit.data.corpus.dedup import SHINGLE, normalise
+
+    norm = normalise(text)
+    return {norm[i:i + SHINGLE] for i in range(len(norm) - SHINGLE + 1)}
+
+
+def kept_digests(out: Path, wanted: set[bytes]) -> set[bytes]:
+    """Which of `wanted` (text digests) are in the built corpus."""
+    found = set()
+    for path in out.glob("text/*/*.jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                d = digest(json.loads(line)["text"])
+                if d in wanted:
+                    found.add(d)
+    return found
+
+
+def quality(out: Path, made: dict) -> dict:
+    from palmkit.data.corpus.dedup import NEAR_DUP, minhash, normalise, similarity
+
+    true_pairs = [(a, b) for a, b in made["light"] if _jaccard(a, b) >= NEAR_DUP]
+    wanted = {digest(b) for _, b in true_pairs} | {digest(h) for h in made["heavy"]}
+    kept = kept_digests(out, wanted)
+    recall = sum(digest(b) not in kept for _, b in true_pairs) / max(1, len(true_pairs))
+    false = sum(digest(h) not in kept for h in made["heavy"]) / max(1, len(made["heavy"]))
+    result = {"recall": recall, "pairs": len(true_pairs), "false_removals": false}
+    try:
+        from datasketch import MinHash
+    except ImportError:
+        return result
+    ours, theirs = [], []
+    for a, b in made["light"][:500]:
+        exact = _jaccard(a, b)
+        sa, sb = shingles(a), shingles(b)
+        m1, m2 = MinHash(num_perm=128, seed=1), MinHash(num_perm=128, seed=1)
+        m1.update_batch([s.encode() for s in sa])
+        m2.update_batch([s.encode() for s in sb])
+        theirs.append(abs(m1.jaccard(m2) - exact))
+        ours.append(abs(similarity(minhash(normalise(a)), minhash(normalise(b))) - exact))
+    result["jaccard_error_ours"] = sum(ours) / max(1, len(ours))
+    result["jaccard_error_datasketch"] = sum(theirs) / max(1, len(theirs))
+    return result
+
+
+def _jaccard(a: str, b: str) -> float:
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / max(1, len(sa | sb))
+
+
+def old_package(commit: str, folder: Path) -> Path:
+    """palmkit's corpus package at `commit`, importable as `oldcorpus` (it still uses today's other modules)."""
+    pkg = folder / "oldcorpus"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in ("__init__", "build", "clean", "dedup", "extract", "readers", "report", "sources"):
+        src = subprocess.run(["git", "show", f"{commit}:src/palmkit/data/corpus/{name}.py"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        (pkg / f"{name}.py").write_text(src.replace("palmkit.data.corpus.", "oldcorpus."), encoding="utf-8")
+    return folder
+
+
+def run_build(module: str, paths: list[str], out: Path, inputs: str, vocab: int, workers: int, extra: str = "",
+              ) -> dict:
+    code = RUN.format(paths=paths, module=module, out=str(out), inputs=inputs, vocab=vocab, workers=workers,
+                      extra=extra)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    result = json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
+    report = (out / "report.md").read_text(encoding="utf-8")
+    row = re.search(r"^\| en \| ([\d.]+) \| (\d+) \| [\d,]+ \| \d+ \| [\d.]+ \| (\d+) \| (\d+) \|", report, re.M)
+    if row:
+        result.update(kept_mb=float(row.group(1)), docs=int(row.group(2)), exact=int(row.group(3)),
+                      near=int(row.group(4)))
+    stages = re.search(r"Built in \d+ s \(([^)]*)\)", report)
+    result["stages"] = stages.group(1) if stages else ""
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", required=True, help="a built corpus whose text/<lang>/*.jsonl is the seed text")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[0.1, 1.0, 4.0], help="input sizes in GB")
+    parser.add_argument("--out", default="/tmp/bench-corpus")
+    parser.add_argument("--old-commit", default="d1efb32", help="the commit of the in-memory build")
+    parser.add_argument("--old-max-gb", type=float, default=0.1, help="largest input for the in-memory build")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of the streaming build")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = [json.loads(line)["text"] for p in sorted(Path(args.base).glob("text/*/*.jsonl"))
+            for line in p.read_text(encoding="utf-8").splitlines()]
+    print(f"seed text: {len(base)} documents, {sum(len(d.encode()) for d in base) / 1e6:.1f} MB", flush=True)
+    old = old_package(args.old_commit, out / "old")
+    results = []
+    for gb in args.sizes:
+        data = out / f"input-{gb:g}GB.jsonl"
+        made = make_input(base, int(gb * 1e9), data, args.seed)
+        size = data.stat().st_size
+        print(f"\n{gb:g} GB input: {size / 1e6:.0f} MB, {made['counts']}", flush=True)
+        candidates = [("streaming", "palmkit.data.corpus.build", [str(ROOT / "src")], args.workers)]
+        if gb <= args.old_max_gb:
+            candidates.append(("in-memory", "oldcorpus.build", [str(old), str(ROOT / "src")], 2))
+        for name, module, paths, workers in candidates:
+            target = out / f"{name}-{gb:g}GB"
+            t0 = time.perf_counter()
+            result = run_build(module, paths, target, str(data), args.vocab, workers)
+            result.update(name=name, gb=gb, input_mb=size / 1e6, workers=workers,
+                          mb_s=size / 1e6 / result.get("wall", time.perf_counter() - t0))
+            if "error" not in result:
+                result.update(quality(target, made))
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print("\n| build | input GB | workers | wall s | input MB/s | peak RSS MB (process / largest child) | kept MB | "
+          "exact dups | near dups | near-dup recall | false removals |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | failed: {r['error']} |||||||")
+            continue
+        print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | {r['wall']:.0f} | {r['mb_s']:.2f} | "
+              f"{r['rss_mb']:.0f} / {r['child_rss_mb']:.0f} | {r.get('kept_mb', '')} | {r.get('exact', '')} | "
+              f"{r.get('near', '')} | {r['recall']:.3f} ({r['pairs']} pairs) | {r['false_removals']:.3f} |")
+    stream = [r for r in results if r["name"] == "streaming" and "error" not in r]
+    if len(stream) >= 2:
+        a, b = stream[0], stream[-1]
+        print(f"\nstreaming {b['gb']:g} GB vs {a['gb']:g} GB: peak RSS x{b['rss_mb'] / a['rss_mb']:.2f}, "
+              f"throughput x{b['mb_s'] / a['mb_s']:.2f} (1.00 = linear)")
+    for r in results:
+        print(f"{r['name']} {r['gb']:g} GB stages: {r.get('stages', '')}")
+        if "jaccard_error_ours" in r:
+            print(f"  mean |estimate - exact Jaccard| on the sample: palmkit {r['jaccard_error_ours']:.4f}, "
+                  f"datasketch {r['jaccard_error_datasketch']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

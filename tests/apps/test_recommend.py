@@ -1,0 +1,37 @@
+import json
+
+from palmkit.apps.recommend import recommend_command
+from palmkit.recommend.recommender import load_recommender
+
+
+def test_the_recipe_writes_a_recommender_and_a_report(recommender_dir):
+    out, summary = recommender_dir
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert set(report["systems"]) == {"popularity", "retriever", "lm", "combination"}
+    assert report["users"] == 23 and report["items"] == 30  # the user without likes has nothing to find
+    for metrics in report["systems"].values():
+        assert 0 <= metrics["recall@10"] <= 1 and 0 <= metrics["ndcg@10"] <= 1
+    md = (out / "eval" / "report.md").read_text()
+    assert "| combination |" in md and "Cold-start slice" in md and (out / "eval" / "metrics.png").stat().st_size
+    assert "palmkit recommend --checkpoint" in summary
+    # the two tastes of the fixture are easy for the retriever: it finds more than popularity does
+    assert report["systems"]["retriever"]["ndcg@10"] > report["systems"]["popularity"]["ndcg@10"]
+
+
+def test_recommend_prints_titles_scores_and_where_they_came_from(recommender_dir):
+    out, _ = recommender_dir
+    text = recommend_command(str(out / "model"), "1", k=3)
+    lines = text.splitlines()
+    assert lines[0].startswith("user 1 liked: ") and lines[1] == "recommended:"
+    assert len(lines) == 5 and all(" <- " in line for line in lines[2:])
+    rec = load_recommender(out / "model")
+    liked = set(rec.likes["1"])
+    got = json.loads(recommend_command(str(out / "model"), "1", k=3, json_output=True))
+    assert got["personalised"] and not {it["item"] for it in got["items"]} & (rec.rated["1"] | liked)
+
+
+def test_an_unknown_user_gets_the_labelled_popularity_list(recommender_dir):
+    out, _ = recommender_dir
+    text = recommend_command(str(out / "model"), "nobody", k=2)
+    assert "unknown user 'nobody'" in text and "most popular (not personalised):" in text
+    assert len(text.splitlines()) == 4

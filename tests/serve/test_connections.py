@@ -1,0 +1,106 @@
+"""Connections cannot hold the server: a deadline for each request's head, bounded headers, a cap on connections."""
+
+import socket
+import time
+
+import httpx
+import pytest
+
+from palmkit.infer.engine import Engine
+from palmkit.serve.app import create_app
+from palmkit.serve.limits import Limits
+from tests.serve.conftest import running, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def closed_by_server(sock: socket.socket, trickle: bytes = b"", seconds: float = 10) -> bool:
+    """Whether the server closes `sock` within `seconds`, while we send `trickle` a byte at a time."""
+    deadline = time.monotonic() + seconds
+    sock.settimeout(0.05)
+    for byte in (trickle[i:i + 1] for i in range(len(trickle))):
+        try:
+            sock.sendall(byte)
+            if sock.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            pass
+        except OSError:  # reset or broken pipe: closed
+            return True
+        if time.monotonic() > deadline:
+            return False
+    sock.settimeout(max(deadline - time.monotonic(), 0.01))
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def strict(loaded):
+    model, tok = loaded
+    limits = Limits(head_seconds=0.5, max_header_bytes=8192, max_connections=6)
+    with running(create_app(Engine(model, tok), model_name="tiny", limits=limits)) as base:
+        yield base
+
+
+def test_a_half_sent_request_is_dropped(strict):
+    with connect(strict) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        assert closed_by_server(sock)
+
+
+def test_a_trickling_request_head_is_dropped_though_bytes_keep_coming(strict):
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        # a byte every 50 ms for up to 10 s, each one before any idle timeout could fire
+        assert closed_by_server(sock, trickle=b"a" * 200)
+
+
+def test_an_idle_connection_after_a_response_is_dropped(strict):
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        assert closed_by_server(sock)
+
+
+def test_oversized_headers_get_400_and_the_connection_is_closed(strict):
+    with connect(strict) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        sent = 0
+        try:
+            while sent < 64 << 20:  # the server answers long before 64 MB
+                sock.sendall(b"a" * 65536)
+                sent += 65536
+        except OSError:
+            pass
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400") and sent < 64 << 20
+
+
+def test_connections_past_the_cap_are_closed_at_once_and_the_server_recovers(loaded):
+    model, tok = loaded
+    limits = Limits(head_seconds=60, max_connections=6)  # no deadline closes anything during the test
+    with running(create_app(Engine(model, tok), model_name="tiny", limits=limits)) as base:
+        socks = [connect(base) for _ in range(10)]
+        try:
+            assert [closed_by_server(s, seconds=0.5) for s in socks] == [False] * 6 + [True] * 4
+        finally:
+            for s in socks:
+                s.close()
+        assert wait_for(lambda: answers(f"{base}/health"))  # once the server has seen them go
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
