@@ -3,6 +3,7 @@ fake models, a FAQ file and an easy classification task."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -23,11 +24,18 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return train_tokenizer(lines * 4, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=600)
 
 
+# PALMKIT_TEST_DEVICE=cuda runs tests on a GPU (benchmarks/gpu_check.sh does, for the device-generic test files):
+# new tensors default to that device and random_model puts its model there.
+DEVICE = os.environ.get("PALMKIT_TEST_DEVICE", "cpu")
+if DEVICE != "cpu":
+    torch.set_default_device(DEVICE)
+
+
 def random_model(vocab_size: int, seed: int = 0, **overrides):
     """A tiny model whose embeddings are small enough that greedy outputs vary from step to step."""
     model = build_model(preset("tiny", vocab_size=vocab_size, **overrides), seed=seed)
     torch.nn.init.normal_(model.embed_tokens.weight, std=0.05)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 class Scripted(torch.nn.Module):

@@ -2,8 +2,9 @@
 
 A write goes to a temporary file beside its target, is fsynced and renamed into place, so a crash leaves the old
 file or the new one, never a mix; a folder is built beside its target and swapped in (`staged_dir`), never over a
-folder that holds files palmkit did not write there (`check_destination`). Reading never unpickles: tensors come from safetensors, the rest from JSON; text is UTF-8, with a per-line fallback where a
-source mixes in an 8-bit code page (`decode_text`).
+folder that holds files palmkit did not write there (`check_destination`). Reading never unpickles: tensors come
+from safetensors, the rest from JSON; text is UTF-8, with a per-line fallback where a source mixes in an 8-bit
+code page (`decode_text`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder`: a staged folder is durable before it is swapped in, however
+    its files were written (a file already fsynced costs next to nothing)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not os.path.islink(path := os.path.join(root, name)):
+                _fsync_dir(Path(path))  # an fsync through a read-only descriptor, as for a folder
+        _fsync_dir(Path(root))
 
 
 @contextmanager
@@ -237,6 +248,7 @@ def staged_dir(target: str | os.PathLike, own: Collection[str] | None = None, fo
     _write_mark(staging)
     try:
         yield staging
+        fsync_tree(staging)
         names = set(own) if own is not None else {p.name for p in staging.iterdir()}
         check_destination(target, names, force)  # again: a long job's target may have changed meanwhile
         if target.is_symlink() or foreign_entries(target, names):

@@ -35,3 +35,13 @@ def test_an_unknown_user_gets_the_labelled_popularity_list(recommender_dir):
     text = recommend_command(str(out / "model"), "nobody", k=2)
     assert "unknown user 'nobody'" in text and "most popular (not personalised):" in text
     assert len(text.splitlines()) == 4
+
+
+def test_the_cli_prints_the_list(recommender_dir, capsys):
+    from palmkit.cli import main
+
+    folder = str(recommender_dir[0] / "model")
+    assert main(["recommend", "--checkpoint", folder, "--user", "1", "--k", "2"]) == 0
+    assert capsys.readouterr().out == recommend_command(folder, "1", k=2) + "\n"
+    assert main(["recommend", "--checkpoint", str(recommender_dir[0]), "--user", "1"]) == 2
+    assert "not a recommender folder" in capsys.readouterr().err

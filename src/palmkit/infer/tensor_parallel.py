@@ -75,13 +75,34 @@ def _local_shard(t: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
     return distribute_tensor(t, mesh, [Shard(dim)], src_data_rank=None).to_local()
 
 
+class MatrixRowwiseParallel(RowwiseParallel):
+    """RowwiseParallel that multiplies a (..., in) input as one (rows, in) matrix and gives back (..., out).
+
+    Under inference mode torch (2.13) finds no cached sharding plan for a row-parallel matmul of a 3-D input and
+    plans it again at every call, about 20x the cost of the matmul at decode sizes; a 2-D input takes the cached
+    plan (benchmarks/README.md, "bench_tp.py").
+    """
+
+    @staticmethod
+    def _prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):
+        x = inputs[0]
+        mod.leading_shape = x.shape[:-1]
+        return RowwiseParallel._prepare_input_fn(input_layouts, desired_input_layouts, mod,
+                                                 (x.reshape(-1, x.shape[-1]),), device_mesh)
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        out = RowwiseParallel._prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh)
+        return out.view(*mod.leading_shape, out.shape[-1])
+
+
 def column_parallel(module: nn.Module) -> ParallelStyle:
     return Int8Parallel(0) if isinstance(module, Int8Linear) else ColwiseParallel()
 
 
 def row_parallel(module: nn.Module) -> ParallelStyle:
     # Partial: the block adds attention's and the MLP's partial sums before its one all-reduce
-    return Int8Parallel(1) if isinstance(module, Int8Linear) else RowwiseParallel(output_layouts=Partial())
+    return Int8Parallel(1) if isinstance(module, Int8Linear) else MatrixRowwiseParallel(output_layouts=Partial())
 
 
 class ParallelBlock(nn.Module):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from palmkit.errors import PalmkitError
 from palmkit.io import atomic_copy, atomic_write_json, check_destination, load_tensors, save_tensors, staged_dir
-from palmkit.model.chat_template import CONTENT_CUT, END, jinja_template
+from palmkit.model.chat_template import CONTENT_CUT, jinja_template
 from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, bos_rule, load_config
 from palmkit.model.layouts import dense_weights, hf_state_dict, is_dense
 from palmkit.model.palm import ModelConfig
@@ -25,14 +25,8 @@ from palmkit.model.tokenizer import CHAT_SYMBOLS, Tokenizer
 HEAD_TASKS = ("classify", "ner")
 
 
-def stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """The ids that end a generation: EOS, and the chat template's end of turn."""
-    end = tokenizer.sp.piece_to_id(END)
-    return [tokenizer.eos_id] + ([end] if end != tokenizer.sp.unk_id() else [])
-
-
 def hf_config(cfg: ModelConfig, eos_ids: list[int] | None = None) -> dict:
-    """config.json for transformers' CohereConfig (eos_ids: `stop_ids` of the tokenizer; EOS alone by default)."""
+    """config.json for transformers' CohereConfig (eos_ids: the tokenizer's `stop_ids`; EOS alone by default)."""
     return {
         "architectures": ["CohereForCausalLM"],
         "model_type": "cohere",
@@ -144,10 +138,10 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, drop_head: 
     config = load_config(checkpoint)
     task = config.get("task")
     if task in HEAD_TASKS and not drop_head:
+        verb = {"classify": "classify", "ner": "tag"}[task]
         raise PalmkitError(f"{checkpoint} is a {task} checkpoint: its head (head.safetensors) has no place in a "
-                           "transformers CohereForCausalLM, so the export would not " + ("classify" if task ==
-                           "classify" else "tag") + "; use it with palmkit (serve, classify, tag), or pass "
-                           "--drop_head to export its language model alone")
+                           f"transformers CohereForCausalLM, so the export would not {verb}; use it with palmkit "
+                           f"(palmkit {verb}, serve), or pass --drop_head to export its language model alone")
     cfg = ModelConfig.from_dict(config["model"])
     state = load_tensors(checkpoint / MODEL_FILE)
     if not is_dense(config):  # transformers gets the dense weights they stand for
@@ -155,7 +149,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, drop_head: 
     tensors = hf_state_dict(state)
     add_bos = bos_rule(config)
     tokenizer = Tokenizer(checkpoint / TOKENIZER_FILE, add_bos=add_bos)
-    eos_ids = stop_ids(tokenizer)
+    eos_ids = tokenizer.stop_ids
     with staged_dir(out, EXPORT_FILES, force) as staging:
         save_tensors(staging / "model.safetensors", tensors, metadata={"format": "pt"})
         atomic_write_json(staging / "config.json", hf_config(cfg, eos_ids))

@@ -58,6 +58,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generation: EOS, and the chat template's end of turn (`<|end|>`) when the vocabulary
+        has it. The export lists both as `eos_token_id`, so transformers stops where palmkit does."""
+        end = self.sp.piece_to_id(CHAT_SYMBOLS[3])
+        return [self.eos_id] + ([end] if end != self.sp.unk_id() else [])
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids for one string."""
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos

@@ -10,7 +10,7 @@ is exact: x_u · y_i = Σ_j α y_jᵀ A_u⁻¹ y_i over the liked items j.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from implicit.als import AlternatingLeastSquares
 from threadpoolctl import threadpool_limits
 
 from palmkit.errors import PalmkitError
+from palmkit.recommend.metrics import top_k
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,11 @@ class Retriever:
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
         """(U, items) predicted preference of each user for every item."""
         return self.user_factors(histories) @ self.item_factors.T
+
+    def candidates(self, histories: Sequence[Sequence[int]], n: int = 100,
+                   exclude: Sequence[Collection[int]] | None = None) -> np.ndarray:
+        """(U, n) the best n items of each history, best first, leaving out `exclude` (default: the history)."""
+        return top_k(self.scores(histories), histories if exclude is None else exclude, n)
 
     def contributions(self, history: Sequence[int], item: int) -> dict[int, float]:
         """Each liked item's exact share of the user's score for `item` (the shares sum to the score)."""

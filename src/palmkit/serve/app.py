@@ -28,6 +28,7 @@ answers 503 too, and also while the engine is wedged (work waiting, no step fini
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -231,8 +232,9 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         checkpoint: a checkpoint folder (plain, int8 or low-rank)
         host: address to bind; loopback unless you mean to serve other machines (then set an API key)
         port: TCP port
-        api_key: require `Authorization: Bearer KEY` on /v1/*; the environment variable PALMKIT_API_KEY does
-            the same without showing the key in `ps`
+        api_key: require `Authorization: Bearer KEY` on every route but the chat page and /health (/metrics and
+            /openapi.json too; /docs is then off); the environment variable PALMKIT_API_KEY does the same without
+            showing the key in `ps`
         max_batch: sequences decoded together
         max_queue: requests waiting beyond those; more get 429
         model_name: the model's name in the API (default: the checkpoint folder's name)
@@ -278,6 +280,10 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     if not loopback and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
+    # What importing and loading made lives as long as the process: out of the cyclic collector's sight, a full
+    # collection scans only what requests make (it scanned ~470k objects, a 0.6-1.1 s stall of every route on
+    # 2 busy cores; benchmarks/README.md, "Load and abuse").
+    gc.freeze()
     server.run()
     if died:  # status 1: a supervisor restarts a server whose engine is gone
         log.critical("exiting: the engine thread died")

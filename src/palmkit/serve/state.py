@@ -27,6 +27,11 @@ class ServerState:
     created: int
     faq: FaqIndex | None = None  # with --faq: every chat request is answered from the FAQ or not at all
     limits: Limits = field(default_factory=Limits)
+    piece_chars: int = field(init=False)
+    """The most characters one token stands for (limits.max_piece_chars)."""
+
+    def __post_init__(self) -> None:
+        self.piece_chars = max_piece_chars(self.tokenizer)  # at startup: a loop over the vocabulary
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -35,11 +40,6 @@ class ServerState:
     @property
     def context(self) -> int:
         return self.engine.config.max_seq_len
-
-    @property
-    def piece_chars(self) -> int:
-        """The most characters one token stands for (limits.max_piece_chars)."""
-        return max_piece_chars(self.tokenizer)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:

@@ -38,7 +38,7 @@ from palmkit.model.layouts import fused_state_dict, plain_state_dict
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.train.config import TrainConfig
-from palmkit.train.distributed import Dist
+from palmkit.train.distributed import Dist, all_reduce
 
 OPTIMIZER_FILE, TRAINER_FILE = "optimizer.safetensors", "trainer_state.json"
 STEP_FILES = CHECKPOINT_FILES | {OPTIMIZER_FILE, TRAINER_FILE}  # what run/checkpoints/step-N holds
@@ -73,10 +73,13 @@ def save_training_state(run: Path, step: int, model: torch.nn.Module, optimizer:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_sd = get_model_state_dict(model, options=options)  # collective under FSDP: every rank calls it
     optim_sd = get_optimizer_state_dict(model, optimizer, options=options)
+    # The full weights are on the main rank only; every rank learns the verdict, so that all of them stop together.
+    bad = [k for k, v in model_sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if all_reduce([float(len(bad))], d)[0] and not d.is_main:
+        raise PalmkitError(f"the weights at step {step} are not finite: not saved (see the main rank's message)")
     if not d.is_main:
         return None
     ckpt_root = run / "checkpoints"
-    bad = [k for k, v in model_sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         newest = latest_checkpoint(run)
         raise PalmkitError(f"the weights at step {step} are not finite ({len(bad)} tensors, e.g. {bad[0]}): not "

@@ -86,9 +86,16 @@ def test_two_workers_and_two_machines_write_the_same_corpus(built, tmp_path):
     # two machines sharing the folder: each runs its half of every stage, machine 0 writes the corpus
     cmd = [sys.executable, "-m", "palmkit.cli", "corpus", "build", "--out", str(tmp_path / "nodes"), "--langs",
            "en,de,zh", "--cache", str(cache), "--vocab_size", "1000", "--workers", "1", "--nodes", "2"]
-    runs = [subprocess.Popen([*cmd, "--node_rank", str(r)], stderr=subprocess.PIPE, text=True) for r in (1, 0)]
-    for r in runs:
-        assert r.wait(timeout=300) == 0, r.stderr.read()
+    logs = [open(tmp_path / f"node{r}.log", "w") for r in (0, 1)]
+    runs = [subprocess.Popen([*cmd, "--node_rank", str(r)], stderr=logs[r]) for r in (1, 0)]
+    try:
+        codes = [r.wait(timeout=600) for r in runs]
+    finally:
+        for r in runs:
+            r.kill()
+        for f in logs:
+            f.close()
+    assert codes == [0, 0], [(tmp_path / f"node{r}.log").read_text() for r in (0, 1)]
     same_files(out, tmp_path / "nodes")
 
 
@@ -182,6 +189,29 @@ def test_user_inputs_txt_jsonl_csv_with_invalid_utf8(tmp_path, capsys):
     assert re.search(r"skipped 2 record\(s\) of \S*b\.jsonl", err)
     assert re.search(r"skipped 1 record\(s\) of \S*c\.csv", err)
     assert "| user:mine | de |" in (out / "report.md").read_text()
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((Path(r["file"]).name, r["line"]) for r in rejected) == [("b.jsonl", 2), ("b.jsonl", 3),
+                                                                           ("c.csv", 4)]
+    assert "## Skipped input records" in (out / "report.md").read_text()
+
+
+def test_languages_of_input_files_told_apart(tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    de = ["Der Hund und die Katze sind nicht im Haus, aber sie werden bald wieder kommen.",
+          "Die Stadt ist groß und es gibt viele Menschen, die dort mit ihren Familien wohnen."]
+    fr = ["Le chat est dans la maison et il ne veut pas sortir pour la nuit avec les autres.",
+          "La ville est grande et il y a beaucoup de gens qui vivent dans les rues du centre."]
+    for name, docs in (("a.jsonl", de), ("b.jsonl", fr)):
+        (data / name).write_text("".join(json.dumps({"text": d * 3}) + "\n" for d in docs))
+    out = tmp_path / "out"
+    build(str(out), langs="de", subset="none", inputs=str(data), lang="auto", vocab_size=300, workers=1)
+    assert sorted(p.name for p in (out / "text").iterdir()) == ["de", "fr"]
+    texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/fr" / f"{s}.jsonl")]
+    assert sorted(texts) == sorted(d * 3 for d in fr)
+    (data / "c.jsonl").write_text(json.dumps({"text": "12345 67890 12345 67890 12345"}) + "\n")
+    with pytest.raises(PalmkitError, match=r"could not tell the language of .*c\.jsonl"):
+        build(str(out), langs="de", subset="none", inputs=str(data), lang="auto", workers=1)
 
 
 def test_user_input_errors_are_clear(tmp_path):

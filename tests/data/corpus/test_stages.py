@@ -38,7 +38,7 @@ def texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.mark.parametrize("max_mb", [0.0, 0.02])
+@pytest.mark.parametrize("max_mb", [0.0, 0.008])
 def test_streaming_split_matches_the_in_memory_reference(tmp_path, max_mb):
     docs = [clean_text(d) for d in perturbed_articles(seed=2)]
     data = tmp_path / "in.jsonl"

@@ -35,7 +35,7 @@ class DocWriter:
         if not texts:
             return
         norms = [normalise(t) for t in texts]
-        self.sigs.write(minhash_many(norms).tobytes())
+        self.sigs.write(minhash_many(norms, chunk_chars=sum(map(len, norms)) + 1).tobytes())
         meta = np.zeros(len(texts), dtype=META)
         for i, (text, norm) in enumerate(zip(texts, norms, strict=True)):
             raw = text.encode("utf-8")

@@ -38,7 +38,7 @@ MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for 
 TOKENIZER_SAMPLE_BYTES = 24_000_000  # enough for a 32k vocabulary; training time grows with the sample
 
 
-HASH_BATCH_CHARS = 4_000_000  # documents hashed together (minhash_many's chunk)
+HASH_BATCH_CHARS = 1_000_000  # documents hashed together: minhash_many needs ~70 bytes per character
 
 
 SPLITS = ("train", "valid")
