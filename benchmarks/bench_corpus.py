@@ -39,9 +39,10 @@ from {module} import build
 t = time.perf_counter()
 build({out!r}, langs="en", subset="none", inputs={inputs!r}, lang="en", vocab_size={vocab}, workers={workers}{extra})
 wall = time.perf_counter() - t
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print("RESULT " + json.dumps({{"wall": wall, "rss_mb": self_kb / 1024, "child_rss_mb": child_kb / 1024}}))
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+print("RESULT " + json.dumps({{"wall": wall, "cpu": cpu, "rss_mb": me.ru_maxrss / 1024,
+                              "child_rss_mb": kids.ru_maxrss / 1024}}))
 """
 
 
@@ -213,6 +214,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes of the streaming build")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--builds", nargs="+", default=["streaming", "in-memory"], help="which builds to run")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -231,6 +233,7 @@ def main() -> None:
         candidates = [("streaming", "palmkit.data.corpus.build", [str(ROOT / "src")], args.workers)]
         if gb <= args.old_max_gb:
             candidates.append(("in-memory", "oldcorpus.build", [str(old), str(ROOT / "src")], 2))
+        candidates = [c for c in candidates if c[0] in args.builds]
         for name, module, paths, workers in candidates:
             target = out / f"{name}-{gb:g}GB"
             t0 = time.perf_counter()
@@ -241,14 +244,15 @@ def main() -> None:
                 result.update(quality(target, made))
             results.append(result)
             print(json.dumps(result), flush=True)
-    print("\n| build | input GB | workers | wall s | input MB/s | peak RSS MB (process / largest child) | kept MB | "
-          "exact dups | near dups | near-dup recall | false removals |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| build | input GB | workers | wall s | CPU s | input MB/s | peak RSS MB (process / largest child) | "
+          "kept MB | exact dups | near dups | near-dup recall | false removals |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | failed: {r['error']} |||||||")
+            print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | failed: {r['error']} ||||||||")
             continue
-        print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | {r['wall']:.0f} | {r['mb_s']:.2f} | "
+        print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | {r['wall']:.0f} | {r.get('cpu', 0):.0f} | "
+              f"{r['mb_s']:.2f} | "
               f"{r['rss_mb']:.0f} / {r['child_rss_mb']:.0f} | {r.get('kept_mb', '')} | {r.get('exact', '')} | "
               f"{r.get('near', '')} | {r['recall']:.3f} ({r['pairs']} pairs) | {r['false_removals']:.3f} |")
     stream = [r for r in results if r["name"] == "streaming" and "error" not in r]

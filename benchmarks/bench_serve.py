@@ -17,6 +17,7 @@ after `--requests` requests (at least 2 per client) or `--seconds`, whichever co
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -35,6 +36,7 @@ import torch
 
 from palmkit.infer.engine import Engine
 from palmkit.model.checkpoint import load_checkpoint
+from palmkit.model.export import export_hf
 from palmkit.model.palm import KVCache
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -47,12 +49,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, max_batch: int, threads: int, timeout: float = 180) -> tuple[subprocess.Popen, str]:
-    """`palmkit serve` in a subprocess; returns it and its base URL once /health answers."""
+def start_server(checkpoint: Path, max_batch: int | None, threads: int, timeout: float = 180,
+                 dtype: str = "float32") -> tuple[subprocess.Popen, str]:
+    """`palmkit serve` in a subprocess (None: its default batch); returns it and its base URL once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-           "--max-batch", str(max_batch), "--max-queue", "4096", "--model-name", "bench", "--log-level", "warning"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+           "--max_queue", "4096", "--model_name", "bench", "--log_level", "warning", "--dtype", dtype]
+    cmd += ["--max_batch", str(max_batch)] if max_batch else []
+    return start_process(cmd, port, threads, timeout)
+
+
+def start_transformers(export: Path, threads: int, context: int, timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """`transformers serve --continuous-batching EXPORT` offline; its paged KV cache holds 64 requests of `context`
+    tokens (its CPU default reserves over 10 GB, more than this shared machine can spare)."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching", "--host",
+           "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "warning",
+           "--cb-block-size", "32", "--cb-num-blocks", str(64 * -(-context // 32)), str(export)]
+    return start_process(cmd, port, threads, timeout, {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+def start_process(cmd: list[str], port: int, threads: int, timeout: float,
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a server; returns it and its base URL once /health answers."""
+    env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
@@ -108,6 +128,142 @@ def run_level(base: str, clients: int, requests: int, seconds: float, prompt_tok
             "p50": q[49], "p99": q[98], "batch": (done - len(latencies)) / max(steps, 1)}
 
 
+# Short requests in the three languages of the quickstart corpus, as a chat client would send them.
+PROMPTS = [
+    "The history of the city begins", "Photosynthesis is the process by which", "In the morning the market",
+    "Die Geschichte der Stadt beginnt", "Am Abend gingen wir", "Der Bahnhof liegt",
+    "这座城市的历史", "今天早上我们",
+]
+LONG_TEXT = {  # repeated up to about `--long-tokens` tokens: a document pasted into a prompt
+    "en": "The river runs through the old town, past the church and the market square, where traders meet. ",
+    "de": "Der Fluss fließt durch die Altstadt, vorbei an der Kirche und dem Marktplatz, wo sich Händler treffen. ",
+    "zh": "这条河流经老城区，经过教堂和集市广场，商人们在那里见面。",
+}
+
+
+def long_prompts(tokenizer, tokens: int) -> list[str]:
+    """One prompt per language of at least `tokens` tokens (by the served tokenizer), ending in a question."""
+    out = []
+    for text in LONG_TEXT.values():
+        reps = 1
+        while len(tokenizer.encode(text * reps)) < tokens:
+            reps += 1
+        out.append(text * reps + " Summary:")
+    return out
+
+
+def exactly(server: str, n: int) -> dict:
+    """The request fields that make `server` generate exactly n tokens (past an end of text)."""
+    if server.startswith("palmkit"):
+        return {"ignore_eos": True}
+    return {"generation_config": json.dumps({"max_new_tokens": n, "min_new_tokens": n, "do_sample": False})}
+
+
+def stream(http: httpx.Client, base: str, model: str, prompt: str, max_tokens: int,
+           extra: dict) -> tuple[float, float, int]:
+    """(latency, time to first token, completion tokens) of one greedy streamed completion."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    with http.stream("POST", f"{base}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("text") for c in chunk.get("choices") or ()):
+                first = time.perf_counter() - t0
+            tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
+    latency = time.perf_counter() - t0
+    return latency, latency if first is None else first, tokens
+
+
+def closed_loop(base: str, model: str, work: list[list[str]], max_tokens: int, extra: dict) -> dict:
+    """Client k sends work[k]'s prompts one after another; throughput, latency and TTFT percentiles (all
+    requests, and the short ones alone: those under 200 characters)."""
+    results: list[tuple[str, float, float, int]] = []
+
+    def client(prompts: list[str]) -> None:
+        with httpx.Client(timeout=900) as http:
+            for prompt in prompts:
+                results.append((prompt, *stream(http, base, model, prompt, max_tokens, extra)))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(work)) as pool:
+        list(pool.map(client, work))
+    wall = time.perf_counter() - start
+
+    def pct(values: list[float], q: int) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+    short = [r for r in results if len(r[0]) < 200]
+    return {"requests": len(results), "tok_s": sum(r[3] for r in results) / wall,
+            "p50": pct([r[1] for r in results], 50), "p99": pct([r[1] for r in results], 99),
+            "ttft50": pct([r[2] for r in results], 50), "ttft99": pct([r[2] for r in results], 99),
+            "short_ttft50": pct([r[2] for r in short], 50), "short_ttft99": pct([r[2] for r in short], 99)}
+
+
+def workloads(levels: list[int], per_client: int, mixed: int, longs: list[str]) -> dict[str, list[list[str]]]:
+    """Prompts per client of each load: `clients` clients cycling through PROMPTS; the mixed load has one client
+    in four sending long prompts (one each) and the others short chat turns."""
+    loads = {str(c): [[PROMPTS[(k + i) % len(PROMPTS)] for i in range(per_client)] for k in range(c)]
+             for c in levels}
+    if mixed:
+        loads[f"mixed {mixed}"] = [[longs[k // 4 % len(longs)]] if k % 4 == 3 else
+                                   [PROMPTS[(k + i) % len(PROMPTS)] for i in range(per_client)]
+                                   for k in range(mixed)]
+    return loads
+
+
+def compare_peer(args, ckpt: Path, tokenizer) -> None:
+    """Each server in turn on the same weights and the same loads; a table with the ratio palmkit / peer."""
+    with tempfile.TemporaryDirectory() as tmp:
+        export = Path(args.export) if args.export else export_hf(ckpt, Path(tmp) / "export")
+        longs = long_prompts(tokenizer, args.long_tokens)
+        loads = workloads(args.concurrency, args.requests_per_client, args.mixed, longs)
+        context = args.long_tokens + 2 * args.max_tokens
+        servers = {
+            "palmkit": lambda: (*start_server(ckpt, args.max_batch, args.threads, dtype=args.dtype), "bench"),
+            "transformers": lambda: (*start_transformers(export, args.threads, context), str(export)),
+        }
+        if args.baseline_batch:  # the same server with a fixed batch, to see what the default's choice is worth
+            servers[f"palmkit b={args.baseline_batch}"] = lambda: (
+                *start_server(ckpt, args.baseline_batch, args.threads, dtype=args.dtype), "bench")
+        results: dict[str, dict[str, dict]] = {}
+        for name, start in servers.items():
+            proc, base, model = start()
+            try:
+                closed_loop(base, model, [PROMPTS[:1]], 8, exactly(name, 8))  # warm-up
+                results[name] = {}
+                for load, work in loads.items():
+                    results[name][load] = r = closed_loop(base, model, work, args.max_tokens,
+                                                          exactly(name, args.max_tokens))
+                    print(f"{name} {load}: {r['tok_s']:.0f} tok/s, p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s, "
+                          f"TTFT p50 {r['ttft50']:.3f} s, short TTFT p99 {r['short_ttft99']:.3f} s", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(60)
+    base = f"palmkit b={args.baseline_batch}"
+    if base in results:
+        print(f"\n| clients | palmkit tok/s | {base} tok/s | ratio | palmkit p99 s | {base} p99 s |")
+        print("|---|---|---|---|---|---|")
+        for load in loads:
+            a, b = results["palmkit"][load], results[base][load]
+            print(f"| {load} | {a['tok_s']:.0f} | {b['tok_s']:.0f} | {a['tok_s'] / b['tok_s']:.2f}x | {a['p99']:.2f} | "
+                  f"{b['p99']:.2f} |")
+    print("\n| clients | requests | palmkit tok/s | transformers tok/s | ratio | palmkit p50 / p99 s | "
+          "transformers p50 / p99 s | palmkit TTFT p50 / p99 s | transformers TTFT p50 / p99 s | "
+          "short-request TTFT p99 s (palmkit / transformers) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for load in loads:
+        a, b = results["palmkit"][load], results["transformers"][load]
+        print(f"| {load} | {a['requests']} | {a['tok_s']:.0f} | {b['tok_s']:.0f} | {a['tok_s'] / b['tok_s']:.2f}x | "
+              f"{a['p50']:.2f} / {a['p99']:.2f} | {b['p50']:.2f} / {b['p99']:.2f} | "
+              f"{a['ttft50']:.3f} / {a['ttft99']:.3f} | {b['ttft50']:.3f} / {b['ttft99']:.3f} | "
+              f"{a['short_ttft99']:.3f} / {b['short_ttft99']:.3f} |")
+
+
 @torch.inference_mode()
 def compare_layouts(model, busy: int, slots: int, cached: int, repeats: int = 30) -> dict[str, float]:
     """Median ms of one decode step of `busy` sequences in a `slots`-row cache, in three layouts."""
@@ -154,7 +310,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=90, help="time limit per level")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=None, help="palmkit serve --max_batch (default: its own)")
+    ap.add_argument("--dtype", default="float32", help="palmkit serve --dtype")
+    ap.add_argument("--baseline-batch", type=int, default=0, help="with --peer: also palmkit serve --max_batch N")
+    ap.add_argument("--peer", choices=["transformers"], help="also run `transformers serve --continuous-batching` on "
+                    "the checkpoint's export, the same loads on text prompts, and print the ratio")
+    ap.add_argument("--export", help="with --peer: a `palmkit export` folder of --checkpoint (default: export it)")
+    ap.add_argument("--requests-per-client", type=int, default=2, help="with --peer: requests each client sends")
+    ap.add_argument("--mixed", type=int, default=8, help="with --peer: clients of the mixed load (0: none)")
+    ap.add_argument("--long-tokens", type=int, default=1000, help="with --peer: the mixed load's long prompts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the server (0: torch's default)")
     ap.add_argument("--layouts", action="store_true", help="also time one decode step in three cache layouts")
     args = ap.parse_args()
@@ -169,15 +333,18 @@ def main() -> None:
         print(f"model: {name}, {model.num_params() / 1e6:.1f}M parameters; {os.cpu_count()} CPUs "
               f"({platform.processor() or platform.machine()}), torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads")
+        if args.peer:
+            del model
+            return compare_peer(args, ckpt, tok)
         print(f"each request: {args.prompt_tokens} prompt tokens, {args.max_tokens} generated (greedy, ignore_eos); "
-              f"server --max-batch {args.max_batch}\n")
+              f"server --max_batch {args.max_batch or 'default'}\n")
         if args.layouts:
             print("| decode step layout | busy / slots | ms per step |\n|---|---|---|")
             for busy in (4, 12):
-                for layout, ms in compare_layouts(model, busy, args.max_batch, cached=200).items():
+                for layout, ms in compare_layouts(model, busy, args.max_batch or 16, cached=200).items():
                     print(f"| {layout} | {busy} / {args.max_batch} | {ms:.1f} |")
-            rows = Engine(model, tok, args.max_batch).tune_step_rows()[1:]
-            print(f"\nrows the engine steps for 1..{args.max_batch} running sequences (tuned): {rows}\n")
+            rows = Engine(model, tok, args.max_batch or 16).tune_step_rows()[1:]
+            print(f"\nrows the engine steps for 1..{args.max_batch or 16} running sequences (tuned): {rows}\n")
         del model
         proc, base = start_server(ckpt, args.max_batch, args.threads)
         try:

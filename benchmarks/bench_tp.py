@@ -15,6 +15,11 @@ one-process greedy tokens.
 
     python benchmarks/bench_tp.py                             # small preset, batch 1 and 8, 32 new tokens
     python benchmarks/bench_tp.py --preset base --batch 1 --repeats 5
+    python benchmarks/bench_tp.py --plans     # RowwiseParallel on a 3-D input against MatrixRowwiseParallel
+
+`--plans` times one row-parallel `Linear(d_ff, d_model)` of the preset on a 1-rank mesh, one token, under
+inference mode: torch's RowwiseParallel given the (batch, time, features) input, then palmkit's
+MatrixRowwiseParallel, which multiplies it as a 2-D matrix (their outputs are checked equal).
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
 from palmkit.infer.generate import generate_ids
 from palmkit.infer.sampling import SamplingParams
-from palmkit.infer.tensor_parallel import TensorParallelPaLM, tensor_parallel
+from palmkit.infer.tensor_parallel import MatrixRowwiseParallel, TensorParallelPaLM, tensor_parallel
 from palmkit.model.palm import build_model, preset
 from palmkit.train.distributed import init_distributed
 
@@ -73,6 +79,35 @@ def collective_ms(batch: int, d_model: int, vocab: int, mesh, steps: int = 200) 
         t2 = time.perf_counter()
         best = [min(best[0], (t1 - t0) * 1000 / steps), min(best[1], (t2 - t1) * 1000 / steps)]
     return best[0], best[1]
+
+
+def plans(cfg, calls: int = 300) -> None:
+    """CPU microseconds per call of a row-parallel linear, torch's style on a 3-D input against palmkit's."""
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    mesh = DeviceMesh("cpu", [0])
+    torch.set_num_threads(1)
+    x = torch.randn(1, 1, cfg.d_ff)
+    weight = torch.randn(cfg.d_model, cfg.d_ff)
+    times, outs = {}, {}
+    for name, style in (("RowwiseParallel, 3-D input", RowwiseParallel(output_layouts=Partial())),
+                        ("MatrixRowwiseParallel", MatrixRowwiseParallel(output_layouts=Partial()))):
+        layer = torch.nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        layer.weight.data.copy_(weight)
+        parallelize_module(layer, mesh, style, src_data_rank=None)
+        with torch.inference_mode():
+            for _ in range(20):
+                outs[name] = layer(x)
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                for _ in range(calls):
+                    layer(x)
+                best = min(best, (time.process_time() - t0) / calls)
+        times[name] = best * 1e6
+        print(f"{name}: {times[name]:.0f} us per call (CPU time, best of 3 x {calls} calls)")
+    a, b = times.values()
+    print(f"ratio {a / b:.1f}x; outputs equal: {torch.equal(*outs.values())}")
+    dist.destroy_process_group()
 
 
 def rank_main(rank: int, port: int, args) -> None:
@@ -148,7 +183,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is kept")
+    ap.add_argument("--plans", action="store_true", help="only time the row-parallel sharding plans")
     args = ap.parse_args()
+    if args.plans:
+        plans(preset(args.preset))
+        return
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode time is T(N) - T(1))")
     with socket.socket() as s:

@@ -32,9 +32,9 @@ def test_info_prints_paper_counts():
 
 
 def test_unknown_command_exits_2_with_the_list():
-    r = run("recommend", "--help")
+    r = run("recomend", "--help")
     assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("palmkit: error: unknown command 'recommend'\n")
+    assert r.stderr.startswith("palmkit: error: unknown command 'recomend'\n")
     assert "finetune classify" in r.stderr and "commands:" in r.stderr
 
 

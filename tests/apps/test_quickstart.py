@@ -42,3 +42,15 @@ def test_a_run_folder_continues_with_the_recipe_it_was_started_with(tmp_path, ca
     assert (got.optimizer, got.lr, got.warmup_steps, got.embed_lr_ratio) == ("adamw", 3e-3, 10, 1.0)
     assert got.max_minutes == 20  # the time budget is the caller's to extend
     assert "continuing with them: " in capsys.readouterr().out
+
+
+def test_the_default_model_fits_minutes_of_cpu_training():
+    """A few million tokens train a model of a few million parameters best: the quickstart's default is one."""
+    import inspect
+
+    from palmkit.apps.quickstart import quickstart
+    from palmkit.model.palm import build_model, preset
+
+    defaults = {k: p.default for k, p in inspect.signature(quickstart).parameters.items()}
+    model = build_model(preset(defaults["preset"], vocab_size=defaults["vocab_size"]), "meta")
+    assert 5e6 < model.num_params() < 10e6

@@ -8,27 +8,32 @@ import pytest
 import torch
 
 from palmkit.infer import engine as engine_module
-from palmkit.infer.engine import Engine, EngineBusy, Sink, events_of
+from palmkit.infer.engine import Engine, EngineBusy, Sink, events_of, pick_step_rows
 from palmkit.infer.sampling import SamplingParams
 from tests.conftest import Slow
 
 pytestmark = pytest.mark.timeout(120)
 
 
-class Bumpy(Slow):
-    """A model whose steps take 4 times longer with 3 rows than with any other count."""
+def test_step_rows_pad_up_to_a_faster_row_count():
+    # measured times are injected: the choice is tested, never a clock (3 rows 4x slower than 4 rows)
+    times = {1: 0.02, 2: 0.021, 3: 0.08, 4: 0.02}
+    # 3 running sequences step with 4 rows; the tolerance keeps timing noise (2 rows 5% slower) from padding
+    assert pick_step_rows(times, 4, tolerance=1.1) == [0, 1, 2, 4, 4]
+    assert pick_step_rows(times, 4, tolerance=5) == [0, 1, 2, 3, 4]
+    # past 16 only multiples of 8 are timed: 17..24 running step with 24 rows, or 32 when that is faster
+    sparse = {16: 0.1, 24: 0.3, 32: 0.12}
+    assert pick_step_rows(sparse, 32)[17:] == [32] * 16
 
-    def hidden_states(self, idx, *args, **kwargs):
-        time.sleep(0.08 if idx.shape[0] == 3 else 0.02)
-        return self.inner.hidden_states(idx, *args, **kwargs)
 
-
-def test_step_rows_pad_up_to_a_faster_row_count(loaded):
+def test_tune_step_rows_times_every_candidate_count(loaded, monkeypatch):
     model, tok = loaded
-    engine = Engine(Bumpy(model, 0), tok, max_batch=4, autotune=False)
-    assert engine.step_rows == [0, 1, 2, 3, 4]
-    # 3 running sequences step with 4 rows; the tolerance keeps timing noise from padding the others
-    assert engine.tune_step_rows(tolerance=1.5) == [0, 1, 2, 4, 4]
+    engine = Engine(model, tok, max_batch=20, autotune=False)
+    assert engine.step_rows == list(range(21))
+    times = engine.time_step_rows()
+    assert sorted(times) == [*range(1, 17), 20] and all(t > 0 for t in times.values())
+    monkeypatch.setattr(engine, "time_step_rows", lambda: {**dict.fromkeys(range(1, 17), 1.0), 20: 0.5})
+    assert engine.tune_step_rows() == [0, *[20] * 20]
 
 
 def run_engine(engine: Engine, requests: list) -> list:

@@ -145,7 +145,7 @@ def test_generate_command_tp_equals_one_process(checkpoint):
     args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick brown fox", "--max_new_tokens", "12",
             "--temperature", "0.8", "--seed", "3"]
     one = subprocess.run([sys.executable, "-m", "palmkit.cli", *args], capture_output=True, text=True, timeout=120)
-    two = torchrun(*args, "--tp", "2", "--vocab_parallel", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    two = torchrun(*args, "--tp", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = two.communicate(timeout=240)
     assert one.returncode == 0 and two.returncode == 0, err[-3000:]
     assert out == one.stdout  # rank 0 alone writes
@@ -155,7 +155,7 @@ def test_generate_command_tp_equals_one_process(checkpoint):
 def test_server_tp_answers_equal_one_process_server(checkpoint):
     port = free_port()
     server = torchrun("serve", "--checkpoint", str(checkpoint), "--port", str(port), "--tp", "2", "--max_batch", "2",
-                      "--log_level", "warning", stderr=subprocess.PIPE)
+                      "--vocab_parallel", "false", "--log_level", "warning", stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     body = {"model": checkpoint.name, "max_tokens": 10, "temperature": 0}
     prompts = ["The quick brown fox", "Der", "a b c d e f g", "zh"]

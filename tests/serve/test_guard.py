@@ -6,6 +6,7 @@ import socket
 import httpx
 import pytest
 from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.testclient import TestClient
 
 from palmkit.infer.engine import Engine
@@ -29,13 +30,25 @@ def raw_request(base: str, head: str, timeout: float = 10) -> bytes:
         return sock.recv(65536)
 
 
+class Echo(BaseModel):
+    text: str
+
+
 def test_the_key_is_checked_before_the_body_is_read(loaded):
     model, tok = loaded
-    with running(create_app(Engine(model, tok), model_name="tiny", api_key="sekret")) as base:
-        # 50 MB announced and none sent: the answer comes without waiting for a byte of it
-        answer = raw_request(base, "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                                   "Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer
+    router = APIRouter()
+
+    @router.post("/v1/echo")
+    async def echo(body: Echo) -> dict:  # FastAPI reads and parses a declared body before any dependency runs
+        return {"text": body.text}
+
+    with running(create_app(Engine(model, tok), model_name="tiny", api_key="sekret", routers=[router])) as base:
+        for path in ("/v1/echo", "/v1/completions"):
+            # 50 MB announced and none sent: the answer comes without waiting for a byte of it
+            answer = raw_request(base, f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                       "Content-Type: application/json\r\nContent-Length: 50000000\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 401") and b"invalid_api_key" in answer, path
+        assert httpx.post(f"{base}/v1/echo", json={"text": "hi"}, headers=KEY).json() == {"text": "hi"}
 
 
 def test_metrics_and_the_openapi_document_need_the_key_and_the_docs_are_off(loaded):

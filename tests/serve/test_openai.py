@@ -55,6 +55,32 @@ def test_a_marker_typed_in_a_message_cannot_open_a_system_turn(client, loaded):
     assert out.choices[0].message.content == reply(model, tok, messages, SamplingParams(12, temperature=0)).text
 
 
+def test_completion_equals_transformers_on_the_export(client, checkpoint, loaded, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from palmkit.model.export import export_hf
+
+    _, tok = loaded
+    export_hf(checkpoint, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    checked = 0
+    for prompt in ("The quick brown fox", "Der schnelle", "Once upon a time", "敏捷的", "Hello", "La", "It was"):
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        enc = hf_tok(prompt, return_tensors="pt")  # default arguments: BOS first, as the server encodes it
+        assert enc["input_ids"][0].tolist() == tok.encode_prompt(prompt)
+        assert out.usage.prompt_tokens == enc["input_ids"].shape[1]
+        with torch.no_grad():
+            ids = hf.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:].tolist()
+        assert out.usage.completion_tokens == len(ids)  # both count the stop token they ended at
+        text = hf_tok.decode(ids, skip_special_tokens=True)
+        if "\ufffd" not in text:  # an invalid byte run decodes differently (README: One BOS rule)
+            assert out.choices[0].text == text
+            checked += 1
+    assert checked >= 3
+
+
 def test_default_max_tokens_is_openais_16(client):
     out = client.completions.create(model="tiny", prompt="x", temperature=0, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 16 and out.choices[0].finish_reason == "length"

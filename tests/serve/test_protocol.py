@@ -69,5 +69,6 @@ def test_bad_requests_get_openai_errors(server, path, body, status, param, code)
 
 
 def test_oversized_body_is_refused_with_413(server):
-    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": "' + b"a" * (9 << 20) + b'"}', timeout=30)
+    r = httpx.post(f"{server}/v1/completions", content=b'{"prompt": "' + b"a" * (9 << 20) + b'"}', timeout=30,
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"

@@ -136,7 +136,7 @@ def classify_command(texts: list[str] | None = None, /, *, checkpoint: str, batc
     (palmkit.infer.sharded): each gets "label" and "probabilities".
 
     Args:
-        texts: the texts to classify
+        texts: the texts to classify (none with --input)
         checkpoint: a classifier folder written by `palmkit finetune classify`
         batch_size: texts per forward pass
         input: a JSONL file of objects, each with a string field FIELD, to classify instead of TEXTS
@@ -160,7 +160,7 @@ def tag_command(texts: list[str] | None = None, /, *, checkpoint: str, json_outp
     (palmkit.infer.sharded): each gets "entities".
 
     Args:
-        texts: the texts to tag
+        texts: the texts to tag (none with --input)
         checkpoint: a tagger folder written by `palmkit finetune ner`
         json_output: one JSON line per text instead, {"text", "entities": [{"type", "text", "start", "end"}]}
         input: a JSONL file of objects, each with a string field FIELD, to tag instead of TEXTS
@@ -221,7 +221,7 @@ def evaluate_command(checkpoint: str, task: str = "", eval_tasks: list[str] | st
 def generate_command(checkpoint: str, prompt: str = "", max_new_tokens: int = 128, temperature: float = 0.8,
                      top_k: int = 0, top_p: float = 0.95, seed: int | None = None,
                      stop: list[str] | str | None = None, device: str = "cpu", tp: int = 1,
-                     vocab_parallel: bool = False, input: str = "", output: str = "", field: str = "prompt",
+                     vocab_parallel: bool = True, input: str = "", output: str = "", field: str = "prompt",
                      batch_size: int = 8) -> str | None:
     """Complete PROMPT with the model in CHECKPOINT, streaming the text to the terminal.
 
@@ -240,8 +240,8 @@ def generate_command(checkpoint: str, prompt: str = "", max_new_tokens: int = 12
         stop: stop when the text ends with this string (one string, or a list of them)
         device: cpu, cuda, cuda:1, ... (under torchrun each rank takes the GPU of its local rank, or the CPU)
         tp: tensor-parallel processes (torchrun's --nproc_per_node); 1: one process
-        vocab_parallel: with --tp, split the shared embedding by vocabulary instead of keeping it whole on
-            every rank
+        vocab_parallel: with --tp, split the shared embedding by vocabulary (false: keep it whole on every
+            rank)
         input: a JSONL file of objects, each with a string field FIELD, to complete instead of PROMPT
         output: the JSONL file of INPUT's records with "completion", "finish_reason", "completion_tokens"
         field: the field of each INPUT record that holds its prompt

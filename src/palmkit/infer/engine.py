@@ -47,6 +47,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are scored together
 
+# The default batch: past 64 rows a CPU decode step's time grows in proportion to its rows (no throughput left to
+# gain, only latency to lose; benchmarks/README.md, "Serving against transformers serve"), and the KV cache may
+# take at most this share of the free memory.
+AUTO_MAX_BATCH, AUTO_CACHE_SHARE = 64, 0.25
+
 
 @dataclass
 class Event:
@@ -320,9 +325,15 @@ class Engine:
 
         Matrix-multiply libraries choose kernels by row count, and a step's time does not grow monotonically
         with its rows: more rows can be faster than fewer (benchmarks/README.md, "Decode step rows").
-        So each candidate count is timed once, and a step pads up to a larger count when that is more than
-        `tolerance` times faster. It writes to cache rows: the engine runs it before it serves anything.
+        So each candidate count is timed once (`time_step_rows`) and `pick_step_rows` pads a step up to a larger
+        count when that is more than `tolerance` times faster. It writes to cache rows: the engine runs it before
+        it serves anything.
         """
+        return pick_step_rows(self.time_step_rows(), self.max_batch, tolerance)
+
+    @torch.inference_mode()
+    def time_step_rows(self) -> dict[int, float]:
+        """Seconds of one decode step for each candidate row count (every count to 16, then multiples of 8)."""
         sizes = sorted({*range(1, min(16, self.max_batch) + 1), *range(8, self.max_batch + 1, 8), self.max_batch})
         times = {}
         for n in sizes:
@@ -334,12 +345,7 @@ class Engine:
                 self.model.logits(self.model.hidden_states(ids, zeros, cache=self.cache.rows(slice(0, n)))).sum().item()
                 best = min(best, time.perf_counter() - t0)
             times[n] = best
-        rows = [0]
-        for b in range(1, self.max_batch + 1):
-            own = min(n for n in sizes if n >= b)
-            fastest = min((n for n in sizes if n >= b), key=times.__getitem__)
-            rows.append(own if times[own] <= tolerance * times[fastest] else fastest)
-        return rows
+        return times
 
     def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
         logits = logits[:, : self.vocab]
@@ -397,6 +403,19 @@ class Engine:
                 pass
 
 
+def pick_step_rows(times: dict[int, float], max_batch: int, tolerance: float = 1.1) -> list[int]:
+    """Rows a decode step of b running sequences feeds, for b = 0..max_batch, from each candidate count's step time.
+
+    b steps with the smallest candidate count >= b, unless a larger one is more than `tolerance` times faster.
+    """
+    rows = [0]
+    for b in range(1, max_batch + 1):
+        fits = [n for n in times if n >= b]
+        own, fastest = min(fits), min(fits, key=times.__getitem__)
+        rows.append(own if times[own] <= tolerance * times[fastest] else fastest)
+    return rows
+
+
 def move_cache_row(cache: KVCache, src: int, dst: int, n: int) -> None:
     """Copy row `src`'s first n cached positions into row `dst`, in every layer."""
     for k, v in zip(cache.k, cache.v, strict=True):
@@ -417,10 +436,24 @@ async def events_of(sink: Sink, n: int) -> AsyncIterator[Event]:
         yield event
 
 
-def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32", max_batch: int = 16,
-                max_queue: int = 64) -> tuple[Engine, dict]:
-    """(engine, config dict) for a checkpoint folder; the engine is not started yet."""
+def auto_max_batch(model: PaLM, free_bytes: int | None = None) -> int:
+    """The default batch: AUTO_MAX_BATCH slots, fewer when their KV cache (every row at max_seq_len) would take
+    more than AUTO_CACHE_SHARE of the free memory of the model's device (`free_bytes` when given)."""
+    cfg, weight = model.config, model.embed_tokens.weight
+    row = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.max_seq_len * cfg.head_dim * weight.element_size()
+    if free_bytes is None:
+        if weight.device.type == "cuda":
+            free_bytes = torch.cuda.mem_get_info(weight.device)[0]
+        else:
+            free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(AUTO_MAX_BATCH, int(AUTO_CACHE_SHARE * free_bytes) // row))
+
+
+def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
+                max_batch: int | None = None, max_queue: int = 64) -> tuple[Engine, dict]:
+    """(engine, config dict) for a checkpoint folder (max_batch None: `auto_max_batch`); not started yet."""
     if dtype not in DTYPES:
         raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model, tokenizer, config = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype])
+    max_batch = auto_max_batch(model) if max_batch is None else max_batch
     return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue), config

@@ -11,9 +11,9 @@ each rank computes the same head and caches it (a decode step reads d_model x he
 small beside the sharded ones). With n_kv_heads a multiple of the ranks (GQA, MHA) k and v are column-parallel
 too, and each rank's KV cache holds its own heads only.
 
-The shared embedding is either replicated (no communication; each rank reads the whole vocabulary for the output
-layer) or sharded by vocabulary (the lookup is an all-reduce, the output layer an all-gather of each rank's
-logits); `benchmarks/bench_tp.py` times both.
+The shared embedding is sharded by vocabulary (the lookup is an all-reduce, the output layer an all-gather of each
+rank's logits; the faster choice in `benchmarks/bench_tp.py`, and 1/N of its memory per rank) or, with
+vocab_parallel=False, replicated (no communication; each rank reads the whole vocabulary for the output layer).
 
 Serving (`palmkit serve --tp N`): rank 0 runs the engine and HTTP server; its model is a `Leader` that sends each
 forward pass's inputs to the other ranks, which `follow` until the engine stops. `palmkit generate --tp N` needs
@@ -79,8 +79,7 @@ class MatrixRowwiseParallel(RowwiseParallel):
     """RowwiseParallel that multiplies a (..., in) input as one (rows, in) matrix and gives back (..., out).
 
     Under inference mode torch (2.13) finds no cached sharding plan for a row-parallel matmul of a 3-D input and
-    plans it again at every call, about 20x the cost of the matmul at decode sizes; a 2-D input takes the cached
-    plan (benchmarks/README.md, "bench_tp.py").
+    plans it again at every call; a 2-D input takes the cached plan (benchmarks/README.md, "bench_tp.py").
     """
 
     @staticmethod
@@ -131,7 +130,7 @@ class TensorParallelPaLM(nn.Module):
     allocated from it needs; `full_config` is the model's.
     """
 
-    def __init__(self, model: PaLM, mesh: DeviceMesh, vocab_parallel: bool = False):
+    def __init__(self, model: PaLM, mesh: DeviceMesh, vocab_parallel: bool = True):
         super().__init__()
         cfg, tp = model.config, mesh.size()
         if cfg.n_heads % tp:
@@ -196,7 +195,7 @@ class TensorParallelPaLM(nn.Module):
         return self.logits(self.hidden_states(idx, positions, pad_mask, cache))
 
 
-def tensor_parallel(model: PaLM, d: Dist, vocab_parallel: bool = False) -> TensorParallelPaLM:
+def tensor_parallel(model: PaLM, d: Dist, vocab_parallel: bool = True) -> TensorParallelPaLM:
     """Split `model` (the same weights loaded on every rank) over all ranks of the process group."""
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     return TensorParallelPaLM(model, mesh, vocab_parallel)
@@ -349,7 +348,7 @@ class TensorParallelEngine(Engine):
 
 
 def tensor_parallel_engine(checkpoint: str, tp: int, dtype: str = "float32", max_batch: int = 16,
-                           max_queue: int = 64, vocab_parallel: bool = False) -> tuple[Engine | None, dict]:
+                           max_queue: int = 64, vocab_parallel: bool = True) -> tuple[Engine | None, dict]:
     """(engine, config) on rank 0 of a torchrun group of `tp` processes; the other ranks follow rank 0's
     forward passes here until its engine stops, then get (None, config)."""
     d = require_world(tp, "serve")
@@ -364,7 +363,7 @@ def tensor_parallel_engine(checkpoint: str, tp: int, dtype: str = "float32", max
 
 
 def load_tensor_parallel(checkpoint: str, tp: int, command: str, dtype: torch.dtype | None = None,
-                         vocab_parallel: bool = False) -> tuple[TensorParallelPaLM, Tokenizer, Dist]:
+                         vocab_parallel: bool = True) -> tuple[TensorParallelPaLM, Tokenizer, Dist]:
     """(split model, tokenizer, this rank) for a command every rank runs alike (`palmkit generate --tp N`)."""
     d = require_world(tp, command)
     model, tokenizer, _ = load_checkpoint(checkpoint, device=d.device, dtype=dtype)

@@ -73,6 +73,9 @@ class ModelConfig:
 # (head_dim, d_ff) are derived, so overriding d_model in `preset()` rescales them too.
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=4096, d_model=128, n_layers=2, n_heads=4, max_seq_len=256),
+    # the quickstart's: minutes of CPU training buy a few million tokens, which a model this size uses best
+    # (benchmarks/README.md, "Pretraining recipe")
+    "mini": dict(vocab_size=16000, d_model=256, n_layers=4, n_heads=4, max_seq_len=1024),
     "small": dict(vocab_size=32000, d_model=384, n_layers=6, n_heads=6, max_seq_len=1024),
     "base": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, max_seq_len=2048),
     "palm-8b": dict(vocab_size=256000, d_model=4096, n_layers=32, n_heads=16, head_dim=256, max_seq_len=2048),

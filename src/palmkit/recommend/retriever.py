@@ -64,12 +64,12 @@ class Retriever:
         likes = like_matrix(histories, n_items)
         if likes.nnz == 0:
             raise PalmkitError("no likes to fit the retriever on")
-        model = AlternatingLeastSquares(factors=cfg.factors, regularization=cfg.regularization, alpha=cfg.alpha,
-                                        iterations=cfg.iterations, random_state=cfg.seed)
         # implicit runs its own threads; a BLAS thread pool inside each would oversubscribe the cores (the
         # limit is set here, so implicit's warning that the environment does not set it says nothing new)
         with threadpool_limits(1, "blas"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "OpenBLAS is configured", RuntimeWarning)
+            model = AlternatingLeastSquares(factors=cfg.factors, regularization=cfg.regularization,
+                                            alpha=cfg.alpha, iterations=cfg.iterations, random_state=cfg.seed)
             model.fit(likes, show_progress=False)
         return cls(model.item_factors, cfg.regularization, cfg.alpha)
 

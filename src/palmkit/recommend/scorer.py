@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from tqdm import tqdm
 
 from palmkit.data.recommend import FeedbackSplit, Movie
 from palmkit.errors import PalmkitError
@@ -195,29 +193,19 @@ class TextScorer:
         self.module, self.encoder = module.eval(), encoder
         self._items = item_vectors  # saved with a recommender: loading then encodes no item
 
-    def _vectors(self, tower: nn.Module, seqs: list[list[int]], what: str, batch_size: int) -> torch.Tensor:
-        items = [Item(ids) for ids in seqs]
-        out, chunk = [], batch_size * 8
-        started, done = time.perf_counter(), 0
-        with tqdm(total=len(items), unit=what, disable=len(items) <= chunk, dynamic_ncols=True,
-                  desc=f"encode {what}s") as bar:
-            for i in range(0, len(items), chunk):
-                part = items[i:i + chunk]
-                out += predict_logits(tower, part, self.encoder.tokenizer.pad_id, batch_size)
-                done += sum(len(it.ids) for it in part)
-                bar.update(len(part))
-                bar.set_postfix(tok_s=f"{done / (time.perf_counter() - started):,.0f}")
+    def _vectors(self, tower: nn.Module, seqs: list[list[int]], batch_size: int) -> torch.Tensor:
+        out = predict_logits(tower, [Item(ids) for ids in seqs], self.encoder.tokenizer.pad_id, batch_size)
         return torch.stack(out) if out else torch.empty(0, self.module.head.user.out_features)
 
     def item_vectors(self, batch_size: int = 64) -> torch.Tensor:
         """(I, dim) vectors of the whole catalogue (cached)."""
         if self._items is None:
-            self._items = self._vectors(self.module.items, self.encoder.items, "item", batch_size)
+            self._items = self._vectors(self.module.items, self.encoder.items, batch_size)
         return self._items
 
     def user_vectors(self, histories: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
         """(U, dim) vectors of the histories (lists of liked item indices, oldest first)."""
-        return self._vectors(self.module.users, [self.encoder.history(h) for h in histories], "user", batch_size)
+        return self._vectors(self.module.users, [self.encoder.history(h) for h in histories], batch_size)
 
     @torch.no_grad()
     def scores(self, histories: Sequence[Sequence[int]]) -> np.ndarray:

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server with streaming and continuous batching.
 
-    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--max_batch 16] [--faq FILE]
+    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--max_batch N] [--faq FILE]
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as server-sent
 events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format), and `GET /`: a web chat
@@ -135,7 +135,7 @@ async def _watch(engine: Engine, on_death: Callable[[], None] | None) -> None:
 
 
 def create_app(source: str | os.PathLike | Engine, model_name: str | None = None, api_key: str | None = None,
-               max_batch: int = 16, max_queue: int = 64, device: str = "cpu", dtype: str = "float32",
+               max_batch: int | None = None, max_queue: int = 64, device: str = "cpu", dtype: str = "float32",
                template: str | None = None, routers: Sequence[APIRouter] = (),
                faq: str | os.PathLike | FaqIndex | None = None, limits: Limits = Limits(),
                allowed_hosts: Iterable[str] | None = None,
@@ -220,10 +220,10 @@ def chat_page_html(state: ServerState) -> str:
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 16, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
+          max_batch: int | None = None, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
           dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info",
           faq: str = "", limits: Limits = Limits(), allowed_hosts: str = "", tp: int = 1,
-          vocab_parallel: bool = False, cors_origins: str = "") -> None:
+          vocab_parallel: bool = True, cors_origins: str = "") -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
     The chat page is at http://HOST:PORT/.
@@ -235,7 +235,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         api_key: require `Authorization: Bearer KEY` on every route but the chat page and /health (/metrics and
             /openapi.json too; /docs is then off); the environment variable PALMKIT_API_KEY does the same without
             showing the key in `ps`
-        max_batch: sequences decoded together
+        max_batch: sequences decoded together (default: 64, fewer if their KV cache would take over a quarter
+            of the free memory)
         max_queue: requests waiting beyond those; more get 429
         model_name: the model's name in the API (default: the checkpoint folder's name)
         device: cpu, cuda, cuda:1, ...
@@ -248,8 +249,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             (e.g. the name a local reverse proxy forwards); ignored on other addresses
         tp: tensor-parallel processes: `torchrun --nproc_per_node=N -m palmkit.cli serve --tp N ...`; rank 0
             serves, each rank takes the GPU of its local rank (or the CPU); device is then ignored
-        vocab_parallel: with --tp, split the shared embedding by vocabulary instead of keeping it whole on
-            every rank
+        vocab_parallel: with --tp, split the shared embedding by vocabulary (false: keep it whole on every
+            rank)
         cors_origins: comma-separated web origins (`https://app.example.com`) whose pages may call the API
             from a browser, or `*` for any; none by default
     """
@@ -268,7 +269,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     source: str | Engine = checkpoint
     template = None
     if tp > 1:  # rank 0 serves; the other ranks follow its forward passes until its engine stops
-        engine, config = tensor_parallel_engine(checkpoint, tp, dtype, max_batch, max_queue, vocab_parallel)
+        engine, config = tensor_parallel_engine(checkpoint, tp, dtype, max_batch or 16, max_queue,
+                                                vocab_parallel)
         if engine is None:
             return
         source, template = engine, config.get("chat_template")
@@ -282,7 +284,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
     # What importing and loading made lives as long as the process: out of the cyclic collector's sight, a full
     # collection scans only what requests make (it scanned ~470k objects, a 0.6-1.1 s stall of every route on
-    # 2 busy cores; benchmarks/README.md, "Load and abuse").
+    # 2 busy cores; benchmarks/README.md, "bench_abuse.py").
     gc.freeze()
     server.run()
     if died:  # status 1: a supervisor restarts a server whose engine is gone

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from palmkit.data.corpus import stages
 from palmkit.data.corpus.build import build
 from palmkit.data.corpus.clean import clean_text
 from palmkit.data.corpus.dedup import deduplicate, doc_hash
@@ -39,7 +40,8 @@ def texts(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("max_mb", [0.0, 0.008])
-def test_streaming_split_matches_the_in_memory_reference(tmp_path, max_mb):
+def test_streaming_split_matches_the_in_memory_reference(tmp_path, monkeypatch, max_mb):
+    monkeypatch.setattr(stages._Readers, "keep_open", 2)  # earlier tasks' files are closed and opened again
     docs = [clean_text(d) for d in perturbed_articles(seed=2)]
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")

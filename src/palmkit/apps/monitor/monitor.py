@@ -229,6 +229,8 @@ class Monitor:
         before = self.new["records"]
         follow = not final
         files = [(p, *self._resume_point(p, follow)) for spec in inputs if spec != STDIN for p in input_files(spec)]
+        for gone in self._followed.keys() - {str(p.resolve()) for p, _, _ in files}:  # removed from a folder
+            self._followed.pop(gone).close()
         todo = sum(max(0, p.stat().st_size - offset) for p, offset, _ in files)
         with tqdm(total=todo, unit="B", unit_scale=True, desc="monitor", disable=self.quiet or None,
                   dynamic_ncols=True, leave=False) as bar:

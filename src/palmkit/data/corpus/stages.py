@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palmkit.data.corpus.dedup import KEPT, DuplicateIndex, band_keys
+from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, DuplicateIndex, band_keys
 from palmkit.data.corpus.extract import Task, clean_documents, extract
 from palmkit.data.corpus.inputs import Piece, read_piece
 from palmkit.data.corpus.spill import DocReader, DocWriter
@@ -141,8 +141,10 @@ def _batches(docs, chars: int = HASH_BATCH_CHARS) -> Iterator[list[str]]:
 class _Readers:
     """The spilled documents of one language's tasks, numbered in task order, opened on demand."""
 
-    def __init__(self, work: Path, tasks: list[int], keep_open: int = 64):
-        self.work, self.tasks, self.keep_open = work, tasks, keep_open
+    keep_open = 64  # files stay open for the next candidate's signature, up to this many tasks
+
+    def __init__(self, work: Path, tasks: list[int]):
+        self.work, self.tasks = work, tasks
         self.open: dict[int, DocReader] = {}
         counts = [len(np.load(self._folder(t) / "meta.npy", mmap_mode="r")) for t in tasks]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -152,9 +154,10 @@ class _Readers:
 
     def reader(self, t: int) -> DocReader:
         if t not in self.open:
-            if len(self.open) >= self.keep_open:
+            if len(self.open) >= self.keep_open:  # the least recently used one
                 self.open.pop(next(iter(self.open))).close()
             self.open[t] = DocReader(self._folder(t))
+        self.open[t] = self.open.pop(t)
         return self.open[t]
 
     def sig(self, doc: int) -> np.ndarray:
@@ -179,7 +182,7 @@ def dedup_unit(work: Path, plan: Plan, i: int) -> None:
     try:
         with staged_dir(work / "dedup" / lang) as folder:
             for t in tasks:
-                r = readers.reader(t)
+                r = DocReader(work / "extract" / f"{t:05d}")  # its own: the shared readers may close theirs
                 status = np.zeros(len(r), dtype=np.uint8)
                 for start in range(0, len(r), 4096):
                     sigs = r.sigs(start, min(len(r), start + 4096))
@@ -187,11 +190,11 @@ def dedup_unit(work: Path, plan: Plan, i: int) -> None:
                     for j in range(len(sigs)):
                         status[start + j] = index.add(r.meta["exact"][start + j].tobytes(), sigs[j],
                                                       keys[j][filled[j]])
+                r.close()
                 np.save(folder / f"{t:05d}.npy", status)
-                source = plan.tasks[t].source
-                counts[f"dup:{source}"] += int((status != KEPT).sum())
-                counts["exact"] += int((status == 1).sum())
-                counts["near"] += int((status == 2).sum())
+                counts[f"dup:{plan.tasks[t].source}"] += int((status != KEPT).sum())
+                counts["exact"] += int((status == EXACT).sum())
+                counts["near"] += int((status == NEAR).sum())
             index.close()
             atomic_write_json(folder / "plan.json", {**split_plan(work, plan, lang, tasks, folder), **counts})
     finally:
