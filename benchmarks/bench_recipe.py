@@ -113,8 +113,10 @@ class Candidate:
 
 
 CANDIDATES: dict[str, Candidate] = {
-    # today's quickstart: the small preset, AdamW at lr 3e-3, 10 warm-up steps
+    # the quickstart before this study: the small preset, AdamW at lr 3e-3, 10 warm-up steps
     "adamw": Candidate(),
+    # palmkit's default since: the mini preset (d_model 256, 4 layers), AdamW at 3e-3 with the embedding at 10x
+    "recipe": Candidate(optimizer="adamw_groups", lr=3e-3, embed_lr=3e-2, d_model=256, n_layers=4, n_heads=4),
     # PaLM's own optimiser (section 5), whose parameter scaling the PaLM initialisation assumes
     "adafactor": Candidate(optimizer="adafactor", lr=1e-2),
     # AdamW with the N(0, 1) embedding on a learning rate of its own

@@ -1,4 +1,4 @@
-"""Throughput and latency of `palmkit serve` with 1, 4 and 16 concurrent clients.
+"""Throughput and latency of `palmkit serve` with 1, 4 and 16 concurrent clients, or against `transformers serve`.
 
 The server runs in its own process on loopback, on a random `--preset` model (or `--checkpoint DIR`), so the
 clients' threads do not share its interpreter. Each client sends completions one after another (a closed
@@ -12,6 +12,16 @@ after `--requests` requests (at least 2 per client) or `--seconds`, whichever co
     python benchmarks/bench_serve.py                              # small preset, 1 / 4 / 16 clients
     python benchmarks/bench_serve.py --checkpoint runs/ckpt --concurrency 1 8 32
     python benchmarks/bench_serve.py --layouts                    # also time the KV-cache layouts of a step
+
+With `--peer transformers` the checkpoint's `palmkit export` folder is also served by `transformers serve
+--continuous-batching` (needs the `bench` extra's accelerate; offline), each server in turn, under the same
+closed-loop loads of text prompts in English, German and Chinese (`--requests-per-client` each, streamed, greedy,
+exactly `--max-tokens` tokens) at every `--concurrency`, plus a mixed load (`--mixed` clients, one in four sending
+a `--long-tokens` prompt). It prints tokens/s, p50/p99 latency and time to first token of both, and the ratio;
+`--baseline-batch 16` adds palmkit at a fixed batch of 16:
+
+    python benchmarks/bench_serve.py --checkpoint CKPT --peer transformers --concurrency 1 4 16 32 64 \
+        --requests-per-client 1 --mixed 8 --baseline-batch 16
 """
 
 from __future__ import annotations

@@ -1,7 +1,12 @@
 import json
 
-from palmkit.apps.recommend import recommend_command
+import pytest
+
+from palmkit.apps.recommend import recipe, recommend_command
+from palmkit.cli import main
+from palmkit.errors import PalmkitError
 from palmkit.recommend.recommender import load_recommender
+from tests.conftest import movielens_files
 
 
 def test_the_recipe_writes_a_recommender_and_a_report(recommender_dir):
@@ -38,10 +43,18 @@ def test_an_unknown_user_gets_the_labelled_popularity_list(recommender_dir):
 
 
 def test_the_cli_prints_the_list(recommender_dir, capsys):
-    from palmkit.cli import main
-
     folder = str(recommender_dir[0] / "model")
     assert main(["recommend", "--checkpoint", folder, "--user", "1", "--k", "2"]) == 0
     assert capsys.readouterr().out == recommend_command(folder, "1", k=2) + "\n"
     assert main(["recommend", "--checkpoint", str(recommender_dir[0]), "--user", "1"]) == 2
     assert "not a recommender folder" in capsys.readouterr().err
+
+
+def test_a_folder_with_the_users_files_is_refused_before_anything_is_touched(tmp_path, checkpoint):
+    model = tmp_path / "out" / "model"
+    model.mkdir(parents=True)
+    (model / "recommender.json").write_text("{}")
+    (model / "notes.txt").write_text("mine")
+    with pytest.raises(PalmkitError, match=r"notes\.txt"):
+        recipe(checkpoint=str(checkpoint), out=str(tmp_path / "out"), data=str(movielens_files(tmp_path)))
+    assert (model / "recommender.json").read_text() == "{}" and (model / "notes.txt").is_file()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from palmkit.infer import engine as engine_module
-from palmkit.infer.engine import Engine, EngineBusy, Sink, events_of, pick_step_rows
+from palmkit.infer.engine import Engine, EngineBusy, Sink, auto_max_batch, events_of, pick_step_rows
 from palmkit.infer.sampling import SamplingParams
+from palmkit.model.palm import KVCache
 from tests.conftest import Slow
 
 pytestmark = pytest.mark.timeout(120)
@@ -50,8 +51,11 @@ def run_engine(engine: Engine, requests: list) -> list:
         engine.stop()
 
 
-def test_logprobs_equal_a_full_forward_pass(loaded, monkeypatch):
+@pytest.mark.parametrize("prefill", [128, 2], ids=["whole prompts", "chunked prefill"])
+def test_logprobs_equal_a_full_forward_pass(loaded, monkeypatch, prefill):
     model, tok = loaded
+    # chunked: 2 prompt tokens a step over all sequences, so prompts are prefilled while others decode
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", prefill)
     prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("Der", bos=True)]
     greedy = SamplingParams(max_new_tokens=7, temperature=0, stop_at_eos=False, logprobs=3, prompt_logprobs=3)
     sampled = SamplingParams(max_new_tokens=5, temperature=1.0, seed=1, stop_at_eos=False, logprobs=0)
@@ -84,8 +88,8 @@ def test_logprobs_equal_a_full_forward_pass(loaded, monkeypatch):
 
 
 def test_the_queue_bound_counts_the_sequences_being_admitted(loaded):
-    """Two slots and no queue: while the first of two admitted sequences prefills (the second taken from the
-    queue, not yet in its slot), a third is refused."""
+    """Two slots and no queue: once both of two sequences are taken from the queue (in their slots or still being
+    admitted) and prefill, a third is refused."""
     model, tok = loaded
     engine = Engine(Slow(model, 0.3), tok, max_batch=2, max_queue=0, autotune=False).start()
     sink = Sink(asyncio.new_event_loop())
@@ -93,10 +97,20 @@ def test_the_queue_bound_counts_the_sequences_being_admitted(loaded):
     try:
         engine.submit([([1, 5], params), ([1, 6], params)], sink)
         deadline = time.monotonic() + 10
-        while not (engine.queue_depth == 0 and engine.running == 1):  # the first prefills, the second waits
+        while engine.queue_depth:  # both taken from the queue: slots held, prefills under way
             assert time.monotonic() < deadline
             time.sleep(0.01)
         with pytest.raises(EngineBusy):
             engine.submit([([1, 7], params)], sink)
     finally:
         engine.stop()
+
+
+def test_the_default_batch_is_64_unless_its_cache_would_take_over_a_quarter_of_free_memory(loaded):
+    model, _ = loaded
+    row = sum(t.numel() * t.element_size() for t in (*KVCache(model.config, 1).k, *KVCache(model.config, 1).v))
+    assert auto_max_batch(model, free_bytes=1 << 50) == 64
+    assert auto_max_batch(model, free_bytes=4 * 10 * row) == 10  # a quarter of it holds 10 rows
+    assert auto_max_batch(model, free_bytes=4 * 10 * row - 1) == 9
+    assert auto_max_batch(model, free_bytes=0) == 1
+    assert 1 <= auto_max_batch(model) <= 64  # this machine's free memory

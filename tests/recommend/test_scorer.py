@@ -68,3 +68,20 @@ def test_a_saved_scorer_loads_and_scores_the_same(recommender_dir):
     histories = [[0, 3, 5], [7]]
     torch.testing.assert_close(torch.from_numpy(fresh.scores(histories)),
                                torch.from_numpy(rec.scorer.scores(histories)), atol=1e-4, rtol=1e-4)
+
+
+def test_lora_tuning_writes_a_loadable_scorer(checkpoint, tmp_path):
+    """LoRA adapters (merged on save) through the same fit loop; the folder loads as a scorer."""
+    from palmkit.data.recommend import load_movielens, temporal_split
+    from palmkit.finetune.fit import FinetuneConfig
+    from palmkit.recommend.scorer import finetune_scorer
+    from tests.conftest import movielens_files
+
+    ratings, movies = load_movielens(movielens_files(tmp_path))
+    split = temporal_split(ratings, list(movies))
+    best = finetune_scorer(str(checkpoint), str(tmp_path / "lora"), split, movies,
+                           FinetuneConfig(max_train=16, max_valid=16, batch_size=8, lora_rank=2, max_len=40),
+                           ScorerConfig(dim=4, item_len=12, history_len=24))
+    assert 0 <= best["valid/auc"] <= 1 and best["trainable_params"] < 10_000  # of 552k: adapters and heads only
+    scorer = load_scorer(tmp_path / "lora", [movies[i] for i in split.items])
+    assert scorer.scores([[0, 1]]).shape == (1, 30)

@@ -2,9 +2,9 @@
 
 MovieLens 100K ratings become likes (4 or 5 stars) split by time per user; an ALS retriever learns from the
 likes, a base language model is fine-tuned as a two-tower scorer of (history text, candidate text), and a
-logistic regression fitted on the validation stage combines the two with popularity. One evaluation ranks every
-unseen item for every test user with each of the four; the recommender folder then serves `palmkit recommend`,
-`load_recommender(DIR).recommend(user)` and `POST /v1/recommend` (`palmkit serve --checkpoint DIR`).
+weighted sum of the two and popularity, its weights chosen on the validation stage, makes the final ranking. One
+evaluation ranks every unseen item for every test user with each of the four; the recommender folder then serves
+`palmkit recommend`, `load_recommender(DIR).recommend(user)` and `POST /v1/recommend` (`palmkit serve`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Literal
 
 from palmkit.apps.recipes import base_checkpoint
 from palmkit.data.recommend import load_movielens, temporal_split
-from palmkit.finetune.fit import FinetuneConfig
+from palmkit.finetune.fit import FINETUNE_FILES, FinetuneConfig
+from palmkit.io import check_destination
 from palmkit.recommend.evaluate import LABELS, evaluate_split, stage_recommender, write_report
-from palmkit.recommend.recommender import load_recommender
+from palmkit.recommend.recommender import RECOMMENDER_JSON, RECOMMENDER_TENSORS, load_recommender
 from palmkit.recommend.retriever import RetrieverConfig
 from palmkit.recommend.scorer import ScorerConfig, finetune_scorer, load_scorer
 
@@ -46,7 +47,7 @@ def recipe(checkpoint: str = "", out: str = "runs/recommend", max_train: int = 1
         dim: size of the scorer's user and item vectors
         factors: latent factors of the ALS retriever
         k: length of the evaluated lists (Recall@k, NDCG@k, HR@k)
-        seed: seed of the pairs, the tuning, the retriever and the combination
+        seed: seed of the pairs, the tuning and the retriever
         base_minutes: pretraining time of a base model when there is none to start from
         data: a folder holding recbole-1.2.1/ (an offline copy of the package's files); default: fetched
     """
@@ -61,6 +62,11 @@ def recipe(checkpoint: str = "", out: str = "runs/recommend", max_train: int = 1
           f"{sum(map(len, split.train.values()))} train, {sum(map(len, split.valid.values()))} validation, "
           f"{sum(map(len, split.test.values()))} test")
     model_dir = Path(out) / "model"
+    # a previous run's recommender files are stale once the scorer is tuned again; anything else not palmkit's
+    # in the folder stops the run here, before a file is touched
+    check_destination(model_dir, FINETUNE_FILES | {RECOMMENDER_JSON, RECOMMENDER_TENSORS})
+    for name in (RECOMMENDER_JSON, RECOMMENDER_TENSORS):
+        (model_dir / name).unlink(missing_ok=True)
     # one validation per epoch, on 200 pairs: on a CPU each pair costs as much as a training step's example
     options = FinetuneConfig(max_train=max_train, epochs=epochs, lr=lr, batch_size=batch_size, max_valid=200,
                              patience=0, max_len=history_len + 32, lora_rank=lora_rank, seed=seed)
@@ -71,13 +77,14 @@ def recipe(checkpoint: str = "", out: str = "runs/recommend", max_train: int = 1
     t0 = time.perf_counter()
     scorer = load_scorer(model_dir, catalogue)
     retriever = RetrieverConfig(factors=factors, seed=seed)
-    result, combination = evaluate_split(split, catalogue, scorer, retriever, k, seed=seed)
+    result, combination = evaluate_split(split, catalogue, scorer, retriever, k)
     seconds["evaluate (both stages, four systems)"] = time.perf_counter() - t0
     final = stage_recommender(split, catalogue, "all", scorer, retriever, combination)
     final.likes, final.rated = split.histories("all"), split.rated
     final.save(model_dir)
-    seconds["total"] = time.perf_counter() - started
-    result.update(checkpoint=str(model_dir), base=str(base), tuning=best, seconds={**seconds, **result["seconds"]},
+    seconds = {**seconds, **{f"  {name}": t for name, t in result["seconds"].items()},
+               "total": time.perf_counter() - started}
+    result.update(checkpoint=str(model_dir), base=str(base), tuning=best, seconds=seconds,
                   cpu_threads=os.cpu_count(), notes=_notes(best, max_train))
     report = write_report(result, Path(out) / "eval")
     user = next(u for u in split.users if split.test[u])

@@ -22,10 +22,10 @@ from palmkit.data.tasks import CHATTERBOT, chatterbot_examples, load_task, packa
 from palmkit.errors import PalmkitError
 from palmkit.finetune.chat import finetune_chat
 from palmkit.finetune.fit import FinetuneConfig
-from palmkit.infer.generate import generate
+from palmkit.infer.generate import complete_ids
 from palmkit.infer.sampling import SamplingParams
 from palmkit.io import atomic_write_bytes
-from palmkit.model.chat_template import END, format_chat
+from palmkit.model.chat_template import END, encode_chat
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.serve.grounding import NO_ANSWER, FaqEntry, FaqIndex, Grounding, default_faq, ground
 
@@ -110,15 +110,15 @@ def answer(model, tokenizer, index: FaqIndex, question: str, max_new_tokens: int
 
     context = model.config.max_seq_len
     g = ground(index, [{"role": "user", "content": question}],
-               fits=lambda m: len(tokenizer.encode(format_chat(m), bos=True)) < context)
+               fits=lambda m: len(encode_chat(tokenizer, m)) < context)
     if not g.grounded:
         return NO_ANSWER, g
-    prompt = format_chat(g.messages)
-    room = context - len(tokenizer.encode(prompt, bos=True))
+    prompt = encode_chat(tokenizer, g.messages)
+    room = context - len(prompt)
     if room < 1:
         raise PalmkitError(f"the grounded prompt does not fit the model's {model.config.max_seq_len} tokens")
     params = SamplingParams(max_new_tokens=min(max_new_tokens, room), temperature=0, stop=(END,))
-    return generate(model, tokenizer, prompt, params)[0].text.strip(), g
+    return complete_ids(model, tokenizer, [prompt], params)[0].text.strip(), g
 
 
 EXAMPLE_QUESTIONS = ["I forgot my password, how can I reset it?", "how do i cancel my subscription",

@@ -46,6 +46,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are scored together
+# Prompt tokens prefilled per engine step, over all sequences being prefilled: a long prompt is prefilled in
+# chunks between decode steps, so the running rows keep decoding and a short prompt is not kept waiting
+# (chunked prefill, Agrawal et al. 2023, "SARATHI").
+PREFILL_TOKENS = 128
 
 # The default batch: past 64 rows a CPU decode step's time grows in proportion to its rows (no throughput left to
 # gain, only latency to lose; benchmarks/README.md, "Serving against transformers serve"), and the KV cache may
@@ -88,6 +92,7 @@ class Sequence_:
     cancelled: bool = False
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet delivered
     prompt_logprobs: list[TokenLogprob] | None = None  # not yet delivered
+    at: float = field(default_factory=time.monotonic)  # when submitted, then when its last token came
 
 
 class EngineBusy(Exception):
@@ -124,6 +129,8 @@ class Engine:
         self.prompt_tokens = self.completion_tokens = self.decode_steps = 0
         self.autotune = autotune
         self.step_rows = list(range(max_batch + 1))  # decode rows for b running sequences; see tune_step_rows
+        # called on the engine thread with (first token?, seconds since submission or since the previous token)
+        self.token_observers: list[Callable[[bool, float], None]] = []
 
     # -- called from other threads ---------------------------------------------------------------------
 
@@ -257,18 +264,24 @@ class Engine:
                 except Exception as exc:
                     future.set_exception(exc)
         events: list[tuple[Sequence_, Event]] = []
-        # A failure fails the sequences it touched, never the server: one prompt's prefill, or one whole step.
         for seq in admit:
+            if not seq.cancelled:
+                self._active.append(seq)  # its slot: prefilled over this and the next steps
+            with self._cond:  # now in a slot (or gone): counted by len(self._active) from here on
+                self._admitting -= 1
+        # A failure fails the sequences it touched, never the server: one prompt's prefill, or one whole step.
+        budget = PREFILL_TOKENS
+        # the shortest remaining prompts first: a chat turn is not kept waiting behind a long document
+        for seq in sorted((s for s in self._active if s.written < len(s.prompt) and not s.cancelled),
+                          key=lambda s: len(s.prompt) - s.written):
+            if budget <= 0:
+                break
             try:
-                if not seq.cancelled:
-                    self._prefill(seq, events)
+                budget -= self._prefill(seq, budget, events)
             except Exception as exc:
                 log.exception("prefill failed")
                 self._active.remove(seq)
                 self._fail([seq], f"generation failed: {exc}")
-            finally:
-                with self._cond:  # now in a slot (or gone): counted by len(self._active) from here on
-                    self._admitting -= 1
         try:
             self._retire()
             if self._active:
@@ -283,41 +296,55 @@ class Engine:
         self._deliver(events)
         return True
 
-    def _prefill(self, seq: Sequence_, events: list) -> None:
-        slot = len(self._active)
-        self._active.append(seq)
-        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(seq.prompt), device=self.device)[None]
+    def _prefill(self, seq: Sequence_, budget: int, events: list) -> int:
+        """Prefill up to `budget` more of seq's prompt into its slot; at the prompt's end, sample its first token.
+        Returns the prompt tokens prefilled."""
+        slot = self._active.index(seq)
+        a = seq.written
+        b = min(len(seq.prompt), a + budget)
+        ids = torch.tensor([seq.prompt[a:b]], dtype=torch.long, device=self.device)
+        positions = torch.arange(a, b, device=self.device)[None]
         h = self.model.hidden_states(ids, positions, cache=self.cache.rows(slice(slot, slot + 1)))
-        seq.written = len(seq.prompt)
-        self.prompt_tokens += len(seq.prompt)
+        seq.written = b
+        self.prompt_tokens += b - a
         if seq.params.prompt_logprobs is not None:  # position t's logits score token t + 1
-            hs, targets, k, rows = h[0, :-1], seq.prompt[1:], seq.params.prompt_logprobs, PROMPT_LOGPROB_ROWS
+            targets, k, rows = seq.prompt[a + 1:b + 1], seq.params.prompt_logprobs, PROMPT_LOGPROB_ROWS
+            hs = h[0, : len(targets)]
             # a few positions' logits at a time: a whole long prompt's (T x vocab) would be the largest tensor
-            seq.prompt_logprobs = [lp for a in range(0, len(targets), rows) for lp in token_logprobs(
-                self.model.logits(hs[a:a + rows])[:, : self.vocab], targets[a:a + rows], k)]
+            seq.prompt_logprobs = [*(seq.prompt_logprobs or ()), *(lp for i in range(0, len(targets), rows)
+                                   for lp in token_logprobs(self.model.logits(hs[i:i + rows])[:, : self.vocab],
+                                                            targets[i:i + rows], k))]
+        if b < len(seq.prompt):
+            return b - a
         if seq.params.max_new_tokens == 0:
             seq.finish = "length"
             events.append((seq, Event(seq.index, finish_reason="length", prompt_logprobs=seq.prompt_logprobs)))
-            return
-        self._sample([seq], self.model.logits(h[:, -1]), events)
+        else:
+            self._sample([seq], self.model.logits(h[:, -1]), events)
+        return b - a
 
     def _decode(self, events: list) -> None:
         running = self._active
         b, rows = len(running), self.step_rows[len(running)]
+        ready = [i for i, s in enumerate(running) if s.written >= len(s.prompt)]
+        if not ready:
+            return
         # Rows past the running ones are free slots: they take a pad token at position 0, which the
-        # next prefill of that slot overwrites, and attend only to themselves.
+        # next prefill of that slot overwrites, and attend only to themselves. A row still being prefilled
+        # takes a pad at its next prompt position, which its next chunk overwrites.
         last = torch.full((rows, 1), self.config.pad_id, dtype=torch.long)
         positions = torch.zeros((rows, 1), dtype=torch.long)
-        last[:b, 0] = torch.tensor([s.tokens[-1] for s in running])
+        last[ready, 0] = torch.tensor([running[i].tokens[-1] for i in ready])
         positions[:b, 0] = torch.tensor([s.written for s in running])
         h = self.model.hidden_states(last.to(self.device), positions.to(self.device),
                                      cache=self.cache.rows(slice(0, rows)))
-        logits = self.model.logits(h)[:b, -1]
+        h = h[:b] if len(ready) == b else h[torch.tensor(ready, device=self.device)]
+        logits = self.model.logits(h)[:, -1]
         self.decode_steps += 1
-        for s in running:
+        decoding = [running[i] for i in ready]
+        for s in decoding:
             s.written += 1
-        self._sample(running, logits, events)
+        self._sample(decoding, logits, events)
 
     @torch.inference_mode()
     def tune_step_rows(self, tolerance: float = 1.1) -> list[int]:
@@ -359,6 +386,10 @@ class Engine:
     def _accept(self, seq: Sequence_, token: int, events: list) -> None:
         seq.tokens.append(token)
         self.completion_tokens += 1
+        now = time.monotonic()
+        for observe in self.token_observers:
+            observe(len(seq.tokens) == 1, now - seq.at)
+        seq.at = now
         text = seq.rule.push(token)  # the rule generate() applies: stop ids, stop strings, length
         seq.finish = seq.rule.finish
         if seq.finish == "stop" and token in seq.rule.stop_ids and seq.logprobs:

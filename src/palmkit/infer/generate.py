@@ -98,9 +98,14 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
 def generate(model: PaLM, tokenizer: Tokenizer, prompts: str | Sequence[str],
              params: SamplingParams | None = None) -> list[Completion]:
     """Complete each prompt; a batch of prompts of different lengths runs together."""
-    params = params or SamplingParams()
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    encoded = [tokenizer.encode_prompt(p) for p in prompts]
+    return complete_ids(model, tokenizer, [tokenizer.encode_prompt(p) for p in prompts], params)
+
+
+def complete_ids(model: PaLM, tokenizer: Tokenizer, encoded: Sequence[list[int]],
+                 params: SamplingParams | None = None) -> list[Completion]:
+    """`generate` for prompts already encoded (e.g. a conversation by `encode_chat`), with the text rules."""
+    params = params or SamplingParams()
     # generate_ids stops rows by the token rules alone; the same rules with the text also catch stop strings
     rules = [_text_rule(model, tokenizer, ids, params) for ids in encoded]
     gen = generate_ids(model, encoded, params)

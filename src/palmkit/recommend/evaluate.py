@@ -55,7 +55,7 @@ def _stage_data(split: FeedbackSplit, stage: str, index: dict[str, int]):
 
 
 def evaluate_split(split: FeedbackSplit, movies: Sequence[Movie], scorer: TextScorer | None,
-                   cfg: RetrieverConfig = RetrieverConfig(), k: int = 10, cold_likes: int = 5, seed: int = 0
+                   cfg: RetrieverConfig = RetrieverConfig(), k: int = 10, cold_likes: int = 5
                    ) -> tuple[dict, Combination]:
     """Metrics of every system on the test stage (all users, and the cold-start slice) and the combination fitted
     on the validation stage."""
@@ -65,7 +65,7 @@ def evaluate_split(split: FeedbackSplit, movies: Sequence[Movie], scorer: TextSc
     valid = stage_recommender(split, movies, "valid", scorer, cfg)
     _, histories, exclude, targets = _stage_data(split, "valid", index)
     signals = valid.signals(histories)
-    combination = Combination.fit(signals, exclude, targets, seed=seed)
+    combination = Combination.fit(signals, exclude, targets, k)
     timings["validation stage (fit retriever, score, fit combination)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     test = stage_recommender(split, movies, "test", scorer, cfg, combination)
@@ -77,7 +77,8 @@ def evaluate_split(split: FeedbackSplit, movies: Sequence[Movie], scorer: TextSc
     systems = [s for s in SYSTEMS if s != "lm" or scorer is not None]
     result = {"k": k, "cold_likes": cold_likes, "users": len(histories), "items": len(movies),
               "test_items": sum(map(len, targets)), "cold_test_items": sum(map(len, cold_targets)),
-              "combination": {"features": combination.features, "weights": combination.weights},
+              "combination": {"features": combination.features, "weights": combination.weights,
+                              "validation_ndcg": combination.validation_ndcg},
               "systems": {}, "cold": {}, "seconds": timings}
     for system in systems:
         top = top_k(test.system_scores(system, signals, exclude), exclude, k)
@@ -108,20 +109,20 @@ def chart_png(result: dict, path: Path) -> Path:
     return path
 
 
+def _table(metrics: dict[str, dict], k: int) -> list[str]:
+    rows = [f"| system | Recall@{k} | NDCG@{k} | HR@{k} | coverage | users |", "|---|---|---|---|---|---|"]
+    for system, m in metrics.items():
+        rows.append(f"| {LABELS[system]} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'hr@{k}']:.4f} | "
+                    f"{m['coverage']:.3f} | {m['users']} |")
+    return rows
+
+
 def render_markdown(result: dict) -> str:
     """report.md from report.json's content."""
     k = result["k"]
-    head = f"| system | Recall@{k} | NDCG@{k} | HR@{k} | coverage | users |"
-    rows = [head, "|---|---|---|---|---|---|"]
-    for system, m in result["systems"].items():
-        rows.append(f"| {LABELS[system]} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'hr@{k}']:.4f} | "
-                    f"{m['coverage']:.3f} | {m['users']} |")
-    cold = [head, "|---|---|---|---|---|---|"]
-    for system, m in result["cold"].items():
-        cold.append(f"| {LABELS[system]} | {m[f'recall@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m[f'hr@{k}']:.4f} | "
-                    f"{m['coverage']:.3f} | {m['users']} |")
-    weights = ", ".join(f"{n} {w:+.3f}" for n, w in zip(result["combination"]["features"],
-                                                          result["combination"]["weights"], strict=True))
+    rows, cold = _table(result["systems"], k), _table(result["cold"], k)
+    comb = result["combination"]
+    weights = ", ".join(f"{n} {w:.1f}" for n, w in zip(comb["features"], comb["weights"], strict=True))
     lines = [f"# Evaluation of `{result.get('checkpoint', 'the recommender')}`", "",
              f"MovieLens 100K, temporal split per user; test stage: {result['users']} users, "
              f"{result['test_items']} liked test items, every unseen item of {result['items']} ranked "
@@ -129,8 +130,8 @@ def render_markdown(result: dict) -> str:
              f"## Cold-start slice: {result['cold_test_items']} test items with fewer than {result['cold_likes']} "
              "likes before the test period", "", "(the rest of each list still counts as ranked; users without "
              "such an item are left out)", "", *cold, "",
-             f"Combination (logistic regression on per-user standardised signals, fitted on the validation "
-             f"stage): {weights}.", "", "![metrics](metrics.png)"]
+             f"Combination: weights {weights} on the per-user standardised signals, the grid point with the best "
+             f"validation-stage NDCG@{k} ({comb['validation_ndcg']:.4f}).", "", "![metrics](metrics.png)"]
     if result.get("notes"):
         lines += ["", *result["notes"]]
     if result.get("seconds"):

@@ -167,5 +167,5 @@ def load_recommender(path: str | Path, device: str = "cpu", model: PaLM | None =
     users = meta.get("users", {})
     return Recommender(movies, retriever, tensors["popularity"].numpy(), scorer,
                        Combination(tuple(combination["features"]), tuple(combination["weights"]),
-                                   combination["bias"]) if combination else None,
+                                   combination.get("validation_ndcg", float("nan"))) if combination else None,
                        {u: v["likes"] for u, v in users.items()}, {u: v["rated"] for u, v in users.items()})

@@ -167,6 +167,7 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
         engine=engine, model_name=model_name or default_name,
         format_chat=chat_template(template or config.get("chat_template")), api_key=api_key or None,
         metrics=Metrics(), created=int(time.time()), faq=faq_index, limits=limits)
+    engine.token_observers.append(state.metrics.observe_token)
     _install_error_handlers(app)
     if config.get("task") == "classify":
         routers = [*routers, classify_router(source, engine)]
