@@ -60,12 +60,13 @@ def free_port() -> int:
 
 
 def start_server(checkpoint: Path, max_batch: int | None, threads: int, timeout: float = 180,
-                 dtype: str = "float32") -> tuple[subprocess.Popen, str]:
-    """`palmkit serve` in a subprocess (None: its default batch); returns it and its base URL once /health answers."""
+                 dtype: str = "float32", extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`palmkit serve` in a subprocess (None: its default batch; `extra`: more of its options); returns it and its
+    base URL once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
            "--max_queue", "4096", "--model_name", "bench", "--log_level", "warning", "--dtype", dtype]
-    cmd += ["--max_batch", str(max_batch)] if max_batch else []
+    cmd += [*(["--max_batch", str(max_batch)] if max_batch else []), *extra]
     return start_process(cmd, port, threads, timeout)
 
 
@@ -226,6 +227,11 @@ def workloads(levels: list[int], per_client: int, mixed: int, longs: list[str]) 
     return loads
 
 
+def baseline_name(args) -> str:
+    return " ".join(["palmkit", *([f"--max_batch {args.baseline_batch}"] if args.baseline_batch else []),
+                     *([args.baseline_args] if args.baseline_args else [])])
+
+
 def compare_peer(args, ckpt: Path, tokenizer) -> None:
     """Each server in turn on the same weights and the same loads; a table with the ratio palmkit / peer."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,9 +243,10 @@ def compare_peer(args, ckpt: Path, tokenizer) -> None:
             "palmkit": lambda: (*start_server(ckpt, args.max_batch, args.threads, dtype=args.dtype), "bench"),
             "transformers": lambda: (*start_transformers(export, args.threads, context), str(export)),
         }
-        if args.baseline_batch:  # the same server with a fixed batch, to see what the default's choice is worth
-            servers[f"palmkit b={args.baseline_batch}"] = lambda: (
-                *start_server(ckpt, args.baseline_batch, args.threads, dtype=args.dtype), "bench")
+        if args.baseline_batch or args.baseline_args:  # the same server with other settings, beside the defaults
+            servers[baseline_name(args)] = lambda: (*start_server(
+                ckpt, args.baseline_batch or None, args.threads, dtype=args.dtype, extra=args.baseline_args.split()),
+                "bench")
         results: dict[str, dict[str, dict]] = {}
         for name, start in servers.items():
             proc, base, model = start()
@@ -254,7 +261,7 @@ def compare_peer(args, ckpt: Path, tokenizer) -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-    base = f"palmkit b={args.baseline_batch}"
+    base = baseline_name(args)
     if base in results:
         print(f"\n| clients | palmkit tok/s | {base} tok/s | ratio | palmkit p99 s | {base} p99 s |")
         print("|---|---|---|---|---|---|")
@@ -323,6 +330,8 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="palmkit serve --max_batch (default: its own)")
     ap.add_argument("--dtype", default="float32", help="palmkit serve --dtype")
     ap.add_argument("--baseline-batch", type=int, default=0, help="with --peer: also palmkit serve --max_batch N")
+    ap.add_argument("--baseline-args", default="", help="with --peer: also palmkit serve with these options "
+                    "(with --baseline-batch: both)")
     ap.add_argument("--peer", choices=["transformers"], help="also run `transformers serve --continuous-batching` on "
                     "the checkpoint's export, the same loads on text prompts, and print the ratio")
     ap.add_argument("--export", help="with --peer: a `palmkit export` folder of --checkpoint (default: export it)")

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 
+from palmkit.errors import PalmkitError
 from palmkit.infer import engine as engine_module
 from palmkit.infer.engine import Engine, EngineBusy, Sink, auto_max_batch, events_of, pick_step_rows
 from palmkit.infer.sampling import SamplingParams
@@ -54,15 +55,14 @@ def run_engine(engine: Engine, requests: list) -> list:
 @pytest.mark.parametrize("prefill", [128, 2], ids=["whole prompts", "chunked prefill"])
 def test_logprobs_equal_a_full_forward_pass(loaded, monkeypatch, prefill):
     model, tok = loaded
-    # chunked: 2 prompt tokens a step over all sequences, so prompts are prefilled while others decode
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", prefill)
     prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("Der", bos=True)]
     greedy = SamplingParams(max_new_tokens=7, temperature=0, stop_at_eos=False, logprobs=3, prompt_logprobs=3)
     sampled = SamplingParams(max_new_tokens=5, temperature=1.0, seed=1, stop_at_eos=False, logprobs=0)
     scored = SamplingParams(max_new_tokens=0, prompt_logprobs=2)
     monkeypatch.setattr(engine_module, "PROMPT_LOGPROB_ROWS", 2)  # several chunks per prompt
     requests = [(prompts[0], greedy), (prompts[1], sampled), (prompts[1], scored)]
-    events = run_engine(Engine(model, tok, max_batch=3, autotune=False), requests)
+    # chunked: 2 prompt tokens a step over all sequences, so prompts are prefilled while others decode
+    events = run_engine(Engine(model, tok, max_batch=3, autotune=False, prefill_tokens=prefill), requests)
     for i, (prompt, params) in enumerate(requests):
         mine = [ev for ev in events if ev.index == i]
         assert mine[0].prompt_logprobs is not None or params.prompt_logprobs is None
@@ -114,3 +114,9 @@ def test_the_default_batch_is_64_unless_its_cache_would_take_over_a_quarter_of_f
     assert auto_max_batch(model, free_bytes=4 * 10 * row - 1) == 9
     assert auto_max_batch(model, free_bytes=0) == 1
     assert 1 <= auto_max_batch(model) <= 64  # this machine's free memory
+
+
+def test_a_prefill_budget_below_one_token_is_refused(loaded):
+    model, tok = loaded
+    with pytest.raises(PalmkitError, match="prefill_tokens"):
+        Engine(model, tok, prefill_tokens=0, autotune=False)

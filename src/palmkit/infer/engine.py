@@ -107,9 +107,11 @@ class Engine:
     """Runs every request's generation on one thread, stepping all running sequences together."""
 
     def __init__(self, model: PaLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 autotune: bool = True):
-        if max_batch < 1 or max_queue < 0:
-            raise PalmkitError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+                 autotune: bool = True, prefill_tokens: int | None = None):
+        if max_batch < 1 or max_queue < 0 or (prefill_tokens is not None and prefill_tokens < 1):
+            raise PalmkitError(f"need max_batch >= 1, max_queue >= 0 and prefill_tokens >= 1, got {max_batch}, "
+                               f"{max_queue} and {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens or PREFILL_TOKENS  # prompt tokens prefilled per step
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         weight = model.embed_tokens.weight
@@ -270,7 +272,7 @@ class Engine:
             with self._cond:  # now in a slot (or gone): counted by len(self._active) from here on
                 self._admitting -= 1
         # A failure fails the sequences it touched, never the server: one prompt's prefill, or one whole step.
-        budget = PREFILL_TOKENS
+        budget = self.prefill_tokens
         # the shortest remaining prompts first: a chat turn is not kept waiting behind a long document
         for seq in sorted((s for s in self._active if s.written < len(s.prompt) and not s.cancelled),
                           key=lambda s: len(s.prompt) - s.written):
@@ -362,16 +364,16 @@ class Engine:
     def time_step_rows(self) -> dict[int, float]:
         """Seconds of one decode step for each candidate row count (every count to 16, then multiples of 8)."""
         sizes = sorted({*range(1, min(16, self.max_batch) + 1), *range(8, self.max_batch + 1, 8), self.max_batch})
-        times = {}
-        for n in sizes:
-            ids = torch.full((n, 1), self.config.pad_id, dtype=torch.long, device=self.device)
-            zeros = torch.zeros((n, 1), dtype=torch.long, device=self.device)
-            best = float("inf")
-            for _ in range(3):  # the best of three: load from elsewhere only ever adds time
+        times = dict.fromkeys(sizes, float("inf"))
+        # the best of three rounds over every size: load from elsewhere only ever adds time, and a burst of it
+        # lands on one round of many sizes rather than on every try of one
+        for _ in range(3):
+            for n in sizes:
+                ids = torch.full((n, 1), self.config.pad_id, dtype=torch.long, device=self.device)
+                zeros = torch.zeros((n, 1), dtype=torch.long, device=self.device)
                 t0 = time.perf_counter()
                 self.model.logits(self.model.hidden_states(ids, zeros, cache=self.cache.rows(slice(0, n)))).sum().item()
-                best = min(best, time.perf_counter() - t0)
-            times[n] = best
+                times[n] = min(times[n], time.perf_counter() - t0)
         return times
 
     def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
@@ -481,10 +483,11 @@ def auto_max_batch(model: PaLM, free_bytes: int | None = None) -> int:
 
 
 def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-                max_batch: int | None = None, max_queue: int = 64) -> tuple[Engine, dict]:
+                max_batch: int | None = None, max_queue: int = 64,
+                prefill_tokens: int | None = None) -> tuple[Engine, dict]:
     """(engine, config dict) for a checkpoint folder (max_batch None: `auto_max_batch`); not started yet."""
     if dtype not in DTYPES:
         raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model, tokenizer, config = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype])
     max_batch = auto_max_batch(model) if max_batch is None else max_batch
-    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue), config
+    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens), config

@@ -139,7 +139,8 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
                template: str | None = None, routers: Sequence[APIRouter] = (),
                faq: str | os.PathLike | FaqIndex | None = None, limits: Limits = Limits(),
                allowed_hosts: Iterable[str] | None = None,
-               on_engine_death: Callable[[], None] | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
+               on_engine_death: Callable[[], None] | None = None, cors_origins: Sequence[str] = (),
+               prefill_tokens: int | None = None) -> FastAPI:
     """The FastAPI app serving a checkpoint folder or an Engine (max_batch, max_queue, device: folder only);
     faq: a FAQ file (or index) that grounds chat requests; limits: what clients may send (serve/limits.py);
     allowed_hosts: the only Host names answered (None: any); on_engine_death: called if the engine thread dies;
@@ -148,7 +149,7 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     if isinstance(source, Engine):
         engine, config, default_name = source, {}, "palmkit"
     else:
-        engine, config = load_engine(source, device, dtype, max_batch, max_queue)
+        engine, config = load_engine(source, device, dtype, max_batch, max_queue, prefill_tokens)
         default_name = Path(source).resolve().name
 
     @asynccontextmanager
@@ -224,7 +225,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
           max_batch: int | None = None, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
           dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info",
           faq: str = "", limits: Limits = Limits(), allowed_hosts: str = "", tp: int = 1,
-          vocab_parallel: bool = True, cors_origins: str = "") -> None:
+          vocab_parallel: bool = True, cors_origins: str = "", prefill_tokens: int | None = None) -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
     The chat page is at http://HOST:PORT/.
@@ -254,6 +255,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             rank)
         cors_origins: comma-separated web origins (`https://app.example.com`) whose pages may call the API
             from a browser, or `*` for any; none by default
+        prefill_tokens: prompt tokens prefilled per engine step between decode steps (default 128): fewer
+            answer a short request sooner beside a long prompt, more prefill long prompts faster
     """
     api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
     loopback = host in LOOPBACK_NAMES
@@ -279,7 +282,8 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     app = create_app(source, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      device=device, dtype=dtype, template=template, faq=faq or None, limits=limits,
                      allowed_hosts=hosts, on_engine_death=exit_on_engine_death,
-                     cors_origins=[o.strip() for o in cors_origins.split(",") if o.strip()])
+                     cors_origins=[o.strip() for o in cors_origins.split(",") if o.strip()],
+                     prefill_tokens=prefill_tokens)
     if not loopback and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))

@@ -58,7 +58,8 @@ def run_stage(step: StageStep, sizes: list[int], workers: int, nodes: int = 1, n
     """Run every unit of a stage (unit i handles sizes[i] bytes) and return when all of them are finished.
 
     With several machines, machine `node_rank` of `nodes` runs units [node_rank * n, (node_rank + 1) * n) and
-    then waits for the others' (they share `step.work_dir`).
+    then waits for the others' (they share `step.work_dir`); if one of them stops, the others wait until it is
+    started again, and it continues from its last finished unit.
     """
     total = len(sizes)
     if not total:
