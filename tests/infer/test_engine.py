@@ -10,6 +10,7 @@ import torch
 from palmkit.errors import PalmkitError
 from palmkit.infer import engine as engine_module
 from palmkit.infer.engine import Engine, EngineBusy, Sink, auto_max_batch, events_of, pick_step_rows
+from palmkit.infer.generate import generate_ids
 from palmkit.infer.sampling import SamplingParams
 from palmkit.model.palm import KVCache
 from tests.conftest import Slow
@@ -120,3 +121,26 @@ def test_a_prefill_budget_below_one_token_is_refused(loaded):
     model, tok = loaded
     with pytest.raises(PalmkitError, match="prefill_tokens"):
         Engine(model, tok, prefill_tokens=0, autotune=False)
+
+
+class Poisoned(Slow):
+    """The same model, failing any prefill chunk that holds token 99."""
+
+    def hidden_states(self, idx, *args, **kwargs):
+        if idx.shape[1] > 1 and (idx == 99).any():
+            raise RuntimeError("poisoned prompt")
+        return self.inner.hidden_states(idx, *args, **kwargs)
+
+
+def test_a_failed_chunked_prefill_fails_only_its_sequence(loaded):
+    model, tok = loaded
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    # the poisoned prompt fails in its second chunk, after a later sequence took the slot behind it
+    prompts = [[1, 5, 6, 7, 8, 9], [1, 10, 11, 99, 12], [1, 13], [1, 14, 15]]
+    events = run_engine(Engine(Poisoned(model, 0), tok, max_batch=4, autotune=False, prefill_tokens=3),
+                        [(p, params) for p in prompts])
+    assert [ev.error for ev in events if ev.index == 1][-1] == "generation failed: poisoned prompt"
+    for i in (0, 2, 3):  # the others, moved between slots when it left, give generate()'s tokens
+        assert all(ev.error is None for ev in events if ev.index == i)
+        want = [row[0] for row in generate_ids(model, [prompts[i]], params)]
+        assert "".join(ev.text for ev in events if ev.index == i) == tok.decode(want)

@@ -47,6 +47,8 @@ def test_unknown_user_and_user_without_likes_get_labelled_popularity(rec):
     assert not quiet.personalised and "user 24 has liked nothing yet" in quiet.notice
     assert not {it["item"] for it in quiet.items} & rec.rated["24"]
     assert "most popular (not personalised):" in quiet.text()
+    top = quiet.items[0]
+    assert f"  1. {int(top['score']):>4} likes  {top['title']}" in quiet.text()
 
 
 def test_a_history_of_item_ids_is_checked(rec):

@@ -28,8 +28,11 @@ from palmkit.recommend.scorer import ScorerConfig, finetune_scorer, load_scorer
 def recipe(checkpoint: str = "", out: str = "runs/recommend", max_train: int = 1000, epochs: int = 1,
            lr: float = 0.0, batch_size: int = 16, lora_rank: int = 0, history_len: int = 64, dim: int = 64,
            factors: int = 32, k: int = 10, seed: int = 0, base_minutes: float = 3.0, data: str = "") -> str:
-    """Movie recommendations from MovieLens 100K: likes split by time, ALS retriever, a language-model scorer
-    fine-tuned on (history, candidate) texts, a learned combination; full-ranking evaluation of all four.
+    """Movie recommendations from MovieLens 100K: ALS, a tuned language-model scorer, their combination, evaluated.
+
+    Likes (4-5 stars) are split by time per user; the language model is fine-tuned on (history, candidate) texts;
+    the combination's weights are chosen on the validation stage; popularity, ALS, the language model and the
+    combination each rank every unseen movie of every test user.
 
     OUT/model is the recommender (a checkpoint folder plus recommender.json and recommender.safetensors);
     OUT/eval holds report.md, report.json and metrics.png. The data is fetched on first use (DATA.md).

@@ -1,9 +1,11 @@
 """The continuous-batching engine: one thread owns the model and a KV cache of `max_batch` slots.
 
-Continuous batching (Orca, Yu et al. 2022): between decode steps the engine admits waiting requests, each prefilled
-alone (B=1) into a free slot; every decode step then feeds the last token of all running sequences at their own
-positions (B=running, T=1). Running sequences stay packed in slots 0..B-1: when one finishes, the last one's cache
-rows move into its slot, so a step works on a view of the first rows and copies nothing. Because a GEMM's speed
+Continuous batching (Orca, Yu et al. 2022): between decode steps the engine admits waiting requests into free
+slots and prefills their prompts alone (B=1), at most `prefill_tokens` prompt tokens a step, shortest first, so
+a long prompt is prefilled in chunks while the others keep decoding (SARATHI, Agrawal et al. 2023); every decode
+step then feeds the last token of all running sequences at their own positions (B=running, T=1). Running
+sequences stay packed in slots 0..B-1: when one finishes, the last one's cache rows move into its slot, so a step
+works on a view of the first rows and copies nothing. Because a GEMM's speed
 depends on its row count, the engine times each row count once at startup and pads the packed view with free
 slots up to a faster count (`Engine.tune_step_rows`; measurements in benchmarks/README.md, "Decode step rows").
 A client that disconnects is cancelled at the next step boundary, which frees its slot.
@@ -282,7 +284,7 @@ class Engine:
                 budget -= self._prefill(seq, budget, events)
             except Exception as exc:
                 log.exception("prefill failed")
-                self._active.remove(seq)
+                seq.finish = "error"  # its slot is freed by _retire, which keeps the running rows packed
                 self._fail([seq], f"generation failed: {exc}")
         try:
             self._retire()

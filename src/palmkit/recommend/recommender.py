@@ -50,7 +50,8 @@ class Recommendation:
         lines.append(f"{label}:")
         for rank, it in enumerate(self.items, 1):
             why = f"  <- {'; '.join(it['because'])}" if it.get("because") else ""
-            lines.append(f"{rank:>3}. {it['score']:7.3f}  {it['title']}{why}")
+            score = f"{it['score']:7.3f}" if self.personalised else f"{int(it['score']):>4} likes"
+            lines.append(f"{rank:>3}. {score}  {it['title']}{why}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
