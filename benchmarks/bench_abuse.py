@@ -59,21 +59,9 @@ def start_server(src: str, checkpoint: Path, timeout: float = 180) -> tuple[subp
     port = free_port()
     cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
            "--model_name", "bench", "--log_level", "critical"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": src})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start in time")
+    from bench_serve import start_process  # imported here: bench_serve imports this tree's palmkit (and torch)
+
+    return start_process(cmd, port, 0, timeout, {"PYTHONPATH": src})
 
 
 def rss_kib(pid: int) -> dict[str, int]:

@@ -163,3 +163,11 @@ def test_atomic_open_and_copy_leave_the_old_file_on_failure(tmp_path):
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["f.txt"]
     atomic_copy(path, tmp_path / "copy.txt")
     assert (tmp_path / "copy.txt").read_text() == "old" and sorted(os.listdir(tmp_path)) == ["copy.txt", "f.txt"]
+
+
+def test_jsonl_rows_number_lines_skip_blanks_and_name_a_bad_line():
+    from palmkit.io import jsonl_rows
+
+    assert list(jsonl_rows('{"a": 1}\n\n  \n[2]\n', name="f.jsonl")) == [(1, {"a": 1}), (4, [2])]
+    with pytest.raises(PalmkitError, match=r"^f.jsonl: line 3 is not JSON \("):
+        list(jsonl_rows('1\n\n{oops\n', name="f.jsonl"))

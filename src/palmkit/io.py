@@ -278,6 +278,18 @@ def decode_text(raw: bytes, fallback: str | None = None, name: str | os.PathLike
     return "".join(_decode_line(line, fallback) for line in raw.splitlines(keepends=True))
 
 
+def jsonl_rows(text: str, name: str | os.PathLike = "") -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of JSONL text; a line that is not JSON is an error
+    naming `name` and the line."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PalmkitError(f"{name}: line {n} is not JSON ({exc.msg})") from None
+
+
 def _decode_line(line: bytes, fallback: str) -> str:
     try:
         return line.decode("utf-8")

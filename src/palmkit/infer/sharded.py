@@ -26,7 +26,7 @@ from palmkit.finetune.predict import load_classifier, load_tagger
 from palmkit.infer.generate import generate
 from palmkit.infer.sampling import SamplingParams
 from palmkit.infer.tensor_parallel import control_group
-from palmkit.io import atomic_write_bytes, atomic_write_json, decode_text, load_json
+from palmkit.io import atomic_write_bytes, atomic_write_json, decode_text, jsonl_rows, load_json
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.train.distributed import Dist, init_distributed
 
@@ -40,13 +40,7 @@ def read_records(path: str | os.PathLike, field: str) -> tuple[list[dict], str]:
     path = Path(path)
     raw = path.read_bytes()
     records = []
-    for n, line in enumerate(decode_text(raw, name=path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PalmkitError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+    for n, record in jsonl_rows(decode_text(raw, name=path), name=path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise PalmkitError(f"{path}: line {n} is not a JSON object with a string field {field!r}")
         records.append(record)

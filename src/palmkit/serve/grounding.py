@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import math
 import os
 import re
@@ -36,7 +35,7 @@ from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
 from palmkit.data.scripts import CJK
 from palmkit.errors import PalmkitError
-from palmkit.io import decode_text
+from palmkit.io import decode_text, jsonl_rows
 
 NO_ANSWER = ("I don't have an answer to that in our FAQ, so I won't guess. Please rephrase your question, "
              "or contact a human agent.")
@@ -113,13 +112,7 @@ def _read_csv(path: Path, text: str) -> list[FaqEntry]:
 
 def _read_jsonl(path: Path, text: str) -> list[FaqEntry]:
     entries = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PalmkitError(f"{path}: line {n} is not JSON: {exc}") from None
+    for n, row in jsonl_rows(text, name=path):
         if not isinstance(row, dict) or "question" not in row or "answer" not in row:
             raise PalmkitError(f'{path}: line {n}: expected an object with "question" and "answer"')
         entries.append(_entry(path, n, row["question"], row["answer"]))
