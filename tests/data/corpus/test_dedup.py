@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from palmkit.data.corpus.dedup import _EMPTY, SHINGLE, deduplicate, minhash, minhash_many, normalise, similarity
 from tests.data.conftest import FIX
 from tests.data.corpus.conftest import perturbed_articles
@@ -41,19 +44,44 @@ def test_deduplicate_exact_and_near_duplicates():
     assert kept == [0, 1, 3, 5] and exact == 2 and nearby == 1
 
 
-def test_duplicate_index_on_disk_decides_like_the_in_memory_pass(tmp_path):
-    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, DuplicateIndex, band_keys, exact_key
+def _brute_force(docs: list[str]) -> list[int]:
+    """The reference: every document against every kept one before it by the exact Jaccard similarity of their
+    sets of 5-grams; no MinHash, no LSH, no blocks."""
+    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, NEAR_DUP
 
-    docs = [*perturbed_articles(), "Tiny text.", "tiny  TEXT!", "abc"]
+    seen, kept, status = set(), [], []
+    for doc in docs:
+        if normalise(doc) in seen:
+            status.append(EXACT)
+            continue
+        seen.add(normalise(doc))
+        mine = _shingles(doc)
+        near = any(len(mine & theirs) >= NEAR_DUP * len(mine | theirs) > 0 for theirs in kept)
+        status.append(NEAR if near else KEPT)
+        kept += [] if near else [mine]
+    return status
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1000])
+def test_duplicate_index_in_blocks_decides_like_brute_force(tmp_path, block):
+    """Blocks of any size, their runs on disk, give the decisions of comparing each document with every kept
+    document before it by exact Jaccard similarity; so does the in-memory pass."""
+    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, DuplicateIndex, exact_key
+
+    docs = [*perturbed_articles(), "Tiny text.", "tiny  TEXT!", "abc", "ABC", ""]
     norms = [normalise(d) for d in docs]
     sigs = minhash_many(norms)
-    keys, filled = band_keys(sigs)
-    index = DuplicateIndex(tmp_path / "index.sqlite", lambda i: sigs[i])
-    status = [index.add(exact_key(n), sigs[i], keys[i][filled[i]]) for i, n in enumerate(norms)]
-    index.close()
+    want = _brute_force(docs)
+    assert want.count(NEAR) > 5 and want.count(EXACT) > 2
+    index = DuplicateIndex(tmp_path / "runs", lambda docs: sigs[docs], norms.__getitem__)
+    keys = np.array([exact_key(n) for n in norms], dtype="S16")
+    got = np.concatenate([index.add(keys[i:i + block], sigs[i:i + block]) for i in range(0, len(docs), block)])
+    assert got.tolist() == want
     kept, exact, near = deduplicate(docs)
-    assert [i for i, s in enumerate(status) if s == KEPT] == kept
-    assert status.count(EXACT) == exact and status.count(NEAR) == near and near > 5 and exact > 0
+    assert kept == [i for i, s in enumerate(want) if s == KEPT]
+    assert (exact, near) == (want.count(EXACT), want.count(NEAR))
+    if block < len(docs):  # later blocks found their duplicates through the runs, not in memory
+        assert len(list((tmp_path / "runs").glob("bands-*.bin"))) == -(-len(docs) // block)
 
 
 def test_near_duplicates_agree_with_datasketch():

@@ -1,23 +1,24 @@
 """Exact and near-duplicate removal (MinHash + LSH over character 5-grams) and hash-based splits.
 
-`deduplicate` holds a list of documents in memory; `DuplicateIndex` makes the same decisions one document at a
-time with its state in an SQLite file (the exact keys, the LSH buckets of the documents kept), for corpora larger
-than memory: a document is dropped as an exact duplicate when its normalised text was seen before, as a near
-duplicate when it shares an LSH band with a kept document whose estimated Jaccard similarity is at least NEAR_DUP.
+A document is dropped as an exact duplicate when its normalised text was seen before, as a near duplicate when it
+shares an LSH band with a kept document whose estimated Jaccard similarity is at least NEAR_DUP; the first of
+each group is kept. `deduplicate` decides a list of documents in memory, `DuplicateIndex` the same for a stream
+of any length a block at a time, with what later blocks need of the earlier ones in sorted runs on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import sqlite3
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 SHINGLE, BINS, NEAR_DUP = 5, 64, 0.8
+
+
+UNSURE = 0.15  # three standard deviations of the estimate at NEAR_DUP: closer estimates are checked exactly
 
 # LSH bands of BINS // BANDS values: two texts of Jaccard similarity J share a band with probability
 # 1 - (1 - J ** 4) ** 16, 0.9998 at the 0.8 threshold (8 bands of 8 values found only 77% of such pairs); pairs
@@ -43,6 +44,23 @@ def _mix64(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint64(31))
 
 
+def _shingles(text: str) -> np.ndarray:
+    """A polynomial hash of each run of SHINGLE characters of `text`, in order (not yet mixed)."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n = max(0, len(codes) - SHINGLE + 1)
+    h = np.zeros(n, dtype=np.uint64)
+    for j in range(SHINGLE):
+        h = h * np.uint64(1_000_003) + codes[j:j + n]
+    return h
+
+
+def jaccard(a: str, b: str) -> float:
+    """The exact Jaccard similarity of two normalised texts' sets of character 5-grams (64-bit hashes of them)."""
+    x, y = np.unique(_shingles(a)), np.unique(_shingles(b))
+    both = len(np.intersect1d(x, y, assume_unique=True))
+    return both / max(1, len(x) + len(y) - both)
+
+
 def minhash(norm: str) -> np.ndarray | None:
     """64 MinHash values of a normalised text's character 5-grams, one hash split into 64 bins
     (one-permutation hashing, Li et al. 2012); None for texts too short to have shingles."""
@@ -61,12 +79,9 @@ def minhash_many(norms: Sequence[str], chunk_chars: int = 4_000_000) -> np.ndarr
             size += len(norms[end])
             end += 1
         lengths = np.array([len(x) for x in norms[start:end]], dtype=np.int64)
-        codes = np.frombuffer("".join(norms[start:end]).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        n = len(codes) - SHINGLE + 1
+        h = _shingles("".join(norms[start:end]))
+        n = len(h)
         if n > 0:
-            h = np.zeros(n, dtype=np.uint64)
-            for j in range(SHINGLE):
-                h = h * np.uint64(1_000_003) + codes[j:j + n]
             doc = np.repeat(np.arange(start, end), lengths)[:n]
             ends = np.cumsum(lengths)
             inside = np.arange(n) + SHINGLE <= ends[doc - start]  # shingles that do not cross into the next text
@@ -79,41 +94,31 @@ def minhash_many(norms: Sequence[str], chunk_chars: int = 4_000_000) -> np.ndarr
 
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Estimated Jaccard similarity of two MinHash signatures (bins empty in both are ignored)."""
+    return float(similarities(a[None], b[None])[0])
+
+
+def similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`similarity` of each row of `a` with the same row of `b`."""
     used = (a != _EMPTY) | (b != _EMPTY)
-    return float(((a == b) & used).sum() / max(1, used.sum()))
+    return ((a == b) & used).sum(axis=1) / np.maximum(1, used.sum(axis=1))
+
+
+def near(estimates: np.ndarray, a: Sequence[int], b: Sequence[int], norm: Callable[[int], str]) -> np.ndarray:
+    """Which pairs of documents (a[k], b[k]) are near duplicates, from their estimated similarities: where an
+    estimate is within UNSURE of NEAR_DUP, the exact `jaccard` of their normalised texts (`norm`) decides. 64
+    MinHash bins estimate a similarity of 0.8 with a standard deviation of 0.05, so that a quarter of the pairs
+    just above the threshold would be missed on the estimate alone."""
+    result = estimates >= NEAR_DUP
+    for k in np.flatnonzero(np.abs(estimates - NEAR_DUP) < UNSURE).tolist():
+        result[k] = jaccard(norm(int(a[k])), norm(int(b[k]))) >= NEAR_DUP
+    return result
 
 
 def deduplicate(docs: Sequence[str]) -> tuple[list[int], int, int]:
     """(indices of the documents kept, exact duplicates, near duplicates); the first of each group is kept."""
     norms = [normalise(d) for d in docs]
-    sigs = minhash_many(norms)
-    filled = ~(sigs.reshape(len(docs), BANDS, -1) == _EMPTY).all(axis=2)  # bands with at least one value
-    width = sigs.itemsize * BINS // BANDS
-    seen: set[bytes] = set()
-    bands: dict[bytes, list[int]] = defaultdict(list)
-    kept, exact, near = [], 0, 0
-    for i, norm in enumerate(norms):
-        key = exact_key(norm)
-        if key in seen:
-            exact += 1
-            continue
-        seen.add(key)
-        raw = sigs[i].tobytes()
-        keys = [bytes([b]) + raw[b * width:(b + 1) * width] for b in range(BANDS) if filled[i, b]]
-        candidates = {j for k in keys for j in bands.get(k, ())}
-        if any(similarity(sigs[i], sigs[j]) >= NEAR_DUP for j in candidates):
-            near += 1
-            continue
-        for k in keys:
-            bands[k].append(i)
-        kept.append(i)
-    return kept, exact, near
-
-
-def deduplicate_and_key(docs: list[str]) -> tuple[list[int], int, int, list[float], list[float]]:
-    """`deduplicate`, plus the order and validation hashes of the documents kept (one worker per language)."""
-    kept, exact, near = deduplicate(docs)
-    return kept, exact, near, [doc_hash(docs[i], "order") for i in kept], [doc_hash(docs[i], "valid") for i in kept]
+    status = decide(np.array([exact_key(n) for n in norms], dtype="S16"), minhash_many(norms), norms.__getitem__)
+    return np.flatnonzero(status == KEPT).tolist(), int((status == EXACT).sum()), int((status == NEAR).sum())
 
 
 def doc_hash(text: str, salt: str = "") -> float:
@@ -147,37 +152,115 @@ def band_keys(sigs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return h.view(np.int64), filled
 
 
-class DuplicateIndex:
-    """`deduplicate`'s decisions for a stream of documents, with its state on disk (SQLite).
+def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen: np.ndarray | None = None,
+           close: np.ndarray | None = None) -> np.ndarray:
+    """What becomes of each document of a block, in order: KEPT, EXACT or NEAR.
 
-    Documents are numbered in the order they are added; `sig_of(i)` reads the signature of an earlier document
-    (kept on disk by the caller), so memory does not grow with the number of documents.
+    `exact` holds the exact keys (S16), `sigs` the signatures, `norm(i)` is a normalised text. A document is an
+    exact duplicate when its key comes earlier in the block or was `seen` before it, a near duplicate when it is
+    `close` to a document kept before the block, or shares an LSH band with a document kept earlier in the block
+    and the two are `near`. Only kept documents are compared with, so a group of copies costs one
+    comparison each whatever its size."""
+    status = np.full(len(exact), KEPT, dtype=np.uint8)
+    _, first = np.unique(exact, return_index=True)
+    later = np.ones(len(exact), dtype=bool)
+    later[first] = False
+    status[later if seen is None else later | seen] = EXACT
+    if close is not None:
+        status[(status == KEPT) & close] = NEAR
+    keys, filled = band_keys(sigs)
+    bands: dict[int, list[int]] = {}
+    for i in np.flatnonzero(status == KEPT).tolist():
+        own = keys[i][filled[i]].tolist()
+        others = sorted({j for k in own for j in bands.get(k, ())})
+        if others and near(similarities(sigs[[i]], sigs[others]), [i] * len(others), others, norm).any():
+            status[i] = NEAR
+            continue
+        for k in own:
+            bands.setdefault(k, []).append(i)
+    return status
+
+
+_PAIR = np.dtype([("key", "<i8"), ("value", "<i8")])
+
+
+class _Runs:
+    """(key, value) pairs written a sorted run at a time to files of a folder, matched against sorted keys by one
+    pass over every run, a chunk in memory at a time."""
+
+    chunk = 1 << 20  # pairs read at a time (16 MB)
+
+    def __init__(self, folder: Path, name: str):
+        self.paths: list[Path] = []
+        self.folder, self.name = folder, name
+
+    def write(self, keys: np.ndarray, values: np.ndarray) -> None:
+        order = np.argsort(keys, kind="stable")
+        pairs = np.empty(len(keys), dtype=_PAIR)
+        pairs["key"], pairs["value"] = keys[order], values[order]
+        self.paths.append(self.folder / f"{self.name}-{len(self.paths):06d}.bin")
+        pairs.tofile(self.paths[-1])
+
+    def matches(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(i, value) of every pair in the runs whose key is keys[i]; `keys` sorted."""
+        unique, starts, counts = np.unique(keys, return_index=True, return_counts=True)
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        for path in self.paths if len(keys) else []:
+            total = path.stat().st_size // _PAIR.itemsize
+            for start in range(0, total, self.chunk):
+                pairs = np.fromfile(path, dtype=_PAIR, count=min(self.chunk, total - start),
+                                    offset=start * _PAIR.itemsize)
+                at = np.minimum(np.searchsorted(unique, pairs["key"]), len(unique) - 1)
+                hit = unique[at] == pairs["key"]
+                if hit.any():  # keys[starts[u]:starts[u] + counts[u]] equal the pair's key: one match each
+                    lo, n = starts[at[hit]], counts[at[hit]]
+                    step = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+                    found.append((np.repeat(lo, n) + step, np.repeat(pairs["value"][hit], n)))
+        if not found:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return tuple(np.concatenate(x) for x in zip(*found, strict=True))
+
+
+class DuplicateIndex:
+    """`deduplicate`'s decisions for a stream of documents given a block at a time, earlier blocks kept on disk.
+
+    A block's exact keys and LSH band keys are matched against sorted runs written by the earlier blocks (the
+    exact keys they saw first, the band keys of the documents they kept), and its candidate pairs are checked
+    with the kept documents' signatures and normalised texts, read back by number (`sigs_of`, `norm_of`); then
+    `decide` settles the block in memory. Memory holds one block whatever the number of documents. Every block
+    reads all runs once (a merge pass of some 20M pairs a second), so that reading grows with the square of the
+    number of blocks: at 4 GB of input, a small share of the build (benchmarks/README.md).
     """
 
-    def __init__(self, path: Path, sig_of: Callable[[int], np.ndarray], cache_mb: int = 64):
-        path.unlink(missing_ok=True)  # a scratch file: an interrupted build starts it again
-        self.db = sqlite3.connect(path, isolation_level=None)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{cache_mb * 1024}", "temp_store=FILE"):
-            self.db.execute(f"PRAGMA {pragma}")
-        self.db.execute("CREATE TABLE exact (key BLOB PRIMARY KEY) WITHOUT ROWID")
-        self.db.execute("CREATE TABLE bands (key INTEGER, doc INTEGER, PRIMARY KEY (key, doc)) WITHOUT ROWID")
-        self.db.execute("BEGIN")
-        self.sig_of, self.count = sig_of, 0
+    def __init__(self, folder: Path, sigs_of: Callable[[np.ndarray], np.ndarray], norm_of: Callable[[int], str]):
+        folder.mkdir(parents=True, exist_ok=False)
+        self.exact, self.bands = _Runs(folder, "exact"), _Runs(folder, "bands")
+        self.sigs_of, self.norm_of, self.count = sigs_of, norm_of, 0
 
-    def add(self, key: bytes, sig: np.ndarray, bands: np.ndarray) -> int:
-        """KEPT, EXACT or NEAR for the next document: its exact key, signature and the keys of its filled bands."""
-        doc, self.count = self.count, self.count + 1
-        if not self.db.execute("INSERT OR IGNORE INTO exact VALUES (?)", (key,)).rowcount:
-            return EXACT
-        bands = bands.tolist()
-        if bands:
-            marks = ",".join("?" * len(bands))
-            for (other,) in self.db.execute(f"SELECT DISTINCT doc FROM bands WHERE key IN ({marks})", bands):
-                if similarity(sig, self.sig_of(other)) >= NEAR_DUP:
-                    return NEAR
-            self.db.executemany("INSERT INTO bands VALUES (?, ?)", [(b, doc) for b in bands])
-        return KEPT
-
-    def close(self) -> None:
-        self.db.execute("COMMIT")
-        self.db.close()
+    def add(self, exact: np.ndarray, sigs: np.ndarray) -> np.ndarray:
+        """Statuses of the next block of documents (exact keys, S16, and signatures), numbered after the last."""
+        n = len(exact)
+        halves = np.ascontiguousarray(exact, dtype="S16").view("<i8").reshape(n, 2)
+        order = np.argsort(halves[:, 0], kind="stable")
+        i, low = self.exact.matches(halves[order, 0])
+        seen = np.zeros(n, dtype=bool)
+        seen[order[i[low == halves[order[i], 1]]]] = True
+        keys, filled = band_keys(sigs)
+        rows, cols = np.nonzero(filled & ~seen[:, None])
+        flat = keys[rows, cols]
+        order = np.argsort(flat, kind="stable")
+        i, other = self.bands.matches(flat[order])
+        close = np.zeros(n, dtype=bool)
+        if len(i):
+            pair = np.unique(rows[order[i]].astype(np.int64) << 40 | other)  # one check per pair of documents
+            mine, other = pair >> 40, pair & (2**40 - 1)
+            docs, where = np.unique(other, return_inverse=True)
+            estimates = similarities(sigs[mine], self.sigs_of(docs)[where])
+            close[mine[near(estimates, self.count + mine, other, self.norm_of)]] = True
+        status = decide(exact, sigs, lambda k: self.norm_of(self.count + k), seen, close)
+        new = status != EXACT
+        self.exact.write(halves[new, 0], halves[new, 1])
+        rows, cols = np.nonzero(filled & (status == KEPT)[:, None])
+        self.bands.write(keys[rows, cols], self.count + rows)
+        self.count += n
+        return status

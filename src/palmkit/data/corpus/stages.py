@@ -1,8 +1,9 @@
 """The stages of a streaming corpus build and their units of work, each writing only its own files.
 
     extract   one unit per piece of input: read, clean, filter; documents, MinHash signatures and keys to disk
-    dedup     one unit per language: exact and near duplicates in document order (`DuplicateIndex`, on disk),
-              then the plan of the language's split (cap, validation cut, parts)
+    dedup     one unit per language: exact and near duplicates in document order (`DuplicateIndex`: blocks of
+              documents against sorted runs on disk), then the plan of the language's split (cap, validation
+              cut, parts)
     split     one unit per part of a language (the documents whose order hash falls in the part's range):
               sorted by that hash, capped, split into train/valid text, a tokenizer sample drawn
     encode    one unit per part: the text encoded into token files
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, DuplicateIndex, band_keys
+from palmkit.data.corpus.dedup import BINS, EXACT, KEPT, NEAR, DuplicateIndex, normalise
 from palmkit.data.corpus.extract import Task, clean_documents, extract
 from palmkit.data.corpus.inputs import Piece, read_piece
 from palmkit.data.corpus.spill import DocReader, DocWriter
@@ -36,6 +38,9 @@ MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for 
 
 
 TOKENIZER_SAMPLE_BYTES = 24_000_000  # enough for a 32k vocabulary; training time grows with the sample
+
+
+DEDUP_BLOCK_DOCS = 32_768  # documents deduplicated in memory at a time (~70 MB); each block reads the runs once
 
 
 HASH_BATCH_CHARS = 1_000_000  # documents hashed together: minhash_many needs ~70 bytes per character
@@ -160,9 +165,31 @@ class _Readers:
         self.open[t] = self.open.pop(t)
         return self.open[t]
 
-    def sig(self, doc: int) -> np.ndarray:
+    def _where(self, doc: int) -> tuple[DocReader, int]:
         k = int(np.searchsorted(self.starts, doc, side="right")) - 1
-        return self.reader(self.tasks[k]).sig(doc - int(self.starts[k]))
+        return self.reader(self.tasks[k]), doc - int(self.starts[k])
+
+    def sigs(self, docs: np.ndarray) -> np.ndarray:
+        """Signatures of documents by their numbers in the language, (len(docs), BINS)."""
+        return np.stack([reader.sig(i) for reader, i in map(self._where, docs.tolist())]).reshape(-1, BINS)
+
+    def norm(self, doc: int) -> str:
+        """The normalised text of a document by its number in the language."""
+        reader, i = self._where(doc)
+        return normalise(reader.text(i))
+
+    def blocks(self, size: int) -> Iterator[list[tuple[int, int, int]]]:
+        """The documents in blocks of `size` (the last one shorter): (task, start, stop) pieces of tasks."""
+        total = int(self.starts[-1])
+        for first in range(0, total, size):
+            last = min(total, first + size)
+            k = int(np.searchsorted(self.starts, first, side="right")) - 1
+            block = []
+            while k < len(self.tasks) and self.starts[k] < last:
+                block.append((k, max(first, int(self.starts[k])) - int(self.starts[k]),
+                              min(last, int(self.starts[k + 1])) - int(self.starts[k])))
+                k += 1
+            yield [(self.tasks[k], a, b) for k, a, b in block if b > a]
 
     def close(self) -> None:
         for r in self.open.values():
@@ -175,31 +202,32 @@ def dedup_unit(work: Path, plan: Plan, i: int) -> None:
     lang = plan.langs[i]
     tasks = plan.tasks_of(lang)
     readers = _Readers(work, tasks)
-    db = work / "dedup" / f"{lang}.sqlite"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    index = DuplicateIndex(db, readers.sig)
+    runs = work / "dedup" / f"{lang}.runs"
+    shutil.rmtree(runs, ignore_errors=True)  # the scratch runs of an interrupted dedup: it starts again
+    index = DuplicateIndex(runs, readers.sigs, readers.norm)
     counts: Counter = Counter()
+    status: dict[int, np.ndarray] = {}
     try:
         with staged_dir(work / "dedup" / lang) as folder:
-            for t in tasks:
-                r = DocReader(work / "extract" / f"{t:05d}")  # its own: the shared readers may close theirs
-                status = np.zeros(len(r), dtype=np.uint8)
-                for start in range(0, len(r), 4096):
-                    sigs = r.sigs(start, min(len(r), start + 4096))
-                    keys, filled = band_keys(sigs)
-                    for j in range(len(sigs)):
-                        status[start + j] = index.add(r.meta["exact"][start + j].tobytes(), sigs[j],
-                                                      keys[j][filled[j]])
-                r.close()
-                np.save(folder / f"{t:05d}.npy", status)
-                counts[f"dup:{plan.tasks[t].source}"] += int((status != KEPT).sum())
-                counts["exact"] += int((status == EXACT).sum())
-                counts["near"] += int((status == NEAR).sum())
-            index.close()
+            for block in readers.blocks(DEDUP_BLOCK_DOCS):
+                exact = np.concatenate([readers.reader(t).meta["exact"][a:b] for t, a, b in block])
+                sigs = np.concatenate([readers.reader(t).sigs(a, b) for t, a, b in block])
+                decided = np.split(index.add(exact, sigs), np.cumsum([b - a for _, a, b in block])[:-1])
+                for (t, a, b), part in zip(block, decided, strict=True):
+                    status.setdefault(t, np.zeros(len(readers.reader(t)), dtype=np.uint8))[a:b] = part
+                    if b == len(readers.reader(t)):  # the task's last documents: its statuses are final
+                        done = status.pop(t)
+                        np.save(folder / f"{t:05d}.npy", done)
+                        counts[f"dup:{plan.tasks[t].source}"] += int((done != KEPT).sum())
+                        counts["exact"] += int((done == EXACT).sum())
+                        counts["near"] += int((done == NEAR).sum())
+            for t in tasks:  # tasks without documents
+                if not (folder / f"{t:05d}.npy").exists():
+                    np.save(folder / f"{t:05d}.npy", np.zeros(0, dtype=np.uint8))
             atomic_write_json(folder / "plan.json", {**split_plan(work, plan, lang, tasks, folder), **counts})
     finally:
         readers.close()
-        db.unlink(missing_ok=True)
+        shutil.rmtree(runs, ignore_errors=True)
 
 
 def _kept(work: Path, tasks: list[int], status_dir: Path,
