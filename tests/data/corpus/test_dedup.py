@@ -119,3 +119,30 @@ def test_near_duplicates_agree_with_datasketch():
     mean = lambda xs: sum(xs) / len(xs)
     assert mean(ours_err) < 0.05 and mean(ours_err) < 1.5 * mean(theirs_err)
     assert clear >= 30
+
+
+def test_a_band_many_texts_share_holds_a_bucket_of_them_and_copies_are_still_found(tmp_path, monkeypatch):
+    """Short texts ending in one signature line share LSH bands by that line alone: such a key holds BUCKET
+    kept documents, so that candidates stay bounded, and the near copies are found all the same."""
+    import random
+
+    from palmkit.data.corpus import dedup
+    from palmkit.data.corpus.dedup import _PAIR, DuplicateIndex, band_keys, exact_key
+
+    monkeypatch.setattr(dedup, "BUCKET", 8)
+    rng = random.Random(0)
+    word = lambda: "".join(rng.choice("абвгдежзиклмнопрстуфхцчшыэюя") for _ in range(rng.randint(3, 8)))
+    family = [" ".join(word() for _ in range(10)) + ". Евгений Кащеев, «Мысли вслух», 1999" for _ in range(300)]
+    docs = family + [t[:10] + "ё" + t[11:] for t in family[::10]]  # one letter changed: J about 0.9
+    norms = [normalise(d) for d in docs]
+    sigs = minhash_many(norms)
+    keys, filled = band_keys(sigs[:300])
+    _, counts = np.unique(keys[filled], return_counts=True)
+    assert counts.max() > 8  # the signature line alone makes texts share a band
+    index = DuplicateIndex(tmp_path / "runs", lambda d: sigs[d], norms.__getitem__)
+    exact = np.array([exact_key(n) for n in norms], dtype="S16")
+    got = np.concatenate([index.add(exact[i:i + 50], sigs[i:i + 50]) for i in range(0, len(docs), 50)])
+    assert got.tolist() == _brute_force(docs)
+    assert (got[300:] == dedup.NEAR).all()
+    held = np.concatenate([np.fromfile(p, dtype=_PAIR)["key"] for p in (tmp_path / "runs").glob("bands-*.bin")])
+    assert np.unique(held, return_counts=True)[1].max() == 8

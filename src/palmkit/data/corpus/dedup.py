@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,9 @@ UNSURE = 0.15  # three standard deviations of the estimate at NEAR_DUP: closer e
 # 1 - (1 - J ** 4) ** 16, 0.9998 at the 0.8 threshold (8 bands of 8 values found only 77% of such pairs); pairs
 # well below it (J = 0.3: 12%) only cost a similarity check.
 BANDS = 16
+
+
+BUCKET = 64  # kept documents one LSH band key holds at most (see `decide`)
 
 
 _EMPTY = np.uint64(2**64 - 1)
@@ -117,7 +120,7 @@ def near(estimates: np.ndarray, a: Sequence[int], b: Sequence[int], norm: Callab
 def deduplicate(docs: Sequence[str]) -> tuple[list[int], int, int]:
     """(indices of the documents kept, exact duplicates, near duplicates); the first of each group is kept."""
     norms = [normalise(d) for d in docs]
-    status = decide(np.array([exact_key(n) for n in norms], dtype="S16"), minhash_many(norms), norms.__getitem__)
+    status, _ = decide(np.array([exact_key(n) for n in norms], dtype="S16"), minhash_many(norms), norms.__getitem__)
     return np.flatnonzero(status == KEPT).tolist(), int((status == EXACT).sum()), int((status == NEAR).sum())
 
 
@@ -140,27 +143,47 @@ def exact_key(norm: str) -> bytes:
     return hashlib.blake2b(norm.encode(), digest_size=16).digest()
 
 
+def densified(sigs: np.ndarray) -> np.ndarray:
+    """Signatures with every empty bin filled from the next non-empty bin to its right (circularly), rehashed
+    with the distance: densified one-permutation hashing (Shrivastava and Li, 2014), under which each bin of two
+    texts is equal with probability their Jaccard similarity. Without it, a short text's bands are mostly empty
+    bins, and any two short texts sharing one 5-gram (a signature line, a date) share a band."""
+    twice = np.concatenate([sigs, sigs], axis=1)
+    at = np.where(twice != _EMPTY, np.arange(2 * BINS), 2 * BINS)
+    nearest = np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1][:, :BINS]  # 2 * BINS: no value at all
+    value = np.take_along_axis(twice, np.minimum(nearest, 2 * BINS - 1), axis=1)
+    distance = (nearest - np.arange(BINS)).astype(np.uint64)
+    moved = _mix64(value ^ (distance * np.uint64(0x9E3779B97F4A7C15)))
+    return np.where(nearest == 2 * BINS, _EMPTY, np.where(distance == 0, value, moved))
+
+
 def band_keys(sigs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(keys (n, BANDS) int64, filled (n, BANDS) bool) of MinHash signatures: a 64-bit hash of each band's values
-    and its number, so that equal bands of different numbers differ; a band of empty bins has no key. Two bands
-    with one key are candidates only, which the similarity check confirms or not."""
-    rows = sigs.reshape(len(sigs), BANDS, -1)
-    filled = ~(rows == _EMPTY).all(axis=2)
-    h = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), rows.shape[:2]).copy()
-    for j in range(rows.shape[2]):
-        h = _mix64(h * np.uint64(0x9E3779B97F4A7C15) ^ rows[:, :, j])
-    return h.view(np.int64), filled
+    (`densified`) and its number, so that equal bands of different numbers differ; a text without 5-grams has
+    no keys. Two bands with one key are candidates only, which the similarity check confirms or not."""
+    keys, filled = np.zeros((len(sigs), BANDS), dtype=np.int64), np.zeros((len(sigs), BANDS), dtype=bool)
+    for start in range(0, len(sigs), 4096):  # a few MB of temporaries at a time
+        rows = densified(sigs[start:start + 4096]).reshape(-1, BANDS, BINS // BANDS)
+        filled[start:start + 4096] = ~(rows == _EMPTY).all(axis=2)
+        h = np.broadcast_to(np.arange(1, BANDS + 1, dtype=np.uint64), rows.shape[:2]).copy()
+        for j in range(rows.shape[2]):
+            h = _mix64(h * np.uint64(0x9E3779B97F4A7C15) ^ rows[:, :, j])
+        keys[start:start + 4096] = h.view(np.int64)
+    return keys, filled
 
 
 def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen: np.ndarray | None = None,
-           close: np.ndarray | None = None) -> np.ndarray:
-    """What becomes of each document of a block, in order: KEPT, EXACT or NEAR.
+           close: np.ndarray | None = None, held: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """What becomes of each document of a block, in order (KEPT, EXACT or NEAR), and which of its LSH bands
+    enter the index, (n, BANDS) bool.
 
     `exact` holds the exact keys (S16), `sigs` the signatures, `norm(i)` is a normalised text. A document is an
     exact duplicate when its key comes earlier in the block or was `seen` before it, a near duplicate when it is
     `close` to a document kept before the block, or shares an LSH band with a document kept earlier in the block
-    and the two are `near`. Only kept documents are compared with, so a group of copies costs one
-    comparison each whatever its size."""
+    and the two are `near`. Only kept documents are compared with, so a group of copies costs one comparison
+    each whatever its size. A band key held by BUCKET kept documents (`held`: how many before the block) takes no
+    more: such a key is a 5-gram run many texts share (a signature line, a template), and near duplicates share
+    several bands besides it."""
     status = np.full(len(exact), KEPT, dtype=np.uint8)
     _, first = np.unique(exact, return_index=True)
     later = np.ones(len(exact), dtype=bool)
@@ -169,16 +192,21 @@ def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen
     if close is not None:
         status[(status == KEPT) & close] = NEAR
     keys, filled = band_keys(sigs)
+    admitted = np.zeros(keys.shape, dtype=bool)
+    held = held or {}
     bands: dict[int, list[int]] = {}
     for i in np.flatnonzero(status == KEPT).tolist():
-        own = keys[i][filled[i]].tolist()
-        others = sorted({j for k in own for j in bands.get(k, ())})
+        own = np.flatnonzero(filled[i]).tolist()
+        others = sorted({j for b in own for j in bands.get(int(keys[i, b]), ())})
         if others and near(similarities(sigs[[i]], sigs[others]), [i] * len(others), others, norm).any():
             status[i] = NEAR
             continue
-        for k in own:
-            bands.setdefault(k, []).append(i)
-    return status
+        for b in own:
+            bucket = bands.setdefault(int(keys[i, b]), [])
+            if len(bucket) + held.get(int(keys[i, b]), 0) < BUCKET:
+                bucket.append(i)
+                admitted[i, b] = True
+    return status, admitted
 
 
 _PAIR = np.dtype([("key", "<i8"), ("value", "<i8")])
@@ -201,10 +229,10 @@ class _Runs:
         self.paths.append(self.folder / f"{self.name}-{len(self.paths):06d}.bin")
         pairs.tofile(self.paths[-1])
 
-    def matches(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(i, value) of every pair in the runs whose key is keys[i]; `keys` sorted."""
+    def matches(self, keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(i, value) arrays of the pairs in the runs whose key is keys[i], a chunk of the runs at a time; `keys`
+        sorted."""
         unique, starts, counts = np.unique(keys, return_index=True, return_counts=True)
-        found: list[tuple[np.ndarray, np.ndarray]] = []
         for path in self.paths if len(keys) else []:
             total = path.stat().st_size // _PAIR.itemsize
             for start in range(0, total, self.chunk):
@@ -215,10 +243,7 @@ class _Runs:
                 if hit.any():  # keys[starts[u]:starts[u] + counts[u]] equal the pair's key: one match each
                     lo, n = starts[at[hit]], counts[at[hit]]
                     step = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-                    found.append((np.repeat(lo, n) + step, np.repeat(pairs["value"][hit], n)))
-        if not found:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return tuple(np.concatenate(x) for x in zip(*found, strict=True))
+                    yield np.repeat(lo, n) + step, np.repeat(pairs["value"][hit], n)
 
 
 class DuplicateIndex:
@@ -242,25 +267,28 @@ class DuplicateIndex:
         n = len(exact)
         halves = np.ascontiguousarray(exact, dtype="S16").view("<i8").reshape(n, 2)
         order = np.argsort(halves[:, 0], kind="stable")
-        i, low = self.exact.matches(halves[order, 0])
         seen = np.zeros(n, dtype=bool)
-        seen[order[i[low == halves[order[i], 1]]]] = True
+        for i, low in self.exact.matches(halves[order, 0]):
+            seen[order[i[low == halves[order[i], 1]]]] = True
         keys, filled = band_keys(sigs)
         rows, cols = np.nonzero(filled & ~seen[:, None])
         flat = keys[rows, cols]
         order = np.argsort(flat, kind="stable")
-        i, other = self.bands.matches(flat[order])
         close = np.zeros(n, dtype=bool)
-        if len(i):
+        held = np.zeros(len(flat), dtype=np.int64)  # kept documents before the block with each key
+        for i, other in self.bands.matches(flat[order]):
+            held += np.bincount(i, minlength=len(flat))
             pair = np.unique(rows[order[i]].astype(np.int64) << 40 | other)  # one check per pair of documents
             mine, other = pair >> 40, pair & (2**40 - 1)
             docs, where = np.unique(other, return_inverse=True)
             estimates = similarities(sigs[mine], self.sigs_of(docs)[where])
             close[mine[near(estimates, self.count + mine, other, self.norm_of)]] = True
-        status = decide(exact, sigs, lambda k: self.norm_of(self.count + k), seen, close)
+        some = held > 0
+        status, admitted = decide(exact, sigs, lambda k: self.norm_of(self.count + k), seen, close,
+                                  dict(zip(flat[order][some].tolist(), held[some].tolist(), strict=True)))
         new = status != EXACT
         self.exact.write(halves[new, 0], halves[new, 1])
-        rows, cols = np.nonzero(filled & (status == KEPT)[:, None])
+        rows, cols = np.nonzero(admitted)
         self.bands.write(keys[rows, cols], self.count + rows)
         self.count += n
         return status
