@@ -146,3 +146,26 @@ def test_a_band_many_texts_share_holds_a_bucket_of_them_and_copies_are_still_fou
     assert (got[300:] == dedup.NEAR).all()
     held = np.concatenate([np.fromfile(p, dtype=_PAIR)["key"] for p in (tmp_path / "runs").glob("bands-*.bin")])
     assert np.unique(held, return_counts=True)[1].max() == 8
+
+
+def test_densified_bins_are_equal_about_as_often_as_the_texts_are_similar():
+    """Densified one-permutation hashing: the filled bins stay, the empty ones are filled, and for short texts
+    (most bins empty) the share of equal bins estimates the exact Jaccard similarity, as MinHash's should."""
+    import random
+
+    from palmkit.data.corpus.dedup import densified
+
+    rng = random.Random(3)
+    words = [w for w in normalise((FIX / "fortunes-de/usr/share/games/fortunes/de/computer").read_text()).split()
+             if len(w) > 2]
+    errors = []
+    for _ in range(300):
+        a = rng.sample(words, 8)
+        b = a[:rng.randint(2, 8)] + rng.sample(words, rng.randint(0, 4))
+        x, y = minhash_many([" ".join(a), " ".join(b)])
+        dx, dy = densified(np.stack([x, y]))
+        assert (dx[x != _EMPTY] == x[x != _EMPTY]).all() and (dx != _EMPTY).all()
+        sa, sb = _shingles(" ".join(a)), _shingles(" ".join(b))
+        errors.append((dx == dy).mean() - len(sa & sb) / len(sa | sb))
+    assert abs(np.mean(errors)) < 0.03 and np.mean(np.abs(errors)) < 0.1
+    assert (densified(minhash_many([""])) == _EMPTY).all()

@@ -1,8 +1,8 @@
 """Exact and near-duplicate removal (MinHash + LSH over character 5-grams) and hash-based splits.
 
 A document is dropped as an exact duplicate when its normalised text was seen before, as a near duplicate when it
-shares an LSH band with a kept document whose estimated Jaccard similarity is at least NEAR_DUP; the first of
-each group is kept. `deduplicate` decides a list of documents in memory, `DuplicateIndex` the same for a stream
+shares an LSH band with a kept document and their Jaccard similarity is at least NEAR_DUP (estimated by MinHash,
+computed exactly where the estimate is too close to call); the first of each group is kept. `deduplicate` decides a list of documents in memory, `DuplicateIndex` the same for a stream
 of any length a block at a time, with what later blocks need of the earlier ones in sorted runs on disk.
 """
 
