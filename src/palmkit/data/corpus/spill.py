@@ -69,8 +69,9 @@ class DocReader:
     def text(self, i: int) -> str:
         return os.pread(self._docs, int(self.meta["size"][i]), int(self.meta["offset"][i])).decode("utf-8")
 
-    def sig(self, i: int) -> np.ndarray:
-        return np.frombuffer(os.pread(self._sigs, SIG_BYTES, i * SIG_BYTES), dtype=np.uint64)
+    def sig_bytes(self, i: int) -> bytes:
+        """Document i's signature, BINS uint64 values as bytes."""
+        return os.pread(self._sigs, SIG_BYTES, i * SIG_BYTES)
 
     def sigs(self, start: int, stop: int) -> np.ndarray:
         """Signatures of documents [start, stop) as a (stop - start, BINS) array."""

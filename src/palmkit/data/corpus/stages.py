@@ -16,6 +16,7 @@ parts sorts a corpus of any size with one part in memory at a time.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import shutil
@@ -153,6 +154,7 @@ class _Readers:
         self.open: dict[int, DocReader] = {}
         counts = [len(np.load(self._folder(t) / "meta.npy", mmap_mode="r")) for t in tasks]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.first = self.starts.tolist()
 
     def _folder(self, t: int) -> Path:
         return self.work / "extract" / f"{t:05d}"
@@ -166,12 +168,15 @@ class _Readers:
         return self.open[t]
 
     def _where(self, doc: int) -> tuple[DocReader, int]:
-        k = int(np.searchsorted(self.starts, doc, side="right")) - 1
-        return self.reader(self.tasks[k]), doc - int(self.starts[k])
+        k = bisect.bisect_right(self.first, doc) - 1
+        return self.reader(self.tasks[k]), doc - self.first[k]
 
     def sigs(self, docs: np.ndarray) -> np.ndarray:
         """Signatures of documents by their numbers in the language, (len(docs), BINS)."""
-        return np.stack([reader.sig(i) for reader, i in map(self._where, docs.tolist())]).reshape(-1, BINS)
+        task = np.searchsorted(self.starts, docs, side="right") - 1
+        local = (docs - self.starts[task]).tolist()
+        raw = b"".join(self.reader(self.tasks[k]).sig_bytes(i) for k, i in zip(task.tolist(), local, strict=True))
+        return np.frombuffer(raw, dtype=np.uint64).reshape(-1, BINS)
 
     def norm(self, doc: int) -> str:
         """The normalised text of a document by its number in the language."""
