@@ -262,8 +262,8 @@ class DuplicateIndex:
     exact keys they saw first, the band keys of the documents they kept), and its candidate pairs are checked
     with the kept documents' signatures and normalised texts, read back by number (`sigs_of`, `norm_of`); then
     `decide` settles the block in memory. Memory holds one block whatever the number of documents. Every block
-    reads all runs once (a merge pass of some 20M pairs a second), so that reading grows with the square of the
-    number of blocks: at 4 GB of input, a small share of the build (benchmarks/README.md).
+    reads all runs once (a merge pass), so that reading grows with the square of the number of blocks; what that
+    costs from 0.1 to 4 GB of input is in benchmarks/README.md ("bench_corpus.py").
     """
 
     def __init__(self, folder: Path, sigs_of: Callable[[np.ndarray], np.ndarray], norm_of: Callable[[int], str]):

@@ -41,7 +41,7 @@ MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for 
 TOKENIZER_SAMPLE_BYTES = 24_000_000  # enough for a 32k vocabulary; training time grows with the sample
 
 
-DEDUP_BLOCK_DOCS = 32_768  # documents deduplicated in memory at a time (~70 MB); each block reads the runs once
+DEDUP_BLOCK_DOCS = 32_768  # documents deduplicated in memory at a time; each block reads the runs once
 
 
 HASH_BATCH_CHARS = 1_000_000  # documents hashed together: minhash_many needs ~70 bytes per character
