@@ -182,7 +182,8 @@ def band_keys(sigs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen: np.ndarray | None = None,
-           close: np.ndarray | None = None, held: dict[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+           close: np.ndarray | None = None, held: dict[int, int] | None = None,
+           bands: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """What becomes of each document of a block, in order (KEPT, EXACT or NEAR), and which of its LSH bands
     enter the index, (n, BANDS) bool.
 
@@ -192,7 +193,7 @@ def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen
     and the two are `near`. Only kept documents are compared with, so a group of copies costs one comparison
     each whatever its size. A band key held by BUCKET kept documents (`held`: how many before the block) takes no
     more: such a key is a 5-gram run many texts share (a signature line, a template), and near duplicates share
-    several bands besides it."""
+    several bands besides it. `bands`: the signatures' `band_keys`, where the caller has them already."""
     status = np.full(len(exact), KEPT, dtype=np.uint8)
     _, first = np.unique(exact, return_index=True)
     later = np.ones(len(exact), dtype=bool)
@@ -200,18 +201,18 @@ def decide(exact: np.ndarray, sigs: np.ndarray, norm: Callable[[int], str], seen
     status[later if seen is None else later | seen] = EXACT
     if close is not None:
         status[(status == KEPT) & close] = NEAR
-    keys, filled = band_keys(sigs)
+    keys, filled = band_keys(sigs) if bands is None else bands
     admitted = np.zeros(keys.shape, dtype=bool)
     held = held or {}
-    bands: dict[int, list[int]] = {}
+    buckets: dict[int, list[int]] = {}
     for i in np.flatnonzero(status == KEPT).tolist():
         own = [(b, k) for b, (k, f) in enumerate(zip(keys[i].tolist(), filled[i].tolist(), strict=True)) if f]
-        others = sorted({j for _, k in own for j in bands.get(k, ())})
+        others = sorted({j for _, k in own for j in buckets.get(k, ())})
         if others and near(similarities(sigs[[i]], sigs[others]), [i] * len(others), others, norm).any():
             status[i] = NEAR
             continue
         for b, k in own:
-            bucket = bands.setdefault(k, [])
+            bucket = buckets.setdefault(k, [])
             if len(bucket) + held.get(k, 0) < BUCKET:
                 bucket.append(i)
                 admitted[i, b] = True
@@ -294,7 +295,8 @@ class DuplicateIndex:
             close[mine[near(estimates, self.count + mine, other, self.norm_of)]] = True
         some = held > 0
         status, admitted = decide(exact, sigs, lambda k: self.norm_of(self.count + k), seen, close,
-                                  dict(zip(flat[order][some].tolist(), held[some].tolist(), strict=True)))
+                                  dict(zip(flat[order][some].tolist(), held[some].tolist(), strict=True)),
+                                  (keys, filled))
         new = status != EXACT
         self.exact.write(halves[new, 0], halves[new, 1])
         rows, cols = np.nonzero(admitted)

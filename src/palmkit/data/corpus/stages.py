@@ -153,8 +153,7 @@ class _Readers:
         self.work, self.tasks = work, tasks
         self.open: dict[int, DocReader] = {}
         counts = [len(np.load(self._folder(t) / "meta.npy", mmap_mode="r")) for t in tasks]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.first = self.starts.tolist()
+        self.first = [0, *np.cumsum(counts, dtype=np.int64).tolist()]  # each task's first document
 
     def _folder(self, t: int) -> Path:
         return self.work / "extract" / f"{t:05d}"
@@ -173,9 +172,7 @@ class _Readers:
 
     def sigs(self, docs: np.ndarray) -> np.ndarray:
         """Signatures of documents by their numbers in the language, (len(docs), BINS)."""
-        task = np.searchsorted(self.starts, docs, side="right") - 1
-        local = (docs - self.starts[task]).tolist()
-        raw = b"".join(self.reader(self.tasks[k]).sig_bytes(i) for k, i in zip(task.tolist(), local, strict=True))
+        raw = b"".join(reader.sig_bytes(i) for reader, i in map(self._where, docs.tolist()))
         return np.frombuffer(raw, dtype=np.uint64).reshape(-1, BINS)
 
     def norm(self, doc: int) -> str:
@@ -185,16 +182,15 @@ class _Readers:
 
     def blocks(self, size: int) -> Iterator[list[tuple[int, int, int]]]:
         """The documents in blocks of `size` (the last one shorter): (task, start, stop) pieces of tasks."""
-        total = int(self.starts[-1])
-        for first in range(0, total, size):
-            last = min(total, first + size)
-            k = int(np.searchsorted(self.starts, first, side="right")) - 1
+        starts = self.first
+        for first in range(0, starts[-1], size):
+            last = min(starts[-1], first + size)
+            k = bisect.bisect_right(starts, first) - 1
             block = []
-            while k < len(self.tasks) and self.starts[k] < last:
-                block.append((k, max(first, int(self.starts[k])) - int(self.starts[k]),
-                              min(last, int(self.starts[k + 1])) - int(self.starts[k])))
+            while k < len(self.tasks) and starts[k] < last:
+                block.append((self.tasks[k], max(first, starts[k]) - starts[k], min(last, starts[k + 1]) - starts[k]))
                 k += 1
-            yield [(self.tasks[k], a, b) for k, a, b in block if b > a]
+            yield [(t, a, b) for t, a, b in block if b > a]
 
     def close(self) -> None:
         for r in self.open.values():
