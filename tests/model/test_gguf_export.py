@@ -106,7 +106,7 @@ class Server:
     def __init__(self, bin_dir: Path, model: Path, log: Path):
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.log = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
              "-c", "256", "-np", "1", "-t", "2", "--no-warmup"], stdout=self.log, stderr=subprocess.STDOUT)
@@ -329,7 +329,7 @@ def test_perplexity_per_language_agrees(exported, llama_cpp, outtype):
 def test_metadata_llama_cpp_reads(exported):
     model, tok, files, _ = exported
     fields = gguf.GGUFReader(files["f32"]).fields
-    value = lambda key: fields[key].contents()  # noqa: E731
+    value = lambda key: fields[key].contents()
     cfg = model.config
     assert value("general.architecture") == "command-r"
     assert value("command-r.attention.head_count_kv") == cfg.n_kv_heads == 1
