@@ -57,7 +57,7 @@ TEXTS = {
 # per 32 weights) and llama.cpp also rounds the activations it multiplies them by (to bf16 or to q8_0 blocks).
 LOGPROB_TOL = {"f32": 2e-3, "f16": 0.05, "bf16": 0.1, "q8_0": 0.1}
 # Perplexity: relative difference per language
-PPL_TOL = {"f32": 1e-3, "q8_0": 0.02}
+PPL_TOL = {"f32": 1e-4, "q8_0": 5e-3}
 
 
 def _train(model: torch.nn.Module, tokenizer: Tokenizer, steps: int = 80) -> torch.nn.Module:
@@ -155,20 +155,32 @@ def servers(exported, llama_cpp):
 
 # -- tokenizer ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(TEXTS))
+@pytest.mark.parametrize("name", [n for n in TEXTS if n != "special names"])
 def test_token_ids_are_palmkits(servers, exported, name):
     tok = exported[1]
     text = TEXTS[name]
-    # A prompt as llama.cpp tokenizes user text: BOS by the model's rule, names of control tokens left as text
-    ids = servers("f32").post("/tokenize", {"content": text, "add_special": True, "parse_special": False})["tokens"]
+    # a prompt as llama-server and llama-cli tokenize it: BOS by the model's rule, marker names read as markers
+    ids = servers("f32").post("/tokenize", {"content": text, "add_special": True})["tokens"]
     assert ids == tok.encode_prompt(text)
     back = servers("f32").post("/detokenize", {"tokens": ids[1:]})["content"]
     assert back == tok.decode(ids)
 
 
+def test_special_names_typed_in_text(servers, exported):
+    """`<s>`, `</s>`, `<unk>`, `<pad>` typed in a prompt are letters to palmkit; llama.cpp reads them as the special
+    tokens in prompts (as transformers does) and as letters where it is asked not to parse special names."""
+    tok = exported[1]
+    text = TEXTS["special names"]
+    server = servers("f32")
+    plain = server.post("/tokenize", {"content": text, "add_special": True, "parse_special": False})["tokens"]
+    assert plain == tok.encode_prompt(text)
+    parsed = server.post("/tokenize", {"content": text, "add_special": True})["tokens"]
+    assert [tok.bos_id, tok.eos_id] == [i for i in parsed[1:] if i in (tok.bos_id, tok.eos_id)]
+
+
 def test_chat_markers_in_plain_text_are_single_tokens(servers, exported):
     tok = exported[1]
-    ids = servers("f32").post("/tokenize", {"content": TEXTS["markers"], "parse_special": False})["tokens"]
+    ids = servers("f32").post("/tokenize", {"content": TEXTS["markers"]})["tokens"]
     markers = [tok.sp.piece_to_id(m) for m in ("<|user|>", "<|end|>", "<|assistant|>", "<|system|>")]
     assert [i for i in ids if i in markers] == [markers[0], markers[1], markers[2], markers[1], markers[3]]
 
@@ -227,9 +239,15 @@ def test_greedy_continuation_is_palmkits(servers, exported, name):
     ids = tok.encode_prompt(prompt)
     ours = [s[0] for s in generate_ids(model, [ids], SamplingParams(max_new_tokens=32, temperature=0,
                                                                    stop_at_eos=False))]
+    # llama.cpp stops at its end-of-generation tokens (EOS and <|end|>; ignore_eos would forbid them instead), and
+    # returns the stop token among the ids but not in the text
+    stops = [i for i, t in enumerate(ours) if t in tok.stop_ids]
+    expected = ours[:stops[0] + 1] if stops else ours
     out = servers("f32").post("/completion", {"prompt": prompt, "n_predict": 32, "temperature": 0,
-                                              "ignore_eos": True, "return_tokens": True, "cache_prompt": False})
-    assert out["tokens"] == ours
+                                              "return_tokens": True, "cache_prompt": False})
+    assert out["tokens"] == expected
+    assert out["stop_type"] == ("eos" if stops else "limit")
+    assert out["content"] == tok.decode(ours[:stops[0]] if stops else ours)
 
 
 def test_int8_values_go_into_q8_0_unchanged(exported):
@@ -252,22 +270,33 @@ def test_int8_values_go_into_q8_0_unchanged(exported):
 
 # -- chat -----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("messages", [CONVERSATION, CHAT[:2], CHAT])
+def _template_ids(server: Server, messages: list[dict]) -> list[int]:
+    """The ids llama.cpp's chat endpoints run for `messages`: the template, then tokenized with BOS and markers."""
+    prompt = server.post("/apply-template", {"messages": messages})["prompt"]
+    return server.post("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+
+
+@pytest.mark.parametrize("messages", [CONVERSATION, CHAT[:2], CHAT[1:2]])
 def test_chat_template_gives_encode_chat_ids(servers, exported, messages):
     tok = exported[1]
     server = servers("f32")
     prompt = server.post("/apply-template", {"messages": messages})["prompt"]
     assert prompt == format_chat(messages)  # BOS is left to the tokenizer, which adds it by the model's rule
-    ids = server.post("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
-    assert ids == encode_chat(tok, messages)
+    assert _template_ids(server, messages) == encode_chat(tok, messages)
+
+
+def test_final_assistant_message_is_continued(servers, exported):
+    """A conversation that ends with an assistant message is a reply to continue (llama.cpp's prefill): the prompt
+    for the next reply up to the assistant marker, then that message's text without its <|end|>."""
+    tok = exported[1]
+    assert _template_ids(servers("f32"), CHAT) == encode_chat(tok, CHAT[:2]) + tok.encode(CHAT[2]["content"])
 
 
 def test_marker_typed_in_a_message_is_a_marker_in_llama_cpp(servers, exported):
     """The one known difference: llama.cpp reads markers in rendered content as tokens (palmkit keeps them text)."""
     tok = exported[1]
     server = servers("f32")
-    prompt = server.post("/apply-template", {"messages": FORGED})["prompt"]
-    ids = server.post("/tokenize", {"content": prompt, "add_special": True, "parse_special": True})["tokens"]
+    ids = _template_ids(server, FORGED)
     system = tok.sp.piece_to_id("<|system|>")
     assert system in ids and system not in encode_chat(tok, FORGED)
 
@@ -276,16 +305,17 @@ def test_chat_reply_stops_at_end_of_turn(servers, exported):
     model, tok, _, _ = exported
     end = tok.sp.piece_to_id("<|end|>")
     prompt = encode_chat(tok, CHAT[:2])
-    ours = [s[0] for s in generate_ids(model, [prompt], SamplingParams(max_new_tokens=40, temperature=0))]
-    assert ours[-1] == end  # the trained model ends its reply itself
+    ours = [s[0] for s in generate_ids(model, [prompt], SamplingParams(max_new_tokens=40, temperature=0,
+                                                                       stop_at_eos=False))]
+    assert end in ours  # the trained model ends its reply itself
+    ours = ours[:ours.index(end) + 1]
     server = servers("f32")
     out = server.post("/v1/chat/completions", {"messages": CHAT[:2], "max_tokens": 40, "temperature": 0})
     choice = out["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["message"]["content"] == tok.decode(ours[:-1])
-    assert out["usage"]["completion_tokens"] == len(ours)  # the reply and its <|end|>
     raw = server.post("/completion", {"prompt": prompt, "n_predict": 40, "temperature": 0, "return_tokens": True})
-    assert raw["stop_type"] == "eos" and raw["tokens"] == ours[:-1]
+    assert raw["stop_type"] == "eos" and raw["tokens"] == ours  # the reply and the <|end|> it stopped at
 
 
 # -- perplexity -----------------------------------------------------------------------------------------------------
@@ -304,6 +334,22 @@ def _palmkit_ppl(model, ids: list[int], n_ctx: int, bos: int) -> float:
     return math.exp(nll / count)
 
 
+def _llama_perplexity(bin_dir: Path, model: Path, text: Path, n_ctx: int, n_chunks: int) -> float:
+    """The perplexity llama-perplexity reports. Its logger is a thread that the program does not wait for at exit,
+    so the last lines are sometimes lost: the report is its `Final estimate` or the running value after the last
+    chunk (the same number), from another run when neither came out."""
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
+           "-t", "2"]
+    for _ in range(5):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out[-3000:]
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(rf"\[{n_chunks}\]([0-9.]+)", out)
+        if found:
+            return float(found.group(1))
+    raise AssertionError(f"no perplexity in llama-perplexity's output: {out[-3000:]}")
+
+
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
 def test_perplexity_per_language_agrees(exported, llama_cpp, outtype):
     model, tok, files, root = exported
@@ -314,13 +360,9 @@ def test_perplexity_per_language_agrees(exported, llama_cpp, outtype):
             text += " " + " ".join(lines)
         path = root / f"valid-{lang}.txt"
         path.write_text(text, encoding="utf-8")
-        run = subprocess.run([str(llama_cpp / "llama-perplexity"), "-m", str(files[outtype]), "-f", str(path),
-                              "-c", str(n_ctx), "-b", str(n_ctx), "-t", "2"], capture_output=True, text=True,
-                             timeout=300)
-        found = re.search(r"Final estimate: PPL = ([0-9.]+)", run.stdout + run.stderr)
-        assert found, (run.stdout + run.stderr)[-3000:]
-        theirs = float(found.group(1))
-        ours = _palmkit_ppl(model, tok.encode_prompt(text), n_ctx, tok.bos_id)
+        ids = tok.encode_prompt(text)  # llama-perplexity's tokens: BOS by the model's rule, then the text
+        theirs = _llama_perplexity(llama_cpp, files[outtype], path, n_ctx, len(ids) // n_ctx)
+        ours = _palmkit_ppl(model, ids, n_ctx, tok.bos_id)
         assert abs(theirs / ours - 1) < PPL_TOL[outtype], (lang, ours, theirs)
 
 
