@@ -52,12 +52,13 @@ TEXTS = {
     "spaces": "  leading spaces,\ttabs\t\tand   runs   \n\nnew lines ",
 }
 
-# Tolerances on log-probabilities over the whole vocabulary (max |llama.cpp - palmkit| at one position). f32 differs
-# only by the order of float32 sums; bf16 and q8_0 round the weights (bf16 keeps 8 bits of mantissa, q8_0 127 steps
-# per 32 weights) and llama.cpp also rounds the activations it multiplies them by (to bf16 or to q8_0 blocks).
-LOGPROB_TOL = {"f32": 2e-3, "f16": 0.05, "bf16": 0.1, "q8_0": 0.1}
+# Tolerances on log-probabilities over the whole vocabulary (max |llama.cpp - palmkit| at one position). With f32
+# weights llama.cpp still keeps its KV cache in f16 (its default); f16, bf16 and q8_0 also round the weights (bf16
+# keeps 8 bits of mantissa, q8_0 127 steps per 32 weights), and llama.cpp rounds the activations it multiplies them
+# by (to bf16 or to q8_0 blocks). Measured maxima are about a third of each (benchmarks/README.md, "GGUF export").
+LOGPROB_TOL = {"f32": 2e-3, "f16": 1e-2, "bf16": 5e-2, "q8_0": 0.1}
 # Perplexity: relative difference per language
-PPL_TOL = {"f32": 1e-4, "q8_0": 5e-3}
+PPL_TOL = {"f32": 1e-4, "q8_0": 2e-3}
 
 
 def _train(model: torch.nn.Module, tokenizer: Tokenizer, steps: int = 80) -> torch.nn.Module:
