@@ -188,8 +188,10 @@ def _build(out: Path, options: dict[str, str], root: Path, quiet: bool) -> None:
 def _run(cmd: list[str], quiet: bool) -> None:
     if not quiet:
         print("+", " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None,
-                          text=True)
+    # the build's output goes to stderr (or is kept for the error message): stdout is for the bin folder alone, so
+    # that BIN=$(python -m palmkit.model.llamacpp) works while it builds
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr,
+                          stderr=subprocess.STDOUT if quiet else None, text=True)
     if proc.returncode != 0:
         tail = (proc.stdout or "")[-4000:] if quiet else ""
         raise PalmkitError(f"llama.cpp build step failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
