@@ -1,7 +1,7 @@
 """llama.cpp built once from the pinned `llama-cpp-python` sdist: the reference runtime for palmkit's GGUF export.
 
     from palmkit.model.llamacpp import llama_cpp_bin
-    bin_dir = llama_cpp_bin()                  # builds on the first call (~5 min on 2 cores), then a cached no-op
+    bin_dir = llama_cpp_bin()                  # builds on the first call (minutes), then a cached no-op
     server = bin_dir / "llama-server"          # also llama-cli, llama-bench, llama-perplexity, llama-tokenize
 
 or from a shell (prints the bin directory, building it first if needed):
