@@ -2,9 +2,13 @@
 vocabulary per outtype, and perplexity per language (llama-perplexity beside palmkit computing it the same way).
 
     python benchmarks/gguf_parity.py      # builds llama.cpp first if it is not cached (palmkit.model.llamacpp)
+    python benchmarks/gguf_parity.py --checkpoint runs/quickstart/model/final --corpus runs/quickstart/corpus
 
-The model is the one tests/model/test_gguf_export.py checks (the tiny preset trained for a few dozen steps on the
-sample text of the seven corpus languages), so these are the margins under that test's tolerances.
+Without options the model is the one tests/model/test_gguf_export.py checks (the tiny preset trained for a few
+dozen steps on the sample text of the seven corpus languages), so these are the margins under that test's
+tolerances. With a checkpoint and its corpus: token ids of each language's validation documents, greedy
+continuations of the quickstart's sample prompts (f32), and perplexity per language on the validation text
+(n_ctx = --n_ctx, the first --chunks chunks), palmkit beside llama.cpp.
 """
 
 import sys
@@ -73,5 +77,67 @@ def main() -> None:
         print(f"perplexity palmkit/llama.cpp, {kind}: " + ", ".join(row), flush=True)
 
 
+def checkpoint_parity(checkpoint: Path, corpus: Path, n_ctx: int, chunks: int, docs: int) -> None:
+    import json
+
+    import torch
+
+    from palmkit.apps.quickstart import SAMPLE_PROMPTS
+    from palmkit.infer.generate import generate_ids
+    from palmkit.infer.sampling import SamplingParams
+    from palmkit.model.checkpoint import load_checkpoint
+    from palmkit.model.gguf_export import export_gguf
+    from palmkit.model.llamacpp import llama_cpp_bin
+    from tests.model.test_gguf_export import Server, _llama_perplexity, _palmkit_ppl
+
+    bin_dir = llama_cpp_bin()
+    root = Path(tempfile.mkdtemp(prefix="gguf-parity-"))
+    model, tok, _ = load_checkpoint(checkpoint, dtype=torch.float32)
+    files = {t: export_gguf(checkpoint, root / f"{t}.gguf", outtype=t) for t in ("f32", "q8_0")}
+    langs = sorted(p.name for p in (corpus / "text").iterdir() if (p / "valid.jsonl").is_file())
+    valid = {lang: [json.loads(line)["text"] for line in (corpus / "text" / lang / "valid.jsonl").open()]
+             for lang in langs}
+    server = Server(bin_dir, files["f32"], root / "server.log")
+    try:
+        for lang in langs:
+            texts = valid[lang][:docs]
+            same = sum(server.post("/tokenize", {"content": t, "add_special": True})["tokens"] == tok.encode_prompt(t)
+                       for t in texts)
+            prompt = SAMPLE_PROMPTS.get(lang, "")
+            ours = [s[0] for s in generate_ids(model, [tok.encode_prompt(prompt)], SamplingParams(
+                max_new_tokens=48, temperature=0, stop_at_eos=False))]
+            stops = [i for i, t in enumerate(ours) if t in tok.stop_ids]
+            ours = ours[:stops[0] + 1] if stops else ours
+            theirs = server.post("/completion", {"prompt": prompt, "n_predict": 48, "temperature": 0,
+                                                 "return_tokens": True})["tokens"]
+            print(f"{lang}: token ids equal on {same}/{len(texts)} validation documents; greedy continuation of "
+                  f"{prompt!r} ({len(ours)} tokens) {'equal' if theirs == ours else 'DIFFERS'}", flush=True)
+    finally:
+        server.stop()
+    for kind in ("f32", "q8_0"):
+        row = []
+        for lang in langs:
+            text = "\n\n".join(valid[lang])
+            ids = tok.encode_prompt(text)
+            n = min(chunks, len(ids) // n_ctx)
+            (root / f"valid-{lang}.txt").write_text(text, encoding="utf-8")
+            theirs = _llama_perplexity(bin_dir, files[kind], root / f"valid-{lang}.txt", n_ctx, n)
+            ours = _palmkit_ppl(model, ids, n_ctx, tok.bos_id, n)
+            row.append(f"{lang} {ours:.2f}/{theirs:.2f} ({theirs / ours - 1:+.0e})")
+        print(f"perplexity palmkit/llama.cpp, {kind}, n_ctx {n_ctx}, {chunks} chunks: " + ", ".join(row), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="a palmkit checkpoint (default: the test's tiny model)")
+    parser.add_argument("--corpus", type=Path, help="its corpus folder (text/LANG/valid.jsonl)")
+    parser.add_argument("--n_ctx", type=int, default=256)
+    parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument("--docs", type=int, default=200, help="validation documents per language to tokenize")
+    args = parser.parse_args()
+    if args.checkpoint:
+        checkpoint_parity(args.checkpoint, args.corpus, args.n_ctx, args.chunks, args.docs)
+    else:
+        main()

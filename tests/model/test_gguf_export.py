@@ -321,11 +321,11 @@ def test_chat_reply_stops_at_end_of_turn(servers, exported):
 
 # -- perplexity -----------------------------------------------------------------------------------------------------
 
-def _palmkit_ppl(model, ids: list[int], n_ctx: int, bos: int) -> float:
+def _palmkit_ppl(model, ids: list[int], n_ctx: int, bos: int, n_chunks: int = 0) -> float:
     """Perplexity as llama-perplexity defines it: chunks of n_ctx tokens, each starting with BOS, scored on the
     second half (every scored token has at least n_ctx/2 tokens of context)."""
     nll, count, first = 0.0, 0, n_ctx // 2
-    for start in range(0, len(ids) // n_ctx * n_ctx, n_ctx):
+    for start in range(0, (n_chunks or len(ids) // n_ctx) * n_ctx, n_ctx):
         chunk = [bos, *ids[start + 1:start + n_ctx]]
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([chunk]))[0].double(), -1)
@@ -335,12 +335,12 @@ def _palmkit_ppl(model, ids: list[int], n_ctx: int, bos: int) -> float:
     return math.exp(nll / count)
 
 
-def _llama_perplexity(bin_dir: Path, model: Path, text: Path, n_ctx: int, n_chunks: int) -> float:
+def _llama_perplexity(bin_dir: Path, model: Path, text: Path, n_ctx: int, n_chunks: int, threads: int = 2) -> float:
     """The perplexity llama-perplexity reports. Its logger is a thread that the program does not wait for at exit,
     so the last lines are sometimes lost: the report is its `Final estimate` or the running value after the last
     chunk (the same number), from another run when neither came out."""
     cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
-           "-t", "2"]
+           "-t", str(threads), "--chunks", str(n_chunks)]
     for _ in range(5):
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         out = run.stdout + run.stderr
