@@ -11,11 +11,46 @@ continuations of the quickstart's sample prompts (f32), and perplexity per langu
 (n_ctx = --n_ctx, the first --chunks chunks), palmkit beside llama.cpp.
 """
 
+import math
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _palmkit_ppl(model, ids: list[int], n_ctx: int, bos: int, n_chunks: int = 0) -> float:
+    """Perplexity as llama-perplexity defines it: chunks of n_ctx tokens, each starting with BOS, scored on the
+    second half (every scored token has at least n_ctx/2 tokens of context)."""
+    nll, count, first = 0.0, 0, n_ctx // 2
+    for start in range(0, (n_chunks or len(ids) // n_ctx) * n_ctx, n_ctx):
+        chunk = [bos, *ids[start + 1:start + n_ctx]]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([chunk]))[0].double(), -1)
+        targets = torch.tensor(chunk[first + 1:])
+        nll -= float(logp[first:n_ctx - 1].gather(1, targets[:, None]).sum())
+        count += n_ctx - 1 - first
+    return math.exp(nll / count)
+
+
+def _llama_perplexity(bin_dir: Path, model: Path, text: Path, n_ctx: int, n_chunks: int, threads: int = 2) -> float:
+    """The perplexity llama-perplexity reports. Its logger is a thread that the program does not wait for at exit,
+    so the last lines are sometimes lost: the report is its `Final estimate` or the running value after the last
+    chunk (the same number), from another run when neither came out."""
+    cmd = [str(bin_dir / "llama-perplexity"), "-m", str(model), "-f", str(text), "-c", str(n_ctx), "-b", str(n_ctx),
+           "-t", str(threads), "--chunks", str(n_chunks)]
+    for _ in range(5):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out[-3000:]
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", out) or re.search(rf"\[{n_chunks}\]([0-9.]+)", out)
+        if found:
+            return float(found.group(1))
+    raise AssertionError(f"no perplexity in llama-perplexity's output: {out[-3000:]}")
 
 
 def main() -> None:
@@ -34,9 +69,8 @@ def main() -> None:
         Server,
         _dense,
         _llama_logprobs,
-        _llama_perplexity,
         _logprobs,
-        _palmkit_ppl,
+        _server_perplexity,
         _train,
     )
 
@@ -59,6 +93,16 @@ def main() -> None:
                 ours, theirs = _logprobs(ref, ids), _llama_logprobs(server, ids, tok.vocab_size)
                 keep = ours > -30
                 worst = max(worst, float((ours - theirs)[keep].abs().max()))
+            if kind in ("f32", "q8_0"):  # the test's perplexity: llama-server's log-probabilities, 64 tokens
+                row = []
+                for lang, lines in LANGUAGES.items():
+                    ids = tok.encode_prompt(" ".join(lines * 3))[:64]
+                    theirs = _server_perplexity(server, ids, tok.vocab_size)
+                    with torch.no_grad():
+                        logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+                    ours = math.exp(-float(logp[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean()))
+                    row.append(f"{lang} {theirs / ours - 1:+.0e}")
+                print(f"perplexity from llama-server's logprobs / palmkit - 1, {kind}: " + ", ".join(row), flush=True)
         finally:
             server.stop()
         print(f"logprob max |llama.cpp - palmkit|, {kind}: {worst:.1e}", flush=True)
@@ -88,7 +132,7 @@ def checkpoint_parity(checkpoint: Path, corpus: Path, n_ctx: int, chunks: int, d
     from palmkit.model.checkpoint import load_checkpoint
     from palmkit.model.gguf_export import export_gguf
     from palmkit.model.llamacpp import llama_cpp_bin
-    from tests.model.test_gguf_export import Server, _llama_perplexity, _palmkit_ppl
+    from tests.model.test_gguf_export import Server
 
     bin_dir = llama_cpp_bin()
     root = Path(tempfile.mkdtemp(prefix="gguf-parity-"))
