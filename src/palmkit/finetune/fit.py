@@ -26,13 +26,21 @@ from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
-from palmkit.io import atomic_copy, check_destination, load_tensors, save_tensors, split_list, staged_dir
+from palmkit.io import (
+    atomic_copy,
+    check_destination,
+    load_tensors,
+    remove_stale_staging,
+    save_tensors,
+    split_list,
+    staged_dir,
+)
 from palmkit.model.checkpoint import CHECKPOINT_FILES, load_checkpoint, write_checkpoint
 from palmkit.model.lora import LoRALinear, add_lora, merged_state_dict, write_peft_adapter
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.train.config import engine_config
-from palmkit.train.distributed import gather_objects, init_distributed
+from palmkit.train.distributed import all_reduce, gather_objects, init_distributed
 from palmkit.train.engine import Engine, LRSchedule, every, rank_share
 from palmkit.train.metrics import MetricsLog, plot_curves, read_metrics
 from palmkit.train.state import (
@@ -221,12 +229,30 @@ def _targets(targets: torch.Tensor) -> int:
     return len(targets) if targets.dim() == 1 else int((targets != -100).sum())
 
 
-def _module_weights(staging: Path, state: dict) -> None:
-    save_tensors(staging / MODULE_FILE, state)
+def _aliases(module: nn.Module) -> dict[str, str]:
+    """State-dict names that name a tensor already named before (a head that shares the model, as the
+    recommender's two towers do) -> that first name."""
+    inner = getattr(getattr(module, "_orig_mod", module), "module", module)
+    first: dict[int, str] = {}
+    out = {}
+    for k, v in inner.state_dict(keep_vars=True).items():
+        if v.data_ptr() in first:
+            out[k] = first[v.data_ptr()]
+        else:
+            first[v.data_ptr()] = k
+    return out
+
+
+def _module_weights(module: nn.Module) -> Callable[[Path, dict], None]:
+    """A weights writer for training checkpoints: the module's state, each shared tensor once."""
+    aliases = _aliases(module)
+    return lambda staging, state: save_tensors(staging / MODULE_FILE,
+                                               {k: v for k, v in state.items() if k not in aliases})
 
 
 def _read_module_weights(path: Path, module: nn.Module) -> dict:
-    return load_tensors(path / MODULE_FILE)
+    weights = load_tensors(path / MODULE_FILE)
+    return {**weights, **{k: weights[v] for k, v in _aliases(module).items() if v in weights}}
 
 
 @dataclass
@@ -259,6 +285,8 @@ class _FineTune:
         self.progress = _Progress()
         if d.is_main:
             check_destination(out, FINETUNE_FILES, force)
+            remove_stale_staging(out)  # a run killed while swapping in its best model left OUT beside it
+        all_reduce([0.0], d)  # the other ranks look at OUT once it is whole
         resumed = resume_training_state(out, self.engine.model, self.engine.optimizer, d,
                                         _read_module_weights) if resume and latest_checkpoint(out) else None
         if resumed:
@@ -341,7 +369,7 @@ class _FineTune:
         """A training checkpoint in OUT/checkpoints: weights, optimiser, RNG and the loop's progress."""
         state = {"progress": asdict(self.progress), "finetune": asdict(self.cfg), **self.engine.state_dict()}
         save_training_state(self.out, self.progress.step, self.engine.model, self.engine.optimizer, self.d,
-                            self.cfg.keep_last, _module_weights, state, STEP_FILES)
+                            self.cfg.keep_last, _module_weights(self.module), state, STEP_FILES)
 
     def run(self) -> dict:
         """Train to the end of the last epoch or an early stop; returns the best validation record."""
