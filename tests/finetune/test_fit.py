@@ -112,18 +112,21 @@ def train_losses(out) -> dict:
 def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path, monkeypatch, kind, lora):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     one, two = tmp_path / "one", tmp_path / "two"
+    opts = {**TINY, "batch_size": 3} if kind == "chat" else TINY  # dialogue-en's slice has 7 conversations
     assert main(["finetune", kind, "--checkpoint", str(checkpoint),
-                 *finetune_args(kind, tmp_path, one, lora, **TINY)[2:]]) == 0
+                 *finetune_args(kind, tmp_path, one, lora, **opts)[2:]]) == 0
     finished(torchrun(2, ["finetune", kind, "--checkpoint", str(checkpoint),
-                          *finetune_args(kind, tmp_path, two, lora, **TINY)[2:]]))
-    # Each process took half of every batch of 8 (dropout is off: its masks would differ by process); the
-    # gradient is the mean over the whole batch's targets either way, so only float rounding differs.
+                          *finetune_args(kind, tmp_path, two, lora, **opts)[2:]]))
+    # Each process took half of every batch (dropout is off: its masks would differ by process); the gradient is
+    # the mean over the whole batch's targets either way, so only float rounding differs. AdamW moves a weight by
+    # about lr x sign(gradient) a step, so a near-zero gradient's rounding shows at up to 10% of one step (1e-4);
+    # each process training its own copy, or a mean of the processes' means, moves weights by ~1e-3.
     a, b = last_state(one), last_state(two)
     assert a.keys() == b.keys() and len(a) > 10
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=2e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4)
     la, lb = train_losses(one), train_losses(two)
-    assert la.keys() == lb.keys() == {1, 2, 3}
+    assert la.keys() == lb.keys() == {1, 2, 3}  # three batches: the processes' batches differ at each
     assert all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
     assert load_config(two)["best"]["step"] == load_config(one)["best"]["step"]
     assert '"world_size": 2' in (two / "metrics.jsonl").read_text()
