@@ -50,4 +50,4 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
     if template:
         extra["chat_template"] = template
     return fit(model, model, tokenizer, items, validate, _lm_loss, cfg, out, metric_name(cfg, "chat"), extra, force,
-               resume, device)
+               resume, device, job.data.rejected)

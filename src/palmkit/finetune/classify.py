@@ -83,4 +83,4 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
 
     extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len, **job.source}
     return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra,
-               force, resume, device)
+               force, resume, device, job.data.rejected)

@@ -8,6 +8,7 @@ adapters alone in PEFT's format (`adapter/`), for the base model as `palmkit exp
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -28,6 +29,7 @@ from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
 from palmkit.io import (
     atomic_copy,
+    atomic_write_bytes,
     check_destination,
     load_tensors,
     remove_stale_staging,
@@ -51,7 +53,8 @@ from palmkit.train.state import (
     save_training_state,
 )
 
-LOG_FILES = ("metrics.jsonl", "learning_curve.png", "valid_metric.png")
+REJECTED_FILE = "rejected.jsonl"  # records of the user's files left out (duplicates, conflicting labels)
+LOG_FILES = ("metrics.jsonl", "learning_curve.png", "valid_metric.png", REJECTED_FILE)
 LOG_DIRS = ("tensorboard",)
 CHECKPOINTS = ("checkpoints", "latest.json")  # training state for --resume, kept across saves of the best model
 MODULE_FILE = "module.safetensors"  # a training checkpoint's weights: the whole module (model, LoRA, head)
@@ -272,7 +275,7 @@ class _FineTune:
 
     def __init__(self, module: nn.Module, model: PaLM, tokenizer: Tokenizer, items: list[Item],
                  validate: Callable[[], dict[str, float]], loss_fn: Callable, cfg: FinetuneConfig, out: Path,
-                 metric: str, extra: dict, force: bool, resume: bool, device: str):
+                 metric: str, extra: dict, force: bool, resume: bool, device: str, rejected: list[dict]):
         self.d = d = init_distributed(device)
         self.module, self.model, self.tokenizer, self.items = module, model, tokenizer, items
         self.validate, self.cfg, self.out, self.metric, self.extra = validate, cfg, out, metric, extra
@@ -298,6 +301,18 @@ class _FineTune:
         self.log({"event": f"resume at step {self.progress.step}" if resumed else "start", "examples": len(items),
                   "steps": self.total, "trainable_params": self.trainable, "world_size": d.world_size,
                   "total_params": sum(p.numel() for p in module.parameters()), "dtype": cfg.dtype})
+        if rejected and self.run_dir:
+            self._report(rejected)
+
+    def _report(self, rejected: list[dict]) -> None:
+        """OUT/rejected.jsonl, a count per reason in metrics.jsonl and on stderr."""
+        counts = {r: sum(x["reason"] == r for x in rejected) for r in sorted({x["reason"] for x in rejected})}
+        path = self.out / REJECTED_FILE
+        atomic_write_bytes(path, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rejected).encode())
+        self.log({"event": "data rejected", **{f"rejected_{k}": v for k, v in counts.items()}})
+        shown = ", ".join(f"{v} {k}{'s' if v > 1 else ''}" for k, v in counts.items())
+        print(f"palmkit: left out of the data: {shown} (texts given two labels are left out in every copy, a "
+              f"repeated text kept once): see {path}", file=sys.stderr)
 
     def _restore(self, state: dict) -> None:
         saved = state.get("finetune", {})
@@ -408,7 +423,8 @@ class _FineTune:
 
 def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[Item],
         validate: Callable[[], dict[str, float]], loss_fn: Callable, cfg: FinetuneConfig, out: str | Path,
-        metric: str, extra: dict, force: bool = False, resume: bool = False, device: str = "") -> dict:
+        metric: str, extra: dict, force: bool = False, resume: bool = False, device: str = "",
+        rejected: list[dict] = ()) -> dict:  # type: ignore[assignment]
     """Train `module` with AdamW, warm-up then cosine decay, validation with early stopping; the best
     model is saved to `out` each time the validation metric improves. Returns the best validation record.
 
@@ -416,9 +432,10 @@ def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[
     share of every batch; the main one writes). Training checkpoints in OUT/checkpoints let `resume` continue
     exactly where a stopped run was. An `out` that holds files palmkit does not write there is refused before
     training, or with `force` updated in place: palmkit's files replaced, the others kept
-    (palmkit.io.staged_dir)."""
+    (palmkit.io.staged_dir). `rejected`: records of the user's data left out, written to OUT/rejected.jsonl
+    and counted in the log and metrics."""
     return _FineTune(module, model, tokenizer, train_items, validate, loss_fn, cfg, Path(out), metric, extra, force,
-                     resume, device).run()
+                     resume, device, list(rejected)).run()
 
 
 class Job(NamedTuple):

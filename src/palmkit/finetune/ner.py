@@ -83,4 +83,4 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
     extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
              "max_len": cfg.max_len, **job.source}
     return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra, force,
-               resume, device)
+               resume, device, job.data.rejected)
