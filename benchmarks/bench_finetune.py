@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,17 +113,21 @@ def make_corpus(root: Path, tok) -> Path:
     return root
 
 
-def pretrain_loop(src: str, corpus: Path, out: Path, args) -> float:
-    """`palmkit pretrain` from the source folder `src`: median tokens/s over its steps after the first two."""
+def pretrain_loop(src: str, corpus: Path, out: Path, args) -> tuple[float, float]:
+    """`palmkit pretrain` from the source folder `src`: (median tokens/s over its steps after the first two, CPU
+    seconds of the whole run), the second less sensitive to other processes' load than wall-clock time."""
     opts = {"preset": args.preset, "seq_len": 128, "batch_tokens": 128 * 16, "micro_batch": 16,
             "max_steps": args.pretrain_steps, "eval_every": 0, "save_every": 0, "log_every": 1, "warmup_steps": 2}
     cmd = [sys.executable, "-m", "palmkit.cli", "pretrain", "--data", str(corpus), "--out", str(out),
            *(a for k, v in opts.items() for a in (f"--train.{k}", str(v)))]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": src}, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return statistics.median(x["tokens_per_s"] for x in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in x
-                             and x["step"] > 2)
+                             and x["step"] > 2), cpu
 
 
 def main() -> None:
@@ -189,15 +194,24 @@ def pretrain_loop_table(args, tok, work: Path) -> None:
     corpus = make_corpus(work / "corpus", tok)
     new_src = str(ROOT / "src")
     times: dict[str, list[float]] = {"old": [], "new": []}
+    cpu: dict[str, list[float]] = {"old": [], "new": []}
     for r in range(args.repeats):
-        for name, src in (("old", args.old_src), ("new", new_src)):
-            times[name].append(pretrain_loop(src, corpus, work / f"pre-{name}-{r}", args))
-            print(f"repeat {r + 1} pretrain loop {name}: {times[name][-1]:,.0f} tok/s", flush=True)
+        for name, src in (("old", args.old_src), ("new", new_src)) if r % 2 == 0 else (("new", new_src),
+                                                                                       ("old", args.old_src)):
+            tok_s, seconds = pretrain_loop(src, corpus, work / f"pre-{name}-{r}", args)
+            times[name].append(tok_s)
+            cpu[name].append(seconds)
+            print(f"repeat {r + 1} pretrain loop {name}: {tok_s:,.0f} tok/s, {seconds:.1f} CPU-s", flush=True)
     ratios = [n / o for o, n in zip(times["old"], times["new"], strict=True)]
-    print(f"\n| pretraining loop, {args.preset}, batch 16 x 128 | old tok/s | new tok/s | new / old |\n"
-          f"|---|---:|---:|---:|\n| `palmkit pretrain`, bfloat16 (its default), median step | "
-          f"{statistics.median(times['old']):,.0f} | {statistics.median(times['new']):,.0f} | "
-          f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) |")
+    cpu_ratios = [o / n for o, n in zip(cpu["old"], cpu["new"], strict=True)]
+    print(f"\nload average after {os.getloadavg()[0]:.2f}; ratios: median of the repeats' pairs (range)\n\n"
+          f"| `palmkit pretrain`, {args.preset}, batch 16 x 128, {args.pretrain_steps} steps, bf16 | old | new | "
+          f"new / old |\n|---|---:|---:|---:|\n"
+          f"| tokens/s, median step | {statistics.median(times['old']):,.0f} | {statistics.median(times['new']):,.0f} "
+          f"| {statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) |\n"
+          f"| CPU seconds, whole run (old / new) | {statistics.median(cpu['old']):.1f} | "
+          f"{statistics.median(cpu['new']):.1f} | {statistics.median(cpu_ratios):.2f}x "
+          f"({min(cpu_ratios):.2f}–{max(cpu_ratios):.2f}) |")
 
 
 if __name__ == "__main__":
