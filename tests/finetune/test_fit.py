@@ -107,16 +107,17 @@ def train_losses(out) -> dict:
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
-@pytest.mark.parametrize("kind", ["classify", "ner", "chat"])
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path, monkeypatch, kind, lora):
+@pytest.mark.parametrize(("kind", "lora", "strategy"), [
+    *((kind, lora, "ddp") for kind in ("classify", "ner", "chat") for lora in (False, True)),
+    ("classify", True, "fsdp"), ("chat", False, "fsdp")])
+def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path, monkeypatch, kind, lora, strategy):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     one, two = tmp_path / "one", tmp_path / "two"
     opts = {**TINY, "batch_size": 3} if kind == "chat" else TINY  # dialogue-en's slice has 7 conversations
     assert main(["finetune", kind, "--checkpoint", str(checkpoint),
                  *finetune_args(kind, tmp_path, one, lora, **opts)[2:]]) == 0
     finished(torchrun(2, ["finetune", kind, "--checkpoint", str(checkpoint),
-                          *finetune_args(kind, tmp_path, two, lora, **opts)[2:]]))
+                          *finetune_args(kind, tmp_path, two, lora, **opts, strategy=strategy)[2:]]))
     # Each process took half of every batch (dropout is off: its masks would differ by process); the gradient is
     # the mean over the whole batch's targets either way, so only float rounding differs. AdamW moves a weight by
     # about lr x sign(gradient) a step, so a near-zero gradient's rounding shows at up to 10% of one step (1e-4);
@@ -129,6 +130,11 @@ def test_two_processes_match_one_with_the_same_global_batch(checkpoint, tmp_path
     assert la.keys() == lb.keys() == {1, 2, 3}  # three batches: the processes' batches differ at each
     assert all(abs(la[s] - lb[s]) < 1e-5 for s in la), (la, lb)
     assert load_config(two)["best"]["step"] == load_config(one)["best"]["step"]
+    for name in ("model.safetensors", *([HEAD_FILE] if kind != "chat" else [])):  # the best model, gathered
+        best_one, best_two = load_tensors(one / name), load_tensors(two / name)
+        assert best_one.keys() == best_two.keys()
+        for k in best_one:
+            torch.testing.assert_close(best_two[k], best_one[k], rtol=0, atol=1e-4)
     assert '"world_size": 2' in (two / "metrics.jsonl").read_text()
 
 

@@ -8,6 +8,7 @@ adapters alone in PEFT's format (`adapter/`), for the base model as `palmkit exp
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
 from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
@@ -126,8 +128,9 @@ class FinetuneConfig:
     """torch.compile the model (slow to start, faster per step)"""
     activation_checkpointing: bool = False
     """recompute each block's activations in the backward pass: less memory for one more forward pass"""
-    strategy: Literal["ddp"] = "ddp"
-    """data parallelism under torchrun: ddp (each process holds the model, the batch is split between them)"""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """data parallelism under torchrun: ddp (each process holds the model, the batch is split between them) or
+    fsdp (FSDP2: each process holds a shard of the weights, gathered block by block as they are used)"""
     micro_batch: int = 0
     """examples per forward pass on each process (gradients accumulate up to batch_size); 0: all of a
     process's share of the batch at once"""
@@ -232,6 +235,15 @@ def _targets(targets: torch.Tensor) -> int:
     return len(targets) if targets.dim() == 1 else int((targets != -100).sum())
 
 
+def _meta_twin(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters and buffers are on the meta device: its structure, no memory."""
+    memo: dict[int, object] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(module, memo)
+
+
 def _aliases(module: nn.Module) -> dict[str, str]:
     """State-dict names that name a tensor already named before (a head that shares the model, as the
     recommender's two towers do) -> that first name."""
@@ -246,16 +258,18 @@ def _aliases(module: nn.Module) -> dict[str, str]:
     return out
 
 
-def _module_weights(module: nn.Module) -> Callable[[Path, dict], None]:
+def _module_weights(aliases: dict[str, str]) -> Callable[[Path, dict], None]:
     """A weights writer for training checkpoints: the module's state, each shared tensor once."""
-    aliases = _aliases(module)
     return lambda staging, state: save_tensors(staging / MODULE_FILE,
                                                {k: v for k, v in state.items() if k not in aliases})
 
 
-def _read_module_weights(path: Path, module: nn.Module) -> dict:
-    weights = load_tensors(path / MODULE_FILE)
-    return {**weights, **{k: weights[v] for k, v in _aliases(module).items() if v in weights}}
+def _module_reader(aliases: dict[str, str]) -> Callable[[Path, nn.Module], dict]:
+    """The weights of a training checkpoint, shared tensors under each of their names."""
+    def read(path: Path, module: nn.Module) -> dict:
+        weights = load_tensors(path / MODULE_FILE)
+        return {**weights, **{k: weights[v] for k, v in aliases.items() if v in weights}}
+    return read
 
 
 @dataclass
@@ -282,6 +296,12 @@ class _FineTune:
         self.loss_fn = lambda m, batch: loss_fn(m, *batch)
         self.steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
         self.total = self.steps_per_epoch * cfg.epochs
+        # Sharded weights are gathered for saving the best model into a twin on the main rank, built now on the
+        # meta device (no memory) with the module's structure: LoRA, heads, shared towers
+        sharded = cfg.strategy == "fsdp" and d.world_size > 1
+        self.twin = _meta_twin(module) if sharded and d.is_main else None
+        self.aliases = _aliases(module)  # before sharding: sharded tensors do not show what they share
+        self.sharded = sharded
         self.engine = Engine(module, engine_config(cfg), d, cfg.peak_lr,
                              LRSchedule(round(cfg.warmup * self.total), self.total), cfg.weight_decay)
         self.sign = 1 if _higher_is_better(metric) else -1
@@ -291,7 +311,7 @@ class _FineTune:
             remove_stale_staging(out)  # a run killed while swapping in its best model left OUT beside it
         all_reduce([0.0], d)  # the other ranks look at OUT once it is whole
         resumed = resume_training_state(out, self.engine.model, self.engine.optimizer, d,
-                                        _read_module_weights) if resume and latest_checkpoint(out) else None
+                                        _module_reader(self.aliases)) if resume and latest_checkpoint(out) else None
         if resumed:
             self._restore(resumed[1])
         elif resume and d.is_main:
@@ -367,8 +387,9 @@ class _FineTune:
         self.log(record)
         if improved:
             p.best, p.bad = record, 0
+            module, model = self._gathered()
             if self.run_dir:
-                self.run_dir.save(self.module, self.model, self.tokenizer,
+                self.run_dir.save(module, model, self.tokenizer,
                                   {**self.extra, "best": p.best, "finetune": {**asdict(self.cfg), "metric": metric}})
         else:
             p.bad += 1
@@ -380,11 +401,23 @@ class _FineTune:
                            f"at step {p.best['step']}", file=sys.stderr)
         return p.stopped
 
+    def _gathered(self) -> tuple[nn.Module, PaLM]:
+        """(module, model) holding the full weights on the main rank: the module itself, or under FSDP its twin
+        loaded with the gathered weights (every rank takes part in the gathering)."""
+        if not self.sharded:
+            return self.module, self.model
+        full = get_model_state_dict(self.engine.model, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+        if self.twin is None:
+            return self.module, self.model
+        self.twin.load_state_dict(full, assign=True)
+        return self.twin, self.twin if isinstance(self.twin, PaLM) else self.twin.model
+
     def save(self) -> None:
         """A training checkpoint in OUT/checkpoints: weights, optimiser, RNG and the loop's progress."""
         state = {"progress": asdict(self.progress), "finetune": asdict(self.cfg), **self.engine.state_dict()}
         save_training_state(self.out, self.progress.step, self.engine.model, self.engine.optimizer, self.d,
-                            self.cfg.keep_last, _module_weights(self.module), state, STEP_FILES)
+                            self.cfg.keep_last, _module_weights(self.aliases), state, STEP_FILES)
 
     def run(self) -> dict:
         """Train to the end of the last epoch or an early stop; returns the best validation record."""
