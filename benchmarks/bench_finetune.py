@@ -66,9 +66,11 @@ def finetune_run(args, ckpt: Path, data: Path, out: Path, dtype: str, nproc: int
            "--train_file", str(data), "--text_field", "sentence", "--label_field", "animal", "--force",
            *(a for k, v in opts.items() for a in (f"--train.{k}", str(v)))]
     env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+        env["OMP_NUM_THREADS"] = str(args.threads or max(1, (os.cpu_count() or 2) // nproc))
     r = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
@@ -143,9 +145,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="rounds over every configuration, interleaved")
     ap.add_argument("--old-src", default="", help="an older palmkit's src folder: time its pretraining loop too")
     ap.add_argument("--pretrain-steps", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per process (0: the cores / processes); 1 on a shared 2-core machine")
     ap.add_argument("--skip-finetune", action="store_true", help="only the pretraining loop (with --old-src)")
     args = ap.parse_args()
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_finetune."))
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()
     tok = train_tokenizer(lines * 4 + FILLER + ["fox", "dog"], work / "tok.model", vocab_size=600)
