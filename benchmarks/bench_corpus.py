@@ -16,7 +16,8 @@ The in-memory build is palmkit's own code at --old-commit (read with `git show`,
 it runs where it fits (--old-max-gb). `--workers 1 2` builds with each number of worker processes (the outputs
 are compared byte for byte, and the dedup stages' times side by side). `--datatrove` runs datatrove's own
 four-stage MinHash pipeline (signatures, buckets, clusters, filter; its default configuration: word 5-grams, 14
-bands of 8 hashes) on the same input, split into as many files as workers, with the same recall measure.
+bands of 8 hashes) on the same input, split into as many files as workers, with the same recall measure; its
+words are split by a regular expression (words and punctuation), since its English tokenizer needs spaCy.
 
 `--variants` writes a different input: a fixed share of the seed text (--originals-mb), each document followed
 in later rounds by light variants of itself (about 5% of its words replaced, the way boilerplate and
@@ -275,8 +276,22 @@ from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets
                                               MinhashDedupFilter, MinhashDedupSignature)
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers.jsonl import JsonlWriter
+from datatrove.utils.word_tokenizers import WordTokenizer
 from loguru import logger
 logger.remove()
+
+import datatrove.utils.hashes.xxhash as dt_xxhash
+def xxhash64(data):  # the installed xxhash hashes bytes only: encode datatrove's str (imports: runs in its workers)
+    import xxhash
+    return xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+dt_xxhash.xxhash64 = xxhash64
+
+class Words(WordTokenizer):  # datatrove's English tokenizer is spaCy's (not installed): words and punctuation
+    pattern = __import__("re").compile(r"\\w+|[^\\w\\s]")
+    def word_tokenize(self, text): return self.pattern.findall(text)
+    def sent_tokenize(self, text): return text.split("\\n")
+    def span_tokenize(self, text): raise NotImplementedError
+
 inputs, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 files = len(list(__import__("pathlib").Path(inputs).glob("*.jsonl")))
 config = MinhashConfig()
@@ -287,7 +302,8 @@ def run(name, pipeline, tasks):
     LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
                           logging_dir=f"{out}/logs/{name}", skip_completed=False).run()
     times[name] = time.perf_counter() - t0
-run("signatures", [JsonlReader(inputs), MinhashDedupSignature(f"{out}/signatures", config=config)], files)
+run("signatures", [JsonlReader(inputs), MinhashDedupSignature(f"{out}/signatures", config=config,
+                                                                      language=Words())], files)
 run("buckets", [MinhashDedupBuckets(f"{out}/signatures", f"{out}/buckets", config=config)], config.num_buckets)
 run("clusters", [MinhashDedupCluster(f"{out}/buckets", f"{out}/remove_ids", config=config)], 1)
 run("filter", [JsonlReader(inputs), MinhashDedupFilter(f"{out}/remove_ids"), JsonlWriter(f"{out}/output")], files)

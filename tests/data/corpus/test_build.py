@@ -135,7 +135,7 @@ build(sys.argv[3], langs="en", subset="none", inputs=sys.argv[4], lang="en", voc
 """
 
 
-UNITS = ("extract_unit", "pairs_unit", "dedup_unit", "split_unit", "encode_unit")  # in the order they run
+UNITS = ("extract_unit", "pairs_unit", "verify_unit", "dedup_unit", "split_unit", "encode_unit")  # as they run
 
 
 @pytest.mark.parametrize(("stage", "n"), [("extract_unit", 3), ("pairs_unit", 3), ("encode_unit", 4)])

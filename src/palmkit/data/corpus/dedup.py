@@ -4,11 +4,12 @@ A document is dropped as an exact duplicate when its normalised text was seen be
 shares an LSH band with a kept document before it and their Jaccard similarity is at least NEAR_DUP (estimated by
 MinHash, computed exactly where the estimate is too close to call); the first of each group is kept.
 
-The work comes in three steps that need no order among documents until the last, so that it spreads over
-workers and machines (`palmkit.data.corpus.stages`): `exact_duplicates` on the exact keys and `candidate_pairs` on
-the LSH band keys, each for any partition of the keys by hash (a key's documents are all in one partition), then
-`settle`, which walks the candidate pairs once in document order and applies the "first kept" rule. The
-decisions do not depend on how the keys were partitioned. `deduplicate` runs the three on a list in memory.
+The work comes in steps that need no order among documents until the last, so that it spreads over workers and
+machines (`palmkit.data.corpus.stages`): `exact_duplicates` on the exact keys and `candidate_pairs` on the LSH
+band keys, each for any partition of the keys by hash (a key's documents are all in one partition); `verify`,
+the exact checks of the pairs, for any range of later documents; then `settle`, which walks the pairs once in
+document order and applies the "first kept" rule. The decisions do not depend on how the work was cut.
+`deduplicate` runs them on a list in memory.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def deduplicate(docs: Sequence[str]) -> tuple[list[int], int, int]:
     keys, filled = band_keys(sigs)
     rows, cols = np.nonzero(filled)
     pairs = candidate_pairs(keys[rows, cols], rows.astype(np.int64), exact[rows], sigs.__getitem__)
+    pairs = verify(pairs, norms.__getitem__)
     status = settle(len(docs), exact_duplicates(exact, np.arange(len(docs))), pairs, norms.__getitem__)
     return np.flatnonzero(status == KEPT).tolist(), int((status == EXACT).sum()), int((status == NEAR).sum())
 
@@ -202,7 +204,12 @@ def exact_duplicates(exact: np.ndarray, docs: np.ndarray) -> np.ndarray:
     return np.sort(d[later])
 
 
-PAIR = np.dtype([("later", "<i8"), ("earlier", "<i8"), ("estimate", "<f8")])
+# A candidate pair of documents: its MinHash estimate and, once `verify` has looked, whether the two are near
+# duplicates (1), are not (0), or it did not look (-1).
+PAIR = np.dtype([("later", "<i8"), ("earlier", "<i8"), ("estimate", "<f8"), ("near", "i1")])
+
+
+VERIFY_TRIES = 8  # unsure candidates `verify` checks per document before it leaves the rest to `settle`
 
 
 def _maybe_near(estimates: np.ndarray) -> np.ndarray:
@@ -241,11 +248,53 @@ def candidate_pairs(keys: np.ndarray, docs: np.ndarray, exact: np.ndarray,
         earlier.append(d[ok - step])
     both = np.unique(np.concatenate(later) << 31 | np.concatenate(earlier))  # < 2**31 documents per language
     pairs = np.zeros(len(both), dtype=PAIR)
-    pairs["later"], pairs["earlier"] = both >> 31, both & (2**31 - 1)
+    pairs["later"], pairs["earlier"], pairs["near"] = both >> 31, both & (2**31 - 1), -1
     for start in range(0, len(pairs), 65536):  # signatures of 65,536 pairs: 64 MB
         chunk = pairs[start:start + 65536]
         chunk["estimate"] = similarities(sigs_of(chunk["later"]), sigs_of(chunk["earlier"]))
     return pairs[_maybe_near(pairs["estimate"])]
+
+
+def _sorted_pairs(pairs: np.ndarray) -> np.ndarray:
+    """Pairs by later document, the highest estimate first, each pair once (the one `verify` looked at)."""
+    pairs = pairs[np.lexsort((-pairs["near"], pairs["earlier"], -pairs["estimate"], pairs["later"]))]
+    once = np.ones(len(pairs), dtype=bool)
+    once[1:] = (pairs["later"][1:] != pairs["later"][:-1]) | (pairs["earlier"][1:] != pairs["earlier"][:-1])
+    return pairs[once]
+
+
+def _is_near(estimate: float, a: str | None, b: str | None) -> bool:
+    """The near-duplicate test of two texts from their MinHash estimate, and where it is too close to call,
+    their exact Jaccard similarity (normalised texts a and b; None: not needed)."""
+    if abs(estimate - NEAR_DUP) < UNSURE:
+        return jaccard(a, b) >= NEAR_DUP
+    return estimate >= NEAR_DUP
+
+
+def verify(pairs: np.ndarray, norm: Callable[[int], str], tries: int = VERIFY_TRIES) -> np.ndarray:
+    """Candidate pairs (PAIR) with `near` filled in where it can be decided ahead of `settle`, in parallel over
+    ranges of later documents: each document's candidates, the highest estimate first, are checked until one is
+    near (at most `tries` exact checks); those after it are left to `settle`, which needs them only when that
+    one was itself removed. Returns the pairs sorted by later document and estimate, each pair once."""
+    pairs = _sorted_pairs(pairs)
+    near = pairs["near"]
+    later, earlier, estimate = pairs["later"].tolist(), pairs["earlier"].tolist(), pairs["estimate"].tolist()
+    last, done, checks, mine = -1, False, 0, ""
+    for k, (j, i, e) in enumerate(zip(later, earlier, estimate, strict=True)):
+        if j != last:
+            last, done, checks, mine = j, False, 0, ""
+        if done or near[k] >= 0:
+            done = done or near[k] == 1
+            continue
+        unsure = abs(e - NEAR_DUP) < UNSURE
+        if unsure and checks >= tries:
+            continue
+        if unsure:
+            checks += 1
+            mine = mine or norm(j)
+        near[k] = _is_near(e, norm(i) if unsure else None, mine if unsure else None)
+        done = near[k] == 1
+    return pairs
 
 
 def settle(n: int, exact_dups: np.ndarray, pairs: np.ndarray, norm: Callable[[int], str]) -> np.ndarray:
@@ -260,20 +309,19 @@ def settle(n: int, exact_dups: np.ndarray, pairs: np.ndarray, norm: Callable[[in
     status[exact_dups] = EXACT
     if not len(pairs):
         return status
-    order = np.lexsort((pairs["earlier"], -pairs["estimate"], pairs["later"]))
-    pairs = pairs[order]
+    pairs = _sorted_pairs(pairs)
     later, earlier, estimate = pairs["later"].tolist(), pairs["earlier"].tolist(), pairs["estimate"].tolist()
     state = bytearray(status.tobytes())
     mine: tuple[int, str] | None = None  # the later document's text, for its next pair
-    for j, i, e in zip(later, earlier, estimate, strict=True):
-        if state[j] != KEPT or state[i] != KEPT:
-            continue  # already settled, or not a kept document
-        if abs(e - NEAR_DUP) < UNSURE:
+    for j, i, e, known in zip(later, earlier, estimate, pairs["near"].tolist(), strict=True):
+        if state[j] != KEPT or state[i] != KEPT or known == 0:
+            continue  # already settled, not a kept document, or verified not near
+        if known < 0 and abs(e - NEAR_DUP) < UNSURE:
             if mine is None or mine[0] != j:
                 mine = (j, norm(j))
             if jaccard(norm(i), mine[1]) < NEAR_DUP:
                 continue
-        elif e < NEAR_DUP:
+        elif known < 0 and e < NEAR_DUP:
             continue
         state[j] = NEAR
     return np.frombuffer(bytes(state), dtype=np.uint8).copy()

@@ -5,8 +5,10 @@
               a folder per language
     pairs     one unit per dedup partition of a language: the exact duplicates and the candidate near-duplicate
               pairs among the keys that hash to the partition (`dedup.exact_duplicates`, `dedup.candidate_pairs`)
-    dedup     one unit per language: the partitions' results settled in document order (`dedup.settle`), then
-              the plan of the language's split (cap, validation cut, parts)
+    verify    one unit per range of a language's documents: the exact checks of the pairs whose later document
+              is in the range (`dedup.verify`)
+    dedup     one unit per language: the pairs settled in document order (`dedup.settle`), then the plan of the
+              language's split (cap, validation cut, parts)
     split     one unit per part of a language (the documents whose order hash falls in the part's range):
               sorted by that hash, capped, split into train/valid text, a tokenizer sample drawn
     encode    one unit per part: the text encoded into token files
@@ -42,6 +44,7 @@ from palmkit.data.corpus.dedup import (
     normalise,
     partition_of,
     settle,
+    verify,
 )
 from palmkit.data.corpus.extract import Task, clean_document, extract
 from palmkit.data.corpus.inputs import Piece, read_records
@@ -261,7 +264,7 @@ class _Segments:
 
 
 def pair_units(work: Path, plan: Plan) -> list[tuple[str, int]]:
-    """(language, dedup partition) of the pairs stage."""
+    """(language, dedup partition) of the pairs stage, (language, range of documents) of the verify stage."""
     return [(lang, p) for lang in languages(work, plan) for p in range(plan.dedup_parts)]
 
 
@@ -275,7 +278,31 @@ def pairs_unit(work: Path, plan: Plan, lang: str, part: int) -> None:
                               == part)
         np.save(folder / "exact.npy", exact_duplicates(exact[mine], mine))
         keys, docs = segs.bands(part)
-        np.save(folder / "pairs.npy", candidate_pairs(keys, docs, exact[docs], segs.sigs))
+        pairs = candidate_pairs(keys, docs, exact[docs], segs.sigs)
+        pairs = pairs[np.argsort(pairs["later"], kind="stable")]
+        np.save(folder / "pairs.npy", pairs)
+        np.save(folder / "starts.npy", np.searchsorted(_range_of(pairs["later"], len(segs), plan.dedup_parts),
+                                                       np.arange(plan.dedup_parts + 1)))
+
+
+def _range_of(docs: np.ndarray, n: int, ranges: int) -> np.ndarray:
+    """The verify range of each document number: `ranges` equal ranges of [0, n)."""
+    return docs * ranges // max(n, 1)
+
+
+def verify_unit(work: Path, plan: Plan, lang: str, q: int) -> None:
+    """The exact checks of the candidate pairs whose later document is in range q (work/verify/<lang>/<q>/)."""
+    segs = _Segments(work, lang, extracted(work, plan)[lang])
+    pairs = []
+    for part in range(plan.dedup_parts):
+        folder = work / "pairs" / lang / f"{part:04d}"
+        starts = np.load(folder / "starts.npy")
+        pairs.append(np.load(folder / "pairs.npy", mmap_mode="r")[starts[q]:starts[q + 1]])
+    try:
+        with staged_dir(work / "verify" / lang / f"{q:04d}") as folder:
+            np.save(folder / "pairs.npy", verify(np.concatenate(pairs), segs.norm))
+    finally:
+        segs.close()
 
 
 def dedup_unit(work: Path, plan: Plan, i: int) -> None:
@@ -284,10 +311,11 @@ def dedup_unit(work: Path, plan: Plan, i: int) -> None:
     lang = languages(work, plan)[i]
     tasks = extracted(work, plan)[lang]
     segs = _Segments(work, lang, tasks)
-    parts = [work / "pairs" / lang / f"{p:04d}" for p in range(plan.dedup_parts)]
+    parts = range(plan.dedup_parts)
     try:
-        exact = np.concatenate([np.load(f / "exact.npy") for f in parts])
-        pairs = np.concatenate([np.load(f / "pairs.npy") for f in parts]) if parts else np.zeros(0, dtype=PAIR)
+        exact = np.concatenate([np.load(work / "pairs" / lang / f"{p:04d}" / "exact.npy") for p in parts])
+        pairs = np.concatenate([np.load(work / "verify" / lang / f"{q:04d}" / "pairs.npy") for q in parts]) \
+            if parts else np.zeros(0, dtype=PAIR)
         status = settle(len(segs), exact, pairs, segs.norm)
     finally:
         segs.close()
@@ -512,6 +540,8 @@ def run_unit(work: Path, stage: str, i: int) -> None:
         extract_unit(work, plan, i)
     elif stage == "pairs":
         pairs_unit(work, plan, *pair_units(work, plan)[i])
+    elif stage == "verify":
+        verify_unit(work, plan, *pair_units(work, plan)[i])
     elif stage == "dedup":
         dedup_unit(work, plan, i)
     else:
