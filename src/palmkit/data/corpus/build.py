@@ -295,8 +295,8 @@ def build(out: str, langs: Sequence[str] | str = "", cache: str = "",
     if lang == AUTO:
         unknown = sorted(set(asked) - known_languages() - set(DEFAULT_LANGS))
         if unknown:
-            raise PalmkitError(f"--langs {', '.join(unknown)}: not a language --lang auto knows (codes such as en, "
-                               f"de, zh; the list: python -c 'import py3langid; print(py3langid.langid.MODEL_FILE)')")
+            raise PalmkitError(f"--langs {', '.join(unknown)}: not a language --lang auto knows (it knows "
+                               f"{', '.join(sorted(known_languages()))})")
     langs = asked or (list(DEFAULT_LANGS) if subset != "none" else [])  # the built-in sources' languages
     expected = list(langs)  # the languages the build warns about when they get no text
     if lang and lang != AUTO and lang not in langs:
