@@ -333,7 +333,8 @@ def test_cli_commands_are_registered(capsys):
     with pytest.raises(SystemExit):
         main(["corpus", "build", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha"):
+    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha",
+                   "--normalize"):
         assert option in help_text
     # each option is explained by build's docstring
     assert "share of each language's documents held out for validation" in " ".join(help_text.split())
