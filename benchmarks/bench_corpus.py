@@ -264,7 +264,7 @@ def run_build(module: str, paths: list[str], out: Path, inputs: str, vocab: int,
     if row:
         result.update(kept_mb=float(row.group(1)), docs=int(row.group(2)), exact=int(row.group(3)),
                       near=int(row.group(4)))
-    stages = re.search(r"Built in \d+ s \(([^)]*)\)", report)
+    stages = re.search(r"Built in [\d.]+ s \(([^)]*)\)", report)
     result["stages"] = stages.group(1) if stages else ""
     return result
 
@@ -343,7 +343,7 @@ def same_output(a: Path, b: Path) -> bool:
 
 def stage_seconds(stages: str, names: tuple[str, ...]) -> float:
     """Seconds of the named stages in a report's "Built in" line."""
-    return sum(float(t) for name, t in re.findall(r"(\w+) (\d+) s", stages) if name in names)
+    return sum(float(t) for name, t in re.findall(r"(\w+) ([\d.]+) s", stages) if name in names)
 
 
 def main() -> None:
@@ -392,9 +392,9 @@ def main() -> None:
                           mb_s=size / 1e6 / result.get("wall", time.perf_counter() - t0))
             if "error" not in result:
                 result.update(quality(target, made, estimates=not args.variants))
-                result["dedup_s"] = stage_seconds(result["stages"], ("pairs", "dedup"))
+                result["dedup_s"] = stage_seconds(result["stages"], ("pairs", "verify", "dedup"))
                 # what datatrove's four stages do: read, hash, find the pairs and clusters, write what is kept
-                result["read_dedup_s"] = stage_seconds(result["stages"], ("extract", "pairs", "dedup"))
+                result["read_dedup_s"] = stage_seconds(result["stages"], ("extract", "pairs", "verify", "dedup"))
             results.append(result)
             print(json.dumps(result), flush=True)
         built = [r for r in results if r["gb"] == gb and r["name"].startswith("streaming-") and "error" not in r]
@@ -407,6 +407,8 @@ def main() -> None:
             w = max(args.workers)
             t0 = time.perf_counter()
             result = run_datatrove(data, out / f"datatrove-{gb:g}GB", w)
+            # its pool's worker processes are not waited for, so that RUSAGE_CHILDREN does not count them
+            result.update(cpu=float("nan"), child_rss_mb=float("nan"))
             result.update(name=f"datatrove-{w}w", gb=gb, input_mb=size / 1e6, workers=w,
                           mb_s=size / 1e6 / result.get("wall", time.perf_counter() - t0))
             if "error" not in result:
