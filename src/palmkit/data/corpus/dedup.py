@@ -31,7 +31,7 @@ UNSURE = 0.15  # three standard deviations of the estimate at NEAR_DUP: closer e
 BANDS = 16
 
 
-BUCKET = 64  # documents of one LSH band key compared with each document after them (see `candidate_pairs`)
+BUCKET = 16  # documents of one LSH band key a document is paired with: the first and the last half before it
 
 
 _EMPTY = np.uint64(2**64 - 1)
@@ -222,11 +222,12 @@ def candidate_pairs(keys: np.ndarray, docs: np.ndarray, exact: np.ndarray,
     """Candidate near-duplicate pairs (PAIR: later, earlier, MinHash estimate) among LSH band entries: document
     docs[k] has band key keys[k] (int64), its exact key is exact[k] (S16); `sigs_of` gives signatures by number.
 
-    Each document is paired with the `window` (BUCKET) documents before it under each of its band keys: a
-    key many texts share is a 5-gram run they have in common (a signature line, a template), and near
-    duplicates share several bands besides it, so that the pairs stay bounded by the number of documents. The
-    exact copies of a document share all its keys and are left out (they are exact duplicates). Pairs whose
-    estimate is clearly below NEAR_DUP are dropped here; a pair found under several keys comes back once."""
+    Under each of its band keys, a document is paired with the first window // 2 documents of the key (the
+    likeliest to be kept, by the "first kept" rule) and the last window // 2 before it (window: BUCKET), so that
+    the pairs grow with the number of documents, not with the size of a family of near copies or of a key many
+    texts share (a signature line, a template: near duplicates share several bands besides it). The exact
+    copies of a document share all its keys and are left out (they are exact duplicates). Pairs whose estimate is
+    clearly below NEAR_DUP are dropped here; a pair found under several keys comes back once."""
     window = BUCKET if window is None else window
     h = exact_halves(exact)
     order = np.lexsort((docs, h[:, 1], h[:, 0], keys))
@@ -240,8 +241,13 @@ def candidate_pairs(keys: np.ndarray, docs: np.ndarray, exact: np.ndarray,
     first = np.repeat(starts, np.diff(np.append(starts, len(k))))
     pos = np.arange(len(k))
     later, earlier = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
-    for step in range(1, window + 1):
-        ok = np.flatnonzero(pos - step >= first)
+    head = window // 2
+    for step in range(head):  # the key's first documents
+        ok = np.flatnonzero(pos > first + step)
+        later.append(d[ok])
+        earlier.append(d[first[ok] + step])
+    for step in range(1, window - head + 1):  # the documents just before, after the first ones
+        ok = np.flatnonzero(pos - step >= first + head)
         if not len(ok):
             break
         later.append(d[ok])
