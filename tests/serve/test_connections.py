@@ -104,3 +104,36 @@ def answers(url: str) -> bool:
         return httpx.get(url, timeout=10).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_client_that_stops_reading_a_stream_is_dropped_and_its_slots_freed(loaded):
+    from tests.conftest import Slow
+
+    model, tok = loaded
+    engine = Engine(Slow(model, 0.02), tok, max_batch=8, autotune=False)  # 200 steps: about 4 s or more
+    limits = Limits(send_seconds=1)
+    with running(create_app(engine, model_name="tiny", limits=limits), send_buffer=4096) as base:
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.connect((host, int(port)))
+        body = (b'{"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 8, "logprobs": 20, "stream": true, '
+                b'"ignore_eos": true}')
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            assert wait_for(lambda: engine.running == 8)
+            # never read: about 1.3 MB of events against a few KB of buffers
+            assert wait_for(lambda: engine.running == 0 and engine.queue_depth == 0, seconds=3)
+            time.sleep(0.5)
+            sock.settimeout(10)
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except OSError:
+                pass  # reset: the server aborted the connection
+            assert b"[DONE]" not in data
+        finally:
+            sock.close()
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200

@@ -26,7 +26,7 @@ from palmkit.infer.sampling import SamplingParams
 from palmkit.model.chat_template import END, encode_chat
 from palmkit.serve.grounding import NO_ANSWER, Grounding, ground
 from palmkit.serve.guard import generation_failed
-from palmkit.serve.limits import read_json
+from palmkit.serve.limits import check_logprob_values, read_json
 from palmkit.serve.logprobs import Entry, LegacyLogprobs, TokenNames, chat_logprobs, prompt_entries
 from palmkit.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
@@ -226,9 +226,12 @@ async def _generate(request: Request, chat: bool) -> Response:
         max_tokens, default = body.max_tokens, DEFAULT_COMPLETION_TOKENS
     requested, echo = _logprob_request(body, chat), not chat and body.echo
     choices = _choices(state, body, prompts, max_tokens, default, requested, echo)
+    if requested is not None:  # the response's size is known now, before the model runs
+        check_logprob_values(sum(len(p) * echo + params.max_new_tokens for p, params in choices), requested + 1,
+                             state.limits)
     logprobs = _Logprobs(state, body, chat, requested, len(choices))
     # the echoed prompt of each choice, told apart from the completion until the choice's first event
-    echoes = [state.tokenizer.decode(p) if echo else None for p, _ in choices]
+    echoes = await asyncio.to_thread(lambda: [state.tokenizer.decode(p) if echo else None for p, _ in choices])
     prompt_tokens = sum(len(p) for p in prompts)
     shape = _Shape(chat, state.model_name, {"faq": grounding.info()} if grounding else None)
     if grounding and not grounding.grounded:  # nothing to answer from: say so rather than let the model invent
@@ -269,8 +272,12 @@ async def _generate(request: Request, chat: bool) -> Response:
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # the client left: nobody is there to read it
     work.result()
-    parts = [logprobs.part(i, e) for i, e in enumerate(entries)]
-    return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), parts))
+
+    def respond() -> JSONResponse:  # megabytes of JSON with logprobs: built off the event loop
+        parts = [logprobs.part(i, e) for i, e in enumerate(entries)]
+        return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), parts))
+
+    return await asyncio.to_thread(respond)
 
 
 def _entries(ev: Event) -> list[Entry]:
@@ -292,9 +299,12 @@ async def _stream(request: Request, shape: _Shape, events: AsyncIterator[Event],
             yield _sse(generation_failed(request.scope, server_state(request).engine, ev.error).body())
             break
         tokens[ev.index] = ev.completion_tokens
-        if echoes[ev.index] is not None:  # the choice's first event: its prompt goes first
-            part = logprobs.part(ev.index, prompt_entries(choices[ev.index][0], ev.prompt_logprobs))
-            yield _sse({**shape.chunk(ev.index, echoes[ev.index], logprobs=part), **extra})
+        if echoes[ev.index] is not None:  # the choice's first event: its prompt goes first, built off the loop
+            def echo_chunk(ev: Event = ev) -> str:
+                part = logprobs.part(ev.index, prompt_entries(choices[ev.index][0], ev.prompt_logprobs))
+                return _sse({**shape.chunk(ev.index, echoes[ev.index], logprobs=part), **extra})
+
+            yield await asyncio.to_thread(echo_chunk)
             echoes[ev.index] = None
         if ev.text or ev.logprobs:
             part = logprobs.part(ev.index, _entries(ev))
