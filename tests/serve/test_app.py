@@ -45,6 +45,9 @@ def test_full_queue_answers_429(loaded):
             r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "z"})
             assert r.status_code == 429 and r.headers["Retry-After"] == "1"
             assert r.json()["error"]["code"] == "queue_full"
+            # full, not wedged: a liveness probe must not restart a server that is only busy
+            health = httpx.get(f"{base}/health")
+            assert health.status_code == 200 and health.json() == {"status": "busy"}
             first.close()  # leaving frees the slot for the queued request
             assert queued.result(timeout=30).status_code == 200
 

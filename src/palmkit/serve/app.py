@@ -193,11 +193,13 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
     @app.get("/health", responses={503: {"description": "The engine has stopped or is wedged."}})
     async def health() -> JSONResponse:
-        """200 while the engine runs; 503 when it has stopped, or is wedged (work waiting, no step finished for
-        limits.wedge_seconds)."""
+        """200 while the engine runs: "ok", or "busy" while new work would get 429 (a load balancer may send it
+        elsewhere; a liveness probe must not restart it); 503 when it has stopped, or is wedged (work waiting,
+        no step finished for limits.wedge_seconds)."""
+        busy = engine.queue_depth >= engine.max_queue or state.side.full
         status = ("engine stopped" if not engine.alive else
-                  "engine wedged" if engine.wedged(limits.wedge_seconds) else "ok")
-        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+                  "engine wedged" if engine.wedged(limits.wedge_seconds) else "busy" if busy else "ok")
+        return JSONResponse({"status": status}, status_code=200 if status in ("ok", "busy") else 503)
 
     @app.get("/metrics", responses={**error_responses(401), 200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
