@@ -25,7 +25,7 @@ from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
-from palmkit.io import atomic_copy, check_destination, save_tensors, split_list, staged_dir
+from palmkit.io import atomic_copy, check_destination, claim_names, save_tensors, split_list, staged_dir
 from palmkit.model.checkpoint import CHECKPOINT_FILES, load_checkpoint, write_checkpoint
 from palmkit.model.lora import LoRALinear, add_lora, merged_state_dict, write_peft_adapter
 from palmkit.model.palm import PaLM
@@ -126,7 +126,7 @@ class _Run:
     def __init__(self, out: Path, force: bool = False):
         check_destination(out, FINETUNE_FILES, force)  # before the first log line is written there
         self.out, self.force = out, force
-        out.mkdir(parents=True, exist_ok=True)
+        claim_names(out, [*LOG_FILES, *LOG_DIRS])  # written in place: the folder's manifest lists them first
         for name in LOG_FILES:
             (out / name).unlink(missing_ok=True)
         for name in LOG_DIRS:
@@ -163,6 +163,7 @@ class _Run:
         valid = [(r["step"], r["valid/loss"]) for r in records if "valid/loss" in r]
         series = {name: ([x for x, _ in pts], [y for _, y in pts]) for name, pts in
                   (("train", train), ("valid", valid)) if pts}
+        claim_names(self.out, ["learning_curve.png", "valid_metric.png"])  # the swap may have left them out
         plot_curves(series, self.out / "learning_curve.png", f"{self.out.name}: loss", "loss")
         scores = [(r["step"], r[f"valid/{metric}"]) for r in records if f"valid/{metric}" in r]
         if scores and metric != "loss":
