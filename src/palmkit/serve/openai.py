@@ -27,7 +27,7 @@ from palmkit.model.chat_template import END, encode_chat
 from palmkit.serve.grounding import NO_ANSWER, Grounding, ground
 from palmkit.serve.guard import generation_failed
 from palmkit.serve.limits import check_logprob_values, read_json
-from palmkit.serve.logprobs import Entry, LegacyLogprobs, TokenNames, chat_logprobs, prompt_entries
+from palmkit.serve.logprobs import Entry, JsonLists, LegacyLogprobs, TokenNames, chat_logprobs, prompt_entries
 from palmkit.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     APIError,
@@ -132,11 +132,21 @@ class _Logprobs:
         self.chat, self.on = chat, requested is not None
         self.names = TokenNames(state.tokenizer, body.return_tokens_as_token_ids)
         self.legacy = [LegacyLogprobs(self.names) for _ in range(n)]
+        keys = ("content",) if chat else ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        self.lists = [JsonLists(keys, ',"refusal":null' if chat else "") for _ in range(n)]
 
     def part(self, index: int, entries: list[Entry]) -> dict | None:
         if not self.on:
             return None
         return chat_logprobs(self.names, entries) if self.chat else self.legacy[index].add(entries)
+
+    def collect(self, index: int, entries: list[Entry]) -> None:
+        """Add entries to a full response's lists, as JSON text (JsonLists)."""
+        if self.on and entries:
+            self.lists[index].add(self.part(index, entries))
+
+    def text(self, index: int) -> str:
+        return self.lists[index].text() if self.on else "null"
 
 
 class _Shape:
@@ -247,18 +257,22 @@ async def _generate(request: Request, chat: bool) -> Response:
                            cleanup=lambda: state.engine.cancel(seqs),
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     texts, finishes, tokens = [""] * len(choices), ["length"] * len(choices), [0] * len(choices)
-    entries: list[list[Entry]] = [[] for _ in choices]
 
     async def collect() -> None:
         async for ev in events:
             if ev.error:
                 raise generation_failed(request.scope, state.engine, ev.error)
+            entries = []
             if echoes[ev.index] is not None:
                 texts[ev.index] = echoes[ev.index]
-                entries[ev.index] = prompt_entries(choices[ev.index][0], ev.prompt_logprobs)
+                entries = prompt_entries(choices[ev.index][0], ev.prompt_logprobs)
                 echoes[ev.index] = None
             texts[ev.index] += ev.text
-            entries[ev.index] += _entries(ev)
+            entries += _entries(ev)
+            if len(entries) > 64:  # an echoed prompt: written out as JSON text off the event loop
+                await asyncio.to_thread(logprobs.collect, ev.index, entries)
+            else:
+                logprobs.collect(ev.index, entries)
             finishes[ev.index] = ev.finish_reason or finishes[ev.index]
             tokens[ev.index] = ev.completion_tokens
 
@@ -273,9 +287,17 @@ async def _generate(request: Request, chat: bool) -> Response:
         return Response(status_code=499)  # the client left: nobody is there to read it
     work.result()
 
-    def respond() -> JSONResponse:  # megabytes of JSON with logprobs: built off the event loop
-        parts = [logprobs.part(i, e) for i, e in enumerate(entries)]
-        return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), parts))
+    if not logprobs.on:
+        return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), [None] * len(choices)))
+
+    def respond() -> Response:  # megabytes of JSON: joined off the event loop from each choice's JSON text
+        key = uuid.uuid4().hex  # a mark no text can hold: the echoed prompt is the client's
+        marks = [f"\x00{key}.{i}\x00" for i in range(len(choices))]
+        envelope = json.dumps(shape.full(texts, finishes, _usage(prompt_tokens, tokens), marks),
+                              ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        pieces = re.split(rf'"\\u0000{key}\.(\d+)\\u0000"', envelope)
+        body = "".join(logprobs.text(int(p)) if k % 2 else p for k, p in enumerate(pieces))
+        return Response(body.encode(), media_type="application/json")
 
     return await asyncio.to_thread(respond)
 
