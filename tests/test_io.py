@@ -228,3 +228,20 @@ def test_jsonl_rows_number_lines_skip_blanks_and_name_a_bad_line():
     assert list(jsonl_rows('{"a": 1}\n\n  \n[2]\n', name="f.jsonl")) == [(1, {"a": 1}), (4, [2])]
     with pytest.raises(PalmkitError, match=r"^f.jsonl: line 3 is not JSON \("):
         list(jsonl_rows('1\n\n{oops\n', name="f.jsonl"))
+
+
+def test_load_tensors_maps_the_file_instead_of_reading_it_whole(tmp_path):
+    import tracemalloc
+
+    import torch
+
+    from palmkit.io import load_tensors, save_tensors
+
+    weights = {"w": torch.randn(2048, 2048)}  # 16 MiB
+    save_tensors(tmp_path / "w.safetensors", weights)
+    tracemalloc.start()
+    loaded = load_tensors(tmp_path / "w.safetensors")
+    _, peak = tracemalloc.get_traced_memory()  # Python objects only: a bytes copy of the file would count
+    tracemalloc.stop()
+    assert torch.equal(loaded["w"], weights["w"])
+    assert peak < 1 << 20

@@ -25,7 +25,7 @@ from typing import IO, Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from palmkit.errors import CheckpointError, PalmkitError
@@ -125,8 +125,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
-    try:
-        tensors = load(path.read_bytes())
+    try:  # mapped, not read whole first: a file's bytes and its tensors never both in memory
+        tensors = load_file(path)
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
     # A fixed key order: every rank must walk the tensors in the same order to shard them (FSDP2).

@@ -86,13 +86,23 @@ def test_oversized_headers_get_400_and_the_connection_is_closed(strict):
     assert answer.startswith(b"HTTP/1.1 400") and sent < 64 << 20
 
 
-def test_connections_past_the_cap_are_closed_at_once_and_the_server_recovers(loaded):
+def test_connections_past_the_caps_may_only_ask_for_health_and_the_server_recovers(loaded):
     model, tok = loaded
-    limits = Limits(head_seconds=60, max_connections=6)  # no deadline closes anything during the test
+    # no deadline closes anything during the test; one address may hold 4 of the 6 connections
+    limits = Limits(head_seconds=60, max_connections=6, max_connections_per_ip=4)
     with running(create_app(Engine(model, tok), model_name="tiny", limits=limits)) as base:
-        socks = [connect(base) for _ in range(10)]
+        socks = [connect(base) for _ in range(4)]
         try:
-            assert [closed_by_server(s, seconds=0.5) for s in socks] == [False] * 6 + [True] * 4
+            spare = connect(base)  # past this address's cap: asked for a completion, refused
+            spare.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+                          b'Content-Length: 2\r\n\r\n{}')
+            assert spare.recv(4096).startswith(b"HTTP/1.1 503") and closed_by_server(spare, seconds=3)
+            probe = connect(base)  # past the cap too: /health is answered, then the connection closed
+            probe.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert probe.recv(4096).startswith(b"HTTP/1.1 200") and closed_by_server(probe, seconds=3)
+            idle = connect(base)  # asks nothing: closed after a second, not after head_seconds
+            assert closed_by_server(idle, seconds=5)
+            assert [closed_by_server(s, seconds=0.2) for s in socks] == [False] * 4  # the first ones are served
         finally:
             for s in socks:
                 s.close()

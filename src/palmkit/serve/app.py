@@ -184,6 +184,9 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+    if "*" in cors_origins and api_key is None:
+        log.warning("--cors_origins '*' without an API key: every web page a visitor opens can use this server "
+                    "through their browser; name the origins, or set --api_key")
     page = chat_page_html(state)  # nothing in it changes while the app runs
 
     @app.get("/", response_class=HTMLResponse)

@@ -47,7 +47,9 @@ class Limits:
     max_header_bytes: int = 16 << 10
     """Request line and headers together; past it the connection gets 400 and is closed."""
     max_connections: int = 512
-    """Open connections; more are closed as soon as they are accepted."""
+    """Open connections; more may only ask for /health (within a second; serve/connections.py)."""
+    max_connections_per_ip: int = 256
+    """Open connections from one client address; more may only ask for /health, as past max_connections."""
     head_seconds: float = 10.0
     """A request's line and headers must have arrived this long after the connection opened (or the previous
     response ended), else the connection is closed: a client that sends a byte now and then holds nothing."""

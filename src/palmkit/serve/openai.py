@@ -220,6 +220,9 @@ async def _generate(request: Request, chat: bool) -> Response:
     body = await read_json(request, ChatBody if chat else CompletionBody, state.limits)
     state.check_model(body.model)
     state.check_request(body)  # by its counts alone; what remains is bounded, and runs on worker threads
+    if not chat and state.faq is not None:  # a raw prompt has no user turn to ground: the FAQ would be bypassed
+        raise APIError(400, "This server answers only from its FAQ (--faq): use /v1/chat/completions.",
+                       param="prompt", code="faq_only")
     grounded = chat and state.faq is not None
     grounding = await asyncio.to_thread(_ground, state, _chat_messages(body)) if grounded else None
     if chat:
