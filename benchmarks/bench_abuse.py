@@ -11,8 +11,9 @@ so that the code before a change and after it are measured side by side in one r
 - a slow client keeps 50 connections that send one header byte a second ("slowloris") and reopens those the
   server drops;
 - a header client sends a 4 MiB header block every 5 s;
-- 8 slow readers each ask for a long stream with `echo` and `logprobs: 20` and never read a byte of it (a
-  small receive window), holding each connection 45 s before opening another;
+- 2 slow readers each ask for a stream of 32 echoed prompts with `logprobs: 20` (about 5 MB, more than the
+  kernel's socket buffers hold) and never read a byte of it (a small receive window), holding each connection
+  45 s before opening another;
 - an echo bomb posts `echo` + `logprobs: 20` over as many whole-context prompts as the server takes (the
   response is megabytes of JSON) every 5 s and reads it; another asks for more than the server's cap every 5 s;
 - a prober process GETs /health every 50 ms: its longest answer time is the longest stall of the event loop.
@@ -192,7 +193,7 @@ async def slow_reader(host: str, port: int, run: Run, stop: float, context: int,
     """Ask for a long stream of echoed prompts with logprobs and read none of it, `hold` seconds a connection."""
     rng = random.Random(port)
     prompt = [rng.randrange(3, 399) for _ in range(context // 2)]
-    body = json.dumps({"model": "bench", "prompt": [prompt] * 4, "max_tokens": context // 2 - 1, "echo": True,
+    body = json.dumps({"model": "bench", "prompt": [prompt] * 32, "max_tokens": context // 2 - 1, "echo": True,
                        "logprobs": 20, "stream": True, "ignore_eos": True}).encode()
     request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -265,7 +266,7 @@ async def load(base: str, pid: int, seconds: float, clients: int, abusers: bool 
             tasks += [oversized(other, run, stop), malformed(other, run, stop),
                       big_header(host, int(port), run, stop)]
             tasks += [slow_connection(host, int(port), run, stop) for _ in range(50)]
-            tasks += [slow_reader(host, int(port), run, stop, context) for _ in range(8)]
+            tasks += [slow_reader(host, int(port), run, stop, context) for _ in range(2)]
             tasks += [echo_bomb(other, run, stop, context, 16)]
         tasks += [memory(pid, run, stop)]
         probes: multiprocessing.Queue = multiprocessing.Queue()
@@ -295,6 +296,8 @@ def summary(run: Run, peak_kib: int) -> dict:
         "health_n": len(run.health),
         "rss_start_mib": run.rss[0] / 1024 if run.rss else None,
         "rss_end_mib": run.rss[-1] / 1024 if run.rss else None,
+        # after a third of the run: the batch sizes and buffers a load needs have been allocated once
+        "rss_warm_mib": run.rss[len(run.rss) // 3] / 1024 if run.rss else None,
         "rss_peak_mib": peak_kib / 1024,
         "5xx": sum(fives.values()), "5xx_by_kind": fives, "client_errors": errors,
         "slow_dropped": run.dropped_slow,
@@ -331,7 +334,8 @@ def main() -> None:
     rows = [("well-formed served", "served", "{:.0f}"), ("p50 latency (s)", "p50_s", "{:.3f}"),
             ("p99 latency (s)", "p99_s", "{:.3f}"), ("longest /health (s)", "health_max_s", "{:.3f}"),
             ("p99 /health (s)", "health_p99_s", "{:.3f}"),
-            ("RSS start (MiB)", "rss_start_mib", "{:.0f}"), ("RSS end (MiB)", "rss_end_mib", "{:.0f}"),
+            ("RSS start (MiB)", "rss_start_mib", "{:.0f}"), ("RSS at a third (MiB)", "rss_warm_mib", "{:.0f}"),
+            ("RSS end (MiB)", "rss_end_mib", "{:.0f}"),
             ("peak RSS (MiB)", "rss_peak_mib", "{:.0f}"), ("5xx answers", "5xx", "{:.0f}"),
             ("slow connections dropped", "slow_dropped", "{:.0f}"),
             ("slow readers dropped", "readers_dropped", "{:.0f}")]
