@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,29 +34,23 @@ class SideCalls:
     def full(self) -> bool:
         return self.admitted >= self.limit
 
-    def admit(self) -> _Admitted:
+    @contextmanager
+    def admit(self) -> Iterator[None]:
         """`with state.side.admit():` around a request's work; raises 429 when `limit` are already in."""
         if self.full:
+            # refused before its body is read: the connection closes rather than take that body for a request
             raise APIError(429, "The server is busy; retry shortly.", "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"})
-        return _Admitted(self)
+                           headers={"Retry-After": "1", "Connection": "close"})
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     async def run(self, engine: Engine, fn: Callable[[], Any]) -> Any:
         """`fn()` on the engine thread, when no other side call is waiting there."""
         async with self._turn:
             return await engine.run(fn)
-
-
-class _Admitted:
-    def __init__(self, side: SideCalls):
-        self.side = side
-        side.admitted += 1
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        self.side.admitted -= 1
 
 
 @dataclass
