@@ -253,7 +253,10 @@ async def memory(pid: int, run: Run, stop: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def load(base: str, pid: int, seconds: float, clients: int, abusers: bool = True) -> Run:
+ABUSERS = ("oversized", "malformed", "header", "slowloris", "readers", "bombs")
+
+
+async def load(base: str, pid: int, seconds: float, clients: int, abusers: tuple[str, ...] = ABUSERS) -> Run:
     run = Run()
     host, port = base.removeprefix("http://").split(":")
     card = httpx.get(f"{base}/v1/models").json()["data"][0]
@@ -262,12 +265,12 @@ async def load(base: str, pid: int, seconds: float, clients: int, abusers: bool 
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=base, limits=limits) as client, httpx.AsyncClient(base_url=base) as other:
         tasks = [well_formed(client, run, stop, k) for k in range(clients)]
-        if abusers:
-            tasks += [oversized(other, run, stop), malformed(other, run, stop),
-                      big_header(host, int(port), run, stop)]
-            tasks += [slow_connection(host, int(port), run, stop) for _ in range(50)]
-            tasks += [slow_reader(host, int(port), run, stop, context) for _ in range(2)]
-            tasks += [echo_bomb(other, run, stop, context, 16)]
+        tasks += [oversized(other, run, stop)] * ("oversized" in abusers)
+        tasks += [malformed(other, run, stop)] * ("malformed" in abusers)
+        tasks += [big_header(host, int(port), run, stop)] * ("header" in abusers)
+        tasks += [slow_connection(host, int(port), run, stop) for _ in range(50 * ("slowloris" in abusers))]
+        tasks += [slow_reader(host, int(port), run, stop, context) for _ in range(2 * ("readers" in abusers))]
+        tasks += [echo_bomb(other, run, stop, context, 16)] * ("bombs" in abusers)
         tasks += [memory(pid, run, stop)]
         probes: multiprocessing.Queue = multiprocessing.Queue()
         health = multiprocessing.Process(target=prober, args=(base, seconds, probes))
@@ -312,7 +315,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=["quiet", "abused"], choices=["quiet", "abused"],
-                        help="quiet: the well-formed clients alone; abused: with every abuser")
+                        help="quiet: the well-formed clients alone; abused: with the abusers")
+    parser.add_argument("--abusers", nargs="+", default=list(ABUSERS), choices=ABUSERS,
+                        help="the abusers of the abused mode (default: all)")
     args = parser.parse_args()
     results = {}
     for candidate in args.candidates:
@@ -323,7 +328,8 @@ def main() -> None:
                 checkpoint = make_checkpoint(src, Path(tmp))
                 proc, base = start_server(src, checkpoint)
                 try:
-                    run = asyncio.run(load(base, proc.pid, args.seconds, args.clients, mode == "abused"))
+                    abusers = tuple(args.abusers) if mode == "abused" else ()
+                    run = asyncio.run(load(base, proc.pid, args.seconds, args.clients, abusers))
                     peak = rss_kib(proc.pid)["VmHWM"]
                 finally:
                     proc.terminate()

@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 import time
 
 import uvicorn
@@ -111,6 +113,9 @@ class GuardedH11Protocol(H11Protocol):
     def _send_timeout(self) -> None:
         self._send_timer = None
         log.warning("a client read none of its response for %g s: dropping the connection", self.send_seconds)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:  # reset, not closed: the kernel would keep trying to send what it holds
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()  # connection_lost follows: the app sees the client gone
 
     def _arm_head_timer(self) -> None:
