@@ -28,6 +28,7 @@ answers 503 too, and also while the engine is wedged (work waiting, no step fini
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import json
 import logging
@@ -217,6 +218,24 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     return app
 
 
+def return_freed_memory() -> None:
+    """Have glibc's malloc give freed memory back to the system (no-op elsewhere).
+
+    By default glibc raises its mmap threshold each time a large block is freed, so that later blocks of that
+    size (a step's logits and log-probabilities, a large response) come from its heap, whose free memory it keeps:
+    the server's RSS then grows after every large request and stays there. A fixed threshold keeps large blocks
+    mapped, unmapped when freed, and a fixed trim threshold returns the heap's free top (benchmarks/README.md,
+    "bench_abuse.py")."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 64 << 10)
+    mallopt(m_trim_threshold, 128 << 10)
+
+
 def chat_page_html(state: ServerState) -> str:
     """assets/chat.html with what the page needs to know (model name, FAQ) in its JSON config element."""
     page = (resources.files("palmkit") / "assets" / "chat.html").read_text(encoding="utf-8")
@@ -296,6 +315,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     # collection scans only what requests make (it scanned ~470k objects, a 0.6-1.1 s stall of every route on
     # 2 busy cores; benchmarks/README.md, "bench_abuse.py").
     gc.freeze()
+    return_freed_memory()
     server.run()
     if died:  # status 1: a supervisor restarts a server whose engine is gone
         log.critical("exiting: the engine thread died")
