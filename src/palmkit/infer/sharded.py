@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ from palmkit.model.checkpoint import load_checkpoint
 from palmkit.train.distributed import Dist, init_distributed
 
 MANIFEST = "job.json"
+LOCK_WAIT = 5.0  # seconds: a run killed a moment ago releases its locks as its processes end
 
 Predict = Callable[[list[dict]], Sequence[dict]]
 
@@ -100,12 +102,17 @@ def read_part(path: Path) -> tuple[dict[int, int], int]:
 def _lock(path: Path) -> IO[bytes]:
     """`path` opened for appending and locked for this process, or an error if another run holds it."""
     f = open(path, "ab")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise PalmkitError(f"another run is writing {path}: wait for it to end, or choose another --output") from None
-    return f
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                f.close()
+                raise PalmkitError(f"another run is writing {path}: wait for it to end, or choose another "
+                                   "--output") from None
+            time.sleep(0.1)
 
 
 def parts_dir(output: str | os.PathLike) -> Path:
