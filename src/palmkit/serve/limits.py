@@ -62,7 +62,7 @@ class Limits:
     send_seconds: float = 30.0
     """A client that reads nothing of its response for this long (the server's send buffer stays full) is
     dropped: its connection is aborted, its sequences cancelled and what was waiting to be sent is freed."""
-    max_logprob_values: int = 1 << 19
+    max_logprob_values: int = 1 << 17
     """Log-probabilities one response may hold: tokens (echoed prompt and completion) x (logprobs + 1) x
     choices, counted before any work (about 30 bytes each in JSON)."""
     max_side_requests: int = 16
