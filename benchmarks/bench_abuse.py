@@ -265,12 +265,14 @@ async def load(base: str, pid: int, seconds: float, clients: int, abusers: tuple
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=base, limits=limits) as client, httpx.AsyncClient(base_url=base) as other:
         tasks = [well_formed(client, run, stop, k) for k in range(clients)]
-        tasks += [oversized(other, run, stop)] * ("oversized" in abusers)
-        tasks += [malformed(other, run, stop)] * ("malformed" in abusers)
-        tasks += [big_header(host, int(port), run, stop)] * ("header" in abusers)
-        tasks += [slow_connection(host, int(port), run, stop) for _ in range(50 * ("slowloris" in abusers))]
-        tasks += [slow_reader(host, int(port), run, stop, context) for _ in range(2 * ("readers" in abusers))]
-        tasks += [echo_bomb(other, run, stop, context, 16)] * ("bombs" in abusers)
+        chosen = {"oversized": lambda: [oversized(other, run, stop)],
+                  "malformed": lambda: [malformed(other, run, stop)],
+                  "header": lambda: [big_header(host, int(port), run, stop)],
+                  "slowloris": lambda: [slow_connection(host, int(port), run, stop) for _ in range(50)],
+                  "readers": lambda: [slow_reader(host, int(port), run, stop, context) for _ in range(2)],
+                  "bombs": lambda: [echo_bomb(other, run, stop, context, 16)]}
+        for name in abusers:
+            tasks += chosen[name]()
         tasks += [memory(pid, run, stop)]
         probes: multiprocessing.Queue = multiprocessing.Queue()
         health = multiprocessing.Process(target=prober, args=(base, seconds, probes))
