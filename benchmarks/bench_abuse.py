@@ -11,9 +11,9 @@ so that the code before a change and after it are measured side by side in one r
 - a slow client keeps 50 connections that send one header byte a second ("slowloris") and reopens those the
   server drops;
 - a header client sends a 4 MiB header block every 5 s;
-- 2 slow readers each ask for a stream of 32 echoed prompts with `logprobs: 20` (about 5 MB, more than the
-  kernel's socket buffers hold) and never read a byte of it (a small receive window), holding each connection
-  45 s before opening another;
+- 2 slow readers each ask for a stream of 32 choices of a whole context with `logprobs: 10` (about 5 MB,
+  more than the kernel's socket buffers hold, under the server's cap on log-probabilities) and never read a
+  byte of it (a small receive window), holding each connection 45 s before opening another;
 - an echo bomb posts `echo` + `logprobs: 20` over as many whole-context prompts as the server takes (the
   response is megabytes of JSON) every 5 s and reads it; another asks for more than the server's cap every 5 s;
 - a prober process GETs /health every 50 ms: its longest answer time is the longest stall of the event loop.
@@ -190,11 +190,11 @@ async def big_header(host: str, port: int, run: Run, stop: float) -> None:
 
 
 async def slow_reader(host: str, port: int, run: Run, stop: float, context: int, hold: float = 45) -> None:
-    """Ask for a long stream of echoed prompts with logprobs and read none of it, `hold` seconds a connection."""
+    """Ask for a long stream with logprobs and read none of it, `hold` seconds a connection."""
     rng = random.Random(port)
-    prompt = [rng.randrange(3, 399) for _ in range(context // 2)]
-    body = json.dumps({"model": "bench", "prompt": [prompt] * 32, "max_tokens": context // 2 - 1, "echo": True,
-                       "logprobs": 20, "stream": True, "ignore_eos": True}).encode()
+    prompt = [rng.randrange(3, 399) for _ in range(8)]
+    body = json.dumps({"model": "bench", "prompt": prompt, "n": 32, "max_tokens": context - 9, "logprobs": 10,
+                       "stream": True, "ignore_eos": True}).encode()
     request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     loop = asyncio.get_running_loop()
@@ -206,6 +206,8 @@ async def slow_reader(host: str, port: int, run: Run, stop: float, context: int,
             await loop.sock_connect(sock, (host, port))
             await loop.sock_sendall(sock, request)
             await asyncio.sleep(max(0.0, min(hold, stop - time.monotonic())))
+            answer = sock.recv(12)  # the first bytes a reader would have seen: the status line
+            run.status("slow reader", int(answer.split()[1]) if len(answer.split()) > 1 else "closed")
             sock.send(b"\r\n")  # fails once the server has reset the connection
         except OSError:
             run.dropped_readers += 1
