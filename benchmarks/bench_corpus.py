@@ -13,14 +13,27 @@ permutations) when it is installed, as an independent estimate of the similariti
 on its estimate alone would give.
 
 The in-memory build is palmkit's own code at --old-commit (read with `git show`, imported under another name);
-it runs where it fits (--old-max-gb).
+it runs where it fits (--old-max-gb). `--workers 1 2` builds with each number of worker processes (the outputs
+are compared byte for byte, and the dedup stages' times side by side). `--datatrove` runs datatrove's own
+four-stage MinHash pipeline (signatures, buckets, clusters, filter; its default configuration: word 5-grams, 14
+bands of 8 hashes) on the same input, split into as many files as workers, with the same recall measure; its
+words are split by a regular expression (words and punctuation), since its English tokenizer needs spaCy.
+
+`--variants` writes a different input: a fixed share of the seed text (--originals-mb), each document followed
+in later rounds by light variants of itself (about 5% of its words replaced, the way boilerplate and
+re-crawled pages vary), so that the families of near duplicates grow with the input: at 20 MB of originals,
+40 MB holds one variant of each document and 400 MB about nineteen.
 
     python benchmarks/bench_corpus.py --base /path/to/built/corpus --sizes 0.1 1 4 --out /tmp/bench-corpus
+    python benchmarks/bench_corpus.py --base CORPUS --sizes 1 --workers 1 2 --datatrove --builds streaming
+    python benchmarks/bench_corpus.py --base CORPUS --sizes 0.04 0.4 --variants --builds streaming
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import gzip
 import hashlib
 import json
 import random
@@ -114,6 +127,36 @@ def make_input(base: list[str], size_bytes: int, path: Path, seed: int, sample: 
     return {"light": light, "heavy": heavy, "counts": counts}
 
 
+def make_variants(base: list[str], size_bytes: int, path: Path, seed: int, originals_bytes: int,
+                  rate: float = 0.05, sample: int = 1500) -> dict:
+    """Write the light-variant input: round 0 the originals (a seeded `originals_bytes` of the seed text),
+    each later round a variant of every original with `rate` of its words replaced."""
+    rng = random.Random(seed)
+    pool = list(range(len(base)))
+    random.Random(seed).shuffle(pool)
+    keep, total = [], 0
+    for i in pool:
+        if total >= originals_bytes:
+            break
+        keep.append(i)
+        total += len(base[i].encode())
+    light, counts, written, r = [], {"original": 0, "light": 0, "exact": 0, "heavy": 0}, 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while written < size_bytes:
+            for i in keep:
+                text = base[i] if r == 0 else edit(base[i], rng, rate, False)
+                counts["original" if r == 0 else "light"] += 1
+                if r and rng.random() < 0.05 and len(light) < sample:
+                    light.append((base[i], text))
+                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                f.write(line)
+                written += len(line.encode())
+                if written >= size_bytes:
+                    break
+            r += 1
+    return {"light": light, "heavy": [], "counts": counts, "rounds": r}
+
+
 def clean_text(text: str) -> str:
     from palmkit.data.corpus.clean import clean_text as clean
 
@@ -139,20 +182,35 @@ def kept_digests(out: Path, wanted: set[bytes]) -> set[bytes]:
     return found
 
 
-def quality(out: Path, made: dict) -> dict:
+def datatrove_kept(out: Path, wanted: set[bytes]) -> set[bytes]:
+    """Which of `wanted` are in datatrove's deduplicated output (.jsonl.gz files)."""
+    found = set()
+    for path in (out / "output").glob("*.jsonl.gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                d = digest(json.loads(line)["text"])
+                if d in wanted:
+                    found.add(d)
+    return found
+
+
+def quality(out: Path, made: dict, kept_of=kept_digests, estimates: bool = True) -> dict:
     from palmkit.data.corpus.dedup import NEAR_DUP, minhash, normalise, similarity
 
     scored = [(_jaccard(a, b), b) for a, b in made["light"]]
     true_pairs = [(j, b) for j, b in scored if j >= NEAR_DUP]
     wanted = {digest(b) for _, b in true_pairs} | {digest(h) for _, h in made["heavy"]}
-    kept = kept_digests(out, wanted)
+    kept = kept_of(out, wanted)
     recall = sum(digest(b) not in kept for _, b in true_pairs) / max(1, len(true_pairs))
     false = sum(digest(h) not in kept for _, h in made["heavy"]) / max(1, len(made["heavy"]))
     result = {"recall": recall, "pairs": len(true_pairs), "false_removals": false,
-              "heavy_jaccard_max": max((_jaccard(a, h) for a, h in made["heavy"][:300]), default=0.0)}
+              "heavy_jaccard_max": max((_jaccard(a, h) for a, h in made["heavy"][:300]), default=0.0),
+              "below_threshold": sum(j < NEAR_DUP for j, _ in scored)}
     for lo, hi in ((NEAR_DUP, 0.85), (0.85, 0.9), (0.9, 1.01)):
         part = [b for j, b in true_pairs if lo <= j < hi]
         result[f"recall_{lo:.2f}"] = (sum(digest(b) not in kept for b in part) / max(1, len(part)), len(part))
+    if not estimates:
+        return result
     try:
         from datasketch import MinHash
     except ImportError:
@@ -206,9 +264,86 @@ def run_build(module: str, paths: list[str], out: Path, inputs: str, vocab: int,
     if row:
         result.update(kept_mb=float(row.group(1)), docs=int(row.group(2)), exact=int(row.group(3)),
                       near=int(row.group(4)))
-    stages = re.search(r"Built in \d+ s \(([^)]*)\)", report)
+    stages = re.search(r"Built in [\d.]+ s \(([^)]*)\)", report)
     result["stages"] = stages.group(1) if stages else ""
     return result
+
+
+DATATROVE = """
+import json, resource, sys, time
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.dedup.minhash import (MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                              MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers.jsonl import JsonlWriter
+from datatrove.utils.word_tokenizers import WordTokenizer
+from loguru import logger
+logger.remove()
+
+import datatrove.utils.hashes.xxhash as dt_xxhash
+def xxhash64(data):  # the installed xxhash hashes bytes only: encode datatrove's str (imports: runs in its workers)
+    import xxhash
+    return xxhash.xxh64_intdigest(data.encode() if isinstance(data, str) else data)
+dt_xxhash.xxhash64 = xxhash64
+
+class Words(WordTokenizer):  # datatrove's English tokenizer is spaCy's (not installed): words and punctuation
+    pattern = __import__("re").compile(r"\\w+|[^\\w\\s]")
+    def word_tokenize(self, text): return self.pattern.findall(text)
+    def sent_tokenize(self, text): return text.split("\\n")
+    def span_tokenize(self, text): raise NotImplementedError
+
+inputs, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+files = len(list(__import__("pathlib").Path(inputs).glob("*.jsonl")))
+config = MinhashConfig()
+t = time.perf_counter()
+times = {}
+def run(name, pipeline, tasks):
+    t0 = time.perf_counter()
+    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
+                          logging_dir=f"{out}/logs/{name}", skip_completed=False).run()
+    times[name] = time.perf_counter() - t0
+run("signatures", [JsonlReader(inputs), MinhashDedupSignature(f"{out}/signatures", config=config,
+                                                                      language=Words())], files)
+run("buckets", [MinhashDedupBuckets(f"{out}/signatures", f"{out}/buckets", config=config)], config.num_buckets)
+run("clusters", [MinhashDedupCluster(f"{out}/buckets", f"{out}/remove_ids", config=config)], 1)
+run("filter", [JsonlReader(inputs), MinhashDedupFilter(f"{out}/remove_ids"), JsonlWriter(f"{out}/output")], files)
+wall = time.perf_counter() - t
+me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+print("RESULT " + json.dumps({"wall": wall, "cpu": cpu, "rss_mb": me.ru_maxrss / 1024,
+                              "child_rss_mb": kids.ru_maxrss / 1024,
+                              "stages": ", ".join(f"{k} {v:.0f} s" for k, v in times.items())}))
+"""
+
+
+def run_datatrove(data: Path, out: Path, workers: int) -> dict:
+    """datatrove's MinHash pipeline on `data`, split into `workers` files (its readers give a file to a task)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    shards = out / "input"
+    shards.mkdir(parents=True)
+    lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    step = -(-len(lines) // workers)
+    for k in range(workers):
+        (shards / f"{k:03d}.jsonl").write_text("".join(lines[k * step:(k + 1) * step]), encoding="utf-8")
+    del lines
+    proc = subprocess.run([sys.executable, "-c", DATATROVE, str(shards), str(out), str(workers)],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads(proc.stdout.rsplit("RESULT ", 1)[1])
+
+
+def same_output(a: Path, b: Path) -> bool:
+    """Whether two built corpora have byte-identical text, shards and tokenizer."""
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix in (".jsonl", ".bin", ".model"))
+    return bool(files) and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files)
+
+
+def stage_seconds(stages: str, names: tuple[str, ...]) -> float:
+    """Seconds of the named stages in a report's "Built in" line."""
+    return sum(float(t) for name, t in re.findall(r"(\w+) ([\d.]+) s", stages) if name in names)
 
 
 def main() -> None:
@@ -219,7 +354,11 @@ def main() -> None:
     parser.add_argument("--old-commit", default="d1efb32", help="the commit of the in-memory build")
     parser.add_argument("--old-max-gb", type=float, default=0.1, help="largest input for the in-memory build")
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--workers", type=int, default=1, help="worker processes of the streaming build")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="worker processes of the streaming "
+                        "build: one build per number")
+    parser.add_argument("--datatrove", action="store_true", help="also run datatrove's MinHash pipeline")
+    parser.add_argument("--variants", action="store_true", help="light-variant families instead of the mix")
+    parser.add_argument("--originals-mb", type=float, default=20.0, help="originals of --variants")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--builds", nargs="+", default=["streaming", "in-memory"], help="which builds to run")
     parser.add_argument("--json", default="", help="also write the results here")
@@ -234,13 +373,17 @@ def main() -> None:
     results = []
     for gb in args.sizes:
         data = out / f"input-{gb:g}GB.jsonl"
-        made = make_input(base, int(gb * 1e9), data, args.seed)
+        if args.variants:
+            made = make_variants(base, int(gb * 1e9), data, args.seed, int(args.originals_mb * 1e6))
+        else:
+            made = make_input(base, int(gb * 1e9), data, args.seed)
         size = data.stat().st_size
         print(f"\n{gb:g} GB input: {size / 1e6:.0f} MB, {made['counts']}", flush=True)
-        candidates = [("streaming", "palmkit.data.corpus.build", [str(ROOT / "src")], args.workers)]
+        candidates = [(f"streaming-{w}w" if len(args.workers) > 1 else "streaming", "palmkit.data.corpus.build",
+                       [str(ROOT / "src")], w) for w in args.workers]
         if gb <= args.old_max_gb:
             candidates.append(("in-memory", "oldcorpus.build", [str(old), str(ROOT / "src")], 2))
-        candidates = [c for c in candidates if c[0] in args.builds]
+        candidates = [c for c in candidates if c[0].split("-")[0] in args.builds]
         for name, module, paths, workers in candidates:
             target = out / f"{name}-{gb:g}GB"
             t0 = time.perf_counter()
@@ -248,9 +391,32 @@ def main() -> None:
             result.update(name=name, gb=gb, input_mb=size / 1e6, workers=workers,
                           mb_s=size / 1e6 / result.get("wall", time.perf_counter() - t0))
             if "error" not in result:
-                result.update(quality(target, made))
+                result.update(quality(target, made, estimates=not args.variants))
+                result["dedup_s"] = stage_seconds(result["stages"], ("pairs", "verify", "dedup"))
+                # what datatrove's four stages do: read, hash, find the pairs and clusters, write what is kept
+                result["read_dedup_s"] = stage_seconds(result["stages"], ("extract", "pairs", "verify", "dedup"))
             results.append(result)
             print(json.dumps(result), flush=True)
+        built = [r for r in results if r["gb"] == gb and r["name"].startswith("streaming-") and "error" not in r]
+        for r in built[1:]:
+            r["same_as_1"] = same_output(out / f"{built[0]['name']}-{gb:g}GB", out / f"{r['name']}-{gb:g}GB")
+            print(f"{r['name']} vs {built[0]['name']}: dedup stages {r['dedup_s']:.0f} s / {built[0]['dedup_s']:.0f} s"
+                  f" = x{r['dedup_s'] / max(built[0]['dedup_s'], 1e-9):.2f}, whole build x"
+                  f"{r['wall'] / built[0]['wall']:.2f}, byte-identical output: {r['same_as_1']}", flush=True)
+        if args.datatrove:
+            w = max(args.workers)
+            t0 = time.perf_counter()
+            result = run_datatrove(data, out / f"datatrove-{gb:g}GB", w)
+            # its pool's worker processes are not waited for, so that RUSAGE_CHILDREN does not count them
+            result.update(cpu=float("nan"), child_rss_mb=float("nan"))
+            result.update(name=f"datatrove-{w}w", gb=gb, input_mb=size / 1e6, workers=w,
+                          mb_s=size / 1e6 / result.get("wall", time.perf_counter() - t0))
+            if "error" not in result:
+                result.update(quality(out / f"datatrove-{gb:g}GB", made, datatrove_kept, estimates=False))
+                result["dedup_s"] = result["read_dedup_s"] = result["wall"]
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    print("\ninput MB/s: the whole run (extract + dedup stages / dedup stages alone; datatrove: its four stages)")
     print("\n| build | input GB | workers | wall s | CPU s | input MB/s | peak RSS MB (process / largest child) | "
           "kept MB | exact dups | near dups | near-dup recall | false removals |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -259,10 +425,12 @@ def main() -> None:
             print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | failed: {r['error']} ||||||||")
             continue
         print(f"| {r['name']} | {r['gb']:g} | {r['workers']} | {r['wall']:.0f} | {r.get('cpu', 0):.0f} | "
-              f"{r['mb_s']:.2f} | "
+              f"{r['mb_s']:.2f} ({r['input_mb'] / max(r['read_dedup_s'], 1e-9):.2f} / "
+              f"{r['input_mb'] / max(r['dedup_s'], 1e-9):.2f}) | "
               f"{r['rss_mb']:.0f} / {r['child_rss_mb']:.0f} | {r.get('kept_mb', '')} | {r.get('exact', '')} | "
               f"{r.get('near', '')} | {r['recall']:.3f} ({r['pairs']} pairs) | {r['false_removals']:.3f} |")
-    stream = [r for r in results if r["name"] == "streaming" and "error" not in r]
+    stream = [r for r in results if r["name"].startswith("streaming") and r["workers"] == args.workers[0]
+              and "error" not in r]
     if len(stream) >= 2:
         a, b = stream[0], stream[-1]
         print(f"\nstreaming {b['gb']:g} GB vs {a['gb']:g} GB: peak RSS x{b['rss_mb'] / a['rss_mb']:.2f}, "

@@ -4,7 +4,9 @@
 #   2. a seeded sampled generation on cuda, twice: the same text (the generator lives on the logits' device),
 #   3. a `base`-preset bf16 pretraining step: time and MFU against the GPU's peak bf16 FLOP/s,
 #   4. DDP over NCCL on one GPU: the same losses as the plain model,
-#   5. tensor-parallel generation over NCCL (a 1-rank mesh; with 2+ GPUs also `palmkit generate --tp 2`) against
+#   5. `palmkit finetune classify` of a `small` model in float32 and bfloat16, DDP over every GPU present
+#      (torchrun): examples/s, and the task learned in both,
+#   6. tensor-parallel generation over NCCL (a 1-rank mesh; with 2+ GPUs also `palmkit generate --tp 2`) against
 #      one process.
 # Usage: bash benchmarks/gpu_check.sh [LOG]   (default LOG: gpu_check.log; PEAK_TFLOPS=... for an unknown GPU)
 # Without a CUDA GPU it says so and exits 1; otherwise it exits 1 if any step failed.
@@ -140,6 +142,62 @@ assert all(abs(a - b) < 1e-5 for a, b in zip(losses["plain"], losses["ddp"])), "
 dist.destroy_process_group()
 EOF
 step "DDP over NCCL, one GPU" 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$TMP/ddp.py"
+
+cat > "$TMP/ft_data.py" <<'EOF'
+"""A `small` checkpoint and an easy two-class task (which animal a sentence of filler words mentions)."""
+import csv
+import random
+import sys
+from pathlib import Path
+
+from palmkit.model.checkpoint import save_checkpoint
+from palmkit.model.palm import build_model, preset
+from palmkit.model.tokenizer import train_tokenizer
+
+root, preset_name = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "small"
+filler = "the a of and to in is was for on with as by at from this that which river city house garden".split()
+lines = Path("README.md").read_text(encoding="utf-8").splitlines() + filler + ["fox", "dog"]
+tok = train_tokenizer(lines, root / "ft_tok.model", vocab_size=400)
+save_checkpoint(root / "ft_ckpt", build_model(preset(preset_name, vocab_size=tok.vocab_size), seed=0), tok)
+rng = random.Random(0)
+with open(root / "task.csv", "w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["sentence", "animal"])
+    for i in range(2000):
+        words = [rng.choice(filler) for _ in range(40)]
+        words.insert(rng.randrange(41), ("fox", "dog")[i % 2])
+        w.writerow([" ".join(words), ("fox", "dog")[i % 2]])
+EOF
+cat > "$TMP/ft_report.py" <<'EOF'
+"""One line of a fine-tuning run's figures from its metrics.jsonl; fails when the easy task was not learned."""
+import json
+import statistics
+import sys
+
+out, dtype, n = sys.argv[1:4]
+records = [json.loads(line) for line in open(f"{out}/metrics.jsonl", encoding="utf-8")]
+speeds = [r["examples_per_s"] for r in records if "examples_per_s" in r][2:]
+accuracy = max(r["valid/accuracy"] for r in records if "valid/accuracy" in r)
+print(f"finetune classify, {dtype}, {n} process(es): {statistics.median(speeds):,.0f} examples/s "
+      f"(median step), valid accuracy {accuracy:.3f}")
+assert accuracy >= 0.9, "the easy task was not learned"
+EOF
+finetune_ddp() {
+    local n dtype out
+    n=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
+    "$PY" "$TMP/ft_data.py" "$TMP" small || return 1
+    for dtype in float32 bfloat16; do
+        out=$TMP/ft-$dtype
+        "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" -m palmkit.cli finetune classify \
+            --checkpoint "$TMP/ft_ckpt" --out "$out" --train_file "$TMP/task.csv" --text_field sentence \
+            --label_field animal --device cuda --train.dtype "$dtype" --train.epochs 2 --train.batch_size 64 \
+            --train.lr 1e-3 --train.log_every 1 > /dev/null || return 1
+        "$PY" "$TMP/ft_report.py" "$out" "$dtype" "$n" || return 1
+    done
+}
+export TMP
+export -f finetune_ddp
+step "fine-tuning, DDP over the GPUs present, float32 and bfloat16" 300 finetune_ddp
 
 cat > "$TMP/tp.py" <<'EOF'
 import torch

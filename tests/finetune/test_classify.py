@@ -64,3 +64,20 @@ def test_bad_inputs_are_user_errors(checkpoint, tmp_path):
         finetune_classify(str(checkpoint), str(tmp_path / "x"))
     with pytest.raises(Exception, match="not a classify checkpoint"):
         load_classifier(checkpoint)
+
+
+def test_left_out_records_are_written_and_counted(checkpoint, tmp_path, capsys):
+    data = easy_task(tmp_path, n=40)
+    lines = data.read_text().splitlines()
+    text, label = lines[2].rsplit(",", 1)  # line 3 of the file: line 1 is the header
+    other = "dog" if label == "fox" else "fox"
+    data.write_text("\n".join([*lines, lines[1], lines[2], f"{text},{other}"]) + "\n")
+    out = tmp_path / "clf"
+    finetune_classify(str(checkpoint), str(out), train_file=str(data), text_field="sentence", label_field="animal",
+                      train=FinetuneConfig(epochs=1, batch_size=16, max_len=24))
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejected) == [
+        ("3", "conflict"), ("42", "duplicate"), ("43", "conflict"), ("44", "conflict")]
+    record = next(r for r in read_metrics(out / "metrics.jsonl") if r.get("event") == "data rejected")
+    assert record["rejected_duplicate"] == 1 and record["rejected_conflict"] == 3
+    assert "left out of the data: 3 conflicts, 1 duplicate" in capsys.readouterr().err

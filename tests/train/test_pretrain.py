@@ -15,8 +15,9 @@ import torch
 
 from palmkit.errors import PalmkitError
 from palmkit.io import MANIFEST, load_tensors
-from palmkit.train import pretrain as pretrain_module
+from palmkit.train import engine as engine_module
 from palmkit.train.config import TrainConfig
+from palmkit.train.engine import Engine
 from palmkit.train.metrics import read_metrics
 from palmkit.train.pretrain import pretrain
 from tests.train.conftest import BASE, assert_same_weights, cli_args, losses, weights
@@ -72,7 +73,7 @@ def test_non_finite_losses_stop_the_run(corpus, tmp_path):
 def test_timed_run_stops_on_time_and_resumes_its_clock(corpus, tmp_path, monkeypatch):
     # A clock that advances 50 ms per reading makes the run's length independent of the machine's load
     ticks = iter(range(10**9))
-    monkeypatch.setattr("palmkit.train.pretrain.time.perf_counter", lambda: next(ticks) * 0.05)
+    monkeypatch.setattr("palmkit.train.engine.time.perf_counter", lambda: next(ticks) * 0.05)
     run = tmp_path / "timed"
     opts = {**BASE, "max_steps": 0, "max_minutes": 0.1, "eval_every": 0, "save_every": 0, "log_every": 4}
     pretrain(str(corpus), str(run), TrainConfig(**opts))
@@ -126,16 +127,16 @@ def test_pretraining_fused_matches_plain_and_resumes_from_plain_checkpoints(corp
 
 
 def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(corpus, tmp_path, monkeypatch):
-    real = pretrain_module.forward_backward
+    real = Engine._micro_step
     calls = itertools.count()
 
-    def poisoned(model, *args, **kwargs):  # the 3rd micro-batch leaves an inf in one gradient, its loss finite
-        out = real(model, *args, **kwargs)
+    def poisoned(self, *args, **kwargs):  # the 3rd micro-batch leaves an inf in one gradient, its loss finite
+        out = real(self, *args, **kwargs)
         if next(calls) == 2:
-            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+            next(p for p in self.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
         return out
 
-    monkeypatch.setattr(pretrain_module, "forward_backward", poisoned)
+    monkeypatch.setattr(Engine, "_micro_step", poisoned)
     run = tmp_path / "inf-grad"
     pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "max_steps": 3, "eval_every": 0, "micro_batch": 8}))
     assert all(bool(torch.isfinite(v).all()) for v in weights(run).values())
@@ -145,7 +146,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_skipped(corpus, tmp_path, m
 
 
 def test_non_finite_weights_never_become_the_latest_checkpoint(corpus, tmp_path, monkeypatch):
-    real = pretrain_module.optimizer_step
+    real = engine_module.optimizer_step
     calls = itertools.count(1)
 
     def corrupting(model, *args, **kwargs):  # the 4th update leaves an inf in the weights
@@ -155,7 +156,7 @@ def test_non_finite_weights_never_become_the_latest_checkpoint(corpus, tmp_path,
                 next(model.parameters()).view(-1)[0] = float("inf")
         return norm
 
-    monkeypatch.setattr(pretrain_module, "optimizer_step", corrupting)
+    monkeypatch.setattr(engine_module, "optimizer_step", corrupting)
     run = tmp_path / "inf-weights"
     with pytest.raises(PalmkitError, match=r"weights at step 4 are not finite .* latest checkpoint stays step-0000002"):
         pretrain(str(corpus), str(run), TrainConfig(**{**BASE, "eval_every": 0, "save_every": 2, "keep_last": 1}))

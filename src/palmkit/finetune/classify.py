@@ -39,7 +39,7 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
                       test_file: str = "", text_field: str = "text", label_field: str = "label",
                       label_names: list[str] | str = "", pooling: Literal["last", "mean"] = "last",
                       train: FinetuneConfig = FinetuneConfig(),
-                      force: bool = False) -> dict:
+                      force: bool = False, resume: bool = False, device: str = "") -> dict:
     """Fine-tune a text classifier (a linear head on the pretrained model); returns the best validation scores.
 
     OUT ends up holding the checkpoint that did best on validation, with metrics.jsonl, learning_curve.png and
@@ -61,11 +61,15 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
         train: training options
         force: write into OUT even when it holds other files: the model's files are replaced, the others kept
             (without it such a folder is refused before training, never deleted)
+        resume: continue exactly where the training checkpoints in OUT stopped (OUT/checkpoints, written at each
+            validation): the same options as the interrupted run; from scratch when there is none
+        device: cpu or cuda (under torchrun each process takes the GPU of its LOCAL_RANK); "": cuda when there
+            is one
     """
     cfg = train
     job = start("classify", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
                                                     "text_field": text_field, "label_field": label_field,
-                                                    "label_names": label_names})
+                                                    "label_names": label_names}, device)
     data, model, tokenizer = job.data, job.model, job.tokenizer
     _check_labels(data, data.train + data.valid)
     module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
@@ -79,4 +83,4 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
 
     extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len, **job.source}
     return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra,
-               force)
+               force, resume, device, job.data.rejected)

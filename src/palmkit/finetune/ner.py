@@ -34,7 +34,7 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
                  test_file: str = "", label_field: str = "tags", label_names: list[str] | str = "",
                  char_level: bool = False,
                  context: Literal["causal", "echo"] = "causal", train: FinetuneConfig = FinetuneConfig(),
-                 force: bool = False) -> dict:
+                 force: bool = False, resume: bool = False, device: str = "") -> dict:
     """Fine-tune a named-entity tagger (BIO tags, a linear head on every token); returns the best validation scores.
 
     OUT ends up holding the checkpoint that did best on validation, with metrics.jsonl, learning_curve.png and
@@ -57,10 +57,14 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
         train: training options
         force: write into OUT even when it holds other files: the model's files are replaced, the others kept
             (without it such a folder is refused before training, never deleted)
+        resume: continue exactly where the training checkpoints in OUT stopped (OUT/checkpoints, written at each
+            validation): the same options as the interrupted run; from scratch when there is none
+        device: cpu or cuda (under torchrun each process takes the GPU of its LOCAL_RANK); "": cuda when there
+            is one
     """
     cfg = train
     job = start("ner", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
-                                               "label_field": label_field, "label_names": label_names})
+                                               "label_field": label_field, "label_names": label_names}, device)
     data, model, tokenizer = job.data, job.model, job.tokenizer
     char_level = data.char_level or char_level
     echo = context == "echo"
@@ -78,4 +82,5 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
 
     extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
              "max_len": cfg.max_len, **job.source}
-    return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra, force)
+    return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra, force,
+               resume, device, job.data.rejected)

@@ -27,11 +27,12 @@ def predict_logits(module: nn.Module, items: Sequence[Item], pad_id: int, batch_
     batch shows a progress bar (examples/s) on stderr."""
     out: list[torch.Tensor | None] = [None] * len(items)
     position = {id(it): i for i, it in enumerate(items)}
+    device = next(module.parameters()).device
     with tqdm(total=len(items), unit="ex", desc="predict", leave=False, disable=len(items) <= batch_size,
               dynamic_ncols=True) as bar:
         for batch in batches(items, batch_size):
             ids, lengths = pad(batch, pad_id)
-            logits = module(ids, lengths).float()
+            logits = module(ids.to(device), lengths.to(device)).float().cpu()
             for it, row, n in zip(batch, logits, lengths.tolist(), strict=True):
                 out[position[id(it)]] = row if row.dim() == 1 else row[:n]
             bar.update(len(batch))

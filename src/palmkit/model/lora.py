@@ -21,6 +21,7 @@ from palmkit.errors import PalmkitError
 from palmkit.io import atomic_write_json, save_tensors
 from palmkit.model.layouts import hf_state_dict
 
+WRAPPED = "_checkpoint_wrapped_module."  # torch's activation-checkpointing wrapper's child
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -64,9 +65,15 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets: Sequence[str], 
     return wrapped
 
 
+def _lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRALinear modules by state-dict name (activation checkpointing's wrapper, which state dicts
+    leave out of their keys, left out here too)."""
+    return {name.replace(WRAPPED, ""): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with every LoRALinear folded into a plain `.weight`; the model is left as it is."""
-    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    lora = _lora_modules(model)
     out = {}
     for key, value in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -96,7 +103,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 
 def peft_adapter(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, adapter_config) of the model's LoRA adapters in PEFT's format, under the exported base's names."""
-    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    lora = _lora_modules(model)
     if not lora:
         raise PalmkitError("the model has no LoRA adapters")
     ours = {f"{name}.lora_{part}.weight": getattr(m, f"lora_{part}").detach().float().clone()

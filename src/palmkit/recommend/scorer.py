@@ -159,12 +159,15 @@ def _pair_loss(module, ids, lengths, targets):
 
 
 def finetune_scorer(checkpoint: str, out: str, split: FeedbackSplit, movies: dict[str, Movie],
-                    train: FinetuneConfig = FinetuneConfig(), scorer: ScorerConfig = ScorerConfig()) -> dict:
+                    train: FinetuneConfig = FinetuneConfig(), scorer: ScorerConfig = ScorerConfig(),
+                    resume: bool = False, device: str = "") -> dict:
     """Fine-tune the two-tower scorer from CHECKPOINT on the split's training likes; OUT holds the model that did
-    best on validation pairs (ROC AUC), as `finetune` writes it. Returns the best validation record."""
+    best on validation pairs (ROC AUC), as `finetune` writes it. Returns the best validation record.
+
+    It runs on the training engine as `finetune` does: --device, --train.dtype, torchrun, --resume."""
     items = split.items
     index = {item: i for i, item in enumerate(items)}
-    model, tokenizer, _ = prepare(checkpoint, train)
+    model, tokenizer, _ = prepare(checkpoint, train, device)
     encoder = PairEncoder(tokenizer, [movies[i] for i in items], scorer)
     histories = [[index[i] for i in split.history(u, "valid")] for u in split.users]
     rated = [{index[i] for i in split.rated[u]} for u in split.users]
@@ -183,7 +186,7 @@ def finetune_scorer(checkpoint: str, out: str, split: FeedbackSplit, movies: dic
     extra = {"task": TASK, "scorer": asdict(scorer), "max_len": scorer.history_len + scorer.item_len,
              "data": "movielens-100k", "train_pairs": len(pairs)}
     return fit(module, model, tokenizer, [encoder.pair(*p) for p in pairs], validate, _pair_loss, train, out,
-               "auc", extra)
+               "auc", extra, resume=resume, device=device)
 
 
 class TextScorer:

@@ -63,8 +63,9 @@ class TrainConfig:
     """weight of the auxiliary loss z_loss x log(Z)^2 that keeps the softmax normaliser near 0 (PaLM section 5)"""
     dropout: float = 0.0
     """dropout rate; PaLM pretrains without dropout (section 5)"""
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
-    """compute dtype: bfloat16 autocasts matmuls and attention (weights, residual stream and loss stay float32)"""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """compute dtype: bfloat16 autocasts matmuls and attention (weights, residual stream and loss stay float32);
+    float16 does the same with a gradient scaler (for GPUs without bfloat16)"""
     compile: bool = False
     """torch.compile the model (slow to start, faster per step)"""
     activation_checkpointing: bool = False
@@ -129,3 +130,23 @@ def resume_changes(run: str | os.PathLike, saved: TrainConfig, given: TrainConfi
                            "them, or start a new run in another folder (--init_from a checkpoint of this run "
                            "starts from its weights)")
     return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in changed]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How any training loop runs: compute dtype, compile, activation checkpointing, data parallelism, the step's
+    gradient clip and how many non-finite steps in a row end the run. TrainConfig and FinetuneConfig carry these
+    options under the same names; `engine_config` reads them off either."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5
+    fuse_projections: bool = False
+
+
+def engine_config(cfg) -> EngineConfig:
+    """The EngineConfig fields of any options object that has them (missing ones keep their defaults)."""
+    return EngineConfig(**{f.name: getattr(cfg, f.name) for f in fields(EngineConfig) if hasattr(cfg, f.name)})

@@ -15,9 +15,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from palmkit.errors import PalmkitError
 from palmkit.model.fused import fuse_projections
 from palmkit.model.palm import PaLM
-from palmkit.train.config import TrainConfig
 
 
 @dataclass
@@ -32,31 +32,43 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the process group that torchrun describes in the environment; a lone process needs none."""
+def init_distributed(device: str = "") -> Dist:
+    """Join the process group that torchrun describes in the environment; a lone process needs none.
+
+    device: cpu, cuda (each rank takes GPU LOCAL_RANK) or cuda:N (one process); "": cuda when there is one.
+    """
+    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PalmkitError(f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__})")
+    if kind not in ("cpu", "cuda"):
+        raise PalmkitError(f"--device {device}: palmkit trains on cpu or cuda")
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(device=torch.device(device or kind))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if kind == "cuda":
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device_ = torch.device("cuda", local_rank)
     else:
-        device = torch.device("cpu")
+        device_ = torch.device("cpu")
     if not dist.is_initialized():
         # NCCL moves GPU tensors over NVLink/InfiniBand; gloo is the CPU backend.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device)
+        dist.init_process_group("nccl" if device_.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device_)
 
 
-def parallelize(model: PaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
-    """Activation checkpointing, then FSDP2 or DDP, then compile, in torchtitan's fixed order."""
-    if cfg.fuse_projections:
-        fuse_projections(model)
+def parallelize(model: torch.nn.Module, cfg, d: Dist) -> torch.nn.Module:
+    """Activation checkpointing, then FSDP2 or DDP, then compile, in torchtitan's fixed order.
+
+    `model` is a PaLM or a module that holds one as `.model` (a fine-tuning head); `cfg` any options with
+    strategy, activation_checkpointing and compile (TrainConfig, FinetuneConfig, EngineConfig)."""
+    palm = model if isinstance(model, PaLM) else model.model
+    if getattr(cfg, "fuse_projections", False):
+        fuse_projections(palm)
     if cfg.activation_checkpointing:
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block)
+        for i, block in enumerate(palm.layers):
+            palm.layers[i] = checkpoint_wrapper(block)
     if d.world_size > 1 and cfg.strategy == "fsdp":
-        for block in model.layers:
+        for block in palm.layers:
             fully_shard(block)  # each block's parameters are gathered only while it runs
         fully_shard(model)
     elif d.world_size > 1:
@@ -64,6 +76,15 @@ def parallelize(model: PaLM, cfg: TrainConfig, d: Dist) -> torch.nn.Module:
     if cfg.compile:
         model = torch.compile(model)
     return model
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order (picklable objects: RNG states, small records)."""
+    if d.world_size == 1:
+        return [obj]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce(values: list[float], d: Dist) -> list[float]:

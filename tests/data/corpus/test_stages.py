@@ -41,16 +41,17 @@ def texts(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("max_mb", [0.0, 0.008])
 def test_streaming_split_matches_the_in_memory_reference(tmp_path, monkeypatch, max_mb):
-    monkeypatch.setattr(stages._Readers, "keep_open", 2)  # earlier tasks' files are closed and opened again
-    monkeypatch.setattr(stages, "DEDUP_BLOCK_DOCS", 3)  # dedup blocks across tasks, duplicates in earlier blocks
-    blocks = []
+    from palmkit.data.corpus import build as build_module
 
-    class Counted(stages.DuplicateIndex):
-        def add(self, exact, sigs):
-            blocks.append(len(exact))
-            return super().add(exact, sigs)
+    monkeypatch.setattr(build_module, "DEDUP_PART_BYTES", 10_000)  # dedup keys over several partitions
+    units = []
+    pairs_unit = stages.pairs_unit
 
-    monkeypatch.setattr(stages, "DuplicateIndex", Counted)
+    def counted(work, plan, lang, part):
+        units.append((lang, part, plan.dedup_parts))
+        pairs_unit(work, plan, lang, part)
+
+    monkeypatch.setattr(stages, "pairs_unit", counted)
     docs = [clean_text(d) for d in perturbed_articles(seed=2)]
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
@@ -61,7 +62,8 @@ def test_streaming_split_matches_the_in_memory_reference(tmp_path, monkeypatch, 
     assert texts(tmp_path / "out/text/en/train.jsonl") == train
     assert texts(tmp_path / "out/text/en/valid.jsonl") == valid
     assert len(train) < len(docs) - 10  # the near and exact copies are gone
-    assert sum(blocks) == len(docs) and blocks[0] == 3 and len(blocks) == -(-len(docs) // 3)
+    parts = units[0][2]
+    assert parts > 3 and sorted(units) == [("en", k, parts) for k in range(parts)]
     if max_mb:
         size = sum(len(d.encode()) for d in train + valid)
         assert max_mb * 1e6 <= size < max_mb * 1e6 + max(len(d.encode()) for d in docs)

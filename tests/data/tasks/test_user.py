@@ -100,3 +100,45 @@ def test_numbered_ner_tags_need_their_names(tmp_path):
     with pytest.raises(PalmkitError, match=r"ner.jsonl:1: no field 'tags' \(set by --label_field\); the record has "
                                            r"fields 'id', 'tokens', 'ner_tags'"):
         user_examples(path, "ner")
+
+
+def test_duplicates_and_conflicting_labels_are_reported_by_file_and_line(tmp_path):
+    train = tmp_path / "train.csv"
+    rows = ["text,label", "good film,pos", "bad film,neg", "good film,pos", "so so,pos", "so so,neg", "fine,pos",
+            "in the test,neg"]
+    train.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    test = _write(tmp_path / "test.jsonl", [{"text": "in the test", "label": "neg"}])
+    valid = _write(tmp_path / "valid.jsonl", [{"text": "checked", "label": "pos"}])
+    data = load_user_task("classify", str(train), str(valid), str(test))
+    assert [ex.text for ex in data.train] == ["good film", "bad film", "fine"]
+    assert [ex.text for ex in data.test] == ["in the test"]  # kept where it is evaluated, left out of training
+    got = {(r["where"], r["reason"]) for r in data.rejected}
+    # csv lines count the header: "good film" is on line 2, its copy on line 4
+    assert got == {(f"{train}:4", "duplicate"), (f"{train}:5", "conflict"), (f"{train}:6", "conflict"),
+                   (f"{train}:8", "duplicate")}
+    dup = next(r for r in data.rejected if r["where"] == f"{train}:4")
+    assert dup["detail"] == f"first at {train}:2" and dup["text"] == "good film"
+    conll = tmp_path / "ner.conll"
+    conll.write_text("Anna\tB-PER\n\nBerlin\tB-LOC\n\nAnna\tB-PER\n")
+    ner = load_user_task("ner", str(conll))
+    assert [r["where"] for r in ner.rejected] == [f"{conll}:5"]
+
+
+def test_parquet_records_as_corpus_build_reads_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "train.parquet"
+    table = pa.table({"sentence": [f"text {i}" for i in range(30)] + ["text 0"], "y": [i % 2 for i in range(30)] + [1]})
+    pq.write_table(table, path, row_group_size=8)  # several row groups: rows are numbered across them
+    data = load_user_task("classify", str(path), text_field="sentence", label_field="y", label_names="neg,pos")
+    assert data.labels == ["neg", "pos"] and len(data.train) + len(data.valid) + len(data.test) == 29
+    # row 31 repeats row 1's text with the other label: both copies are left out
+    assert [(r["where"], r["reason"]) for r in data.rejected] == [(f"{path}:1", "conflict"), (f"{path}:31", "conflict")]
+    chat = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"prompt": ["hi"], "completion": ["hello"]}), chat)
+    assert user_examples(chat, "chat") == [[{"role": "user", "content": "hi"},
+                                            {"role": "assistant", "content": "hello"}]]
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(PalmkitError, match="not a readable Parquet file"):
+        user_examples(tmp_path / "bad.parquet", "chat")

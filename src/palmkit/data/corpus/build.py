@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -22,17 +23,21 @@ from typing import Literal
 
 from tqdm import tqdm
 
-from palmkit.data.corpus.clean import detect_language
 from palmkit.data.corpus.executor import StageStep, run_stage
 from palmkit.data.corpus.extract import MIN_DOC_CHARS, chunk_tasks, source_files
-from palmkit.data.corpus.inputs import input_files, piece_bytes, pieces, sample_text
+from palmkit.data.corpus.inputs import input_files, piece_bytes, pieces
+from palmkit.data.corpus.langid import known_languages
 from palmkit.data.corpus.report import fertility_table, markdown_table, mb, plot_sizes, sum_by, write_report
 from palmkit.data.corpus.sources import DEFAULT_LANGS, fetch, select_sources
 from palmkit.data.corpus.stages import (
+    AUTO,
+    DEDUP_PART_BYTES,
     SPLITS,
     Plan,
     ReadTask,
+    extracted,
     lang_plans,
+    pair_units,
     part_units,
     read_json,
     run_unit,
@@ -85,7 +90,8 @@ def _source_tasks(langs: list[str], cache: str, subset: str) -> list[ReadTask]:
 
 
 def _input_tasks(inputs: list[str], lang: str, text_field: str, unit_bytes: int) -> list[ReadTask]:
-    """Read tasks of the user's inputs: pieces of large files, small files grouped, one language per file."""
+    """Read tasks of the user's inputs: pieces of large files, small files grouped (`lang` auto: the language
+    of each document is told at extraction)."""
     tasks: list[ReadTask] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -93,10 +99,6 @@ def _input_tasks(inputs: list[str], lang: str, text_field: str, unit_bytes: int)
         group: list = []
         for file in input_files(path):
             code = lang
-            if lang == "auto":
-                code = detect_language(sample_text(file, text_field)) or ""
-                if not code:
-                    raise PalmkitError(f"could not tell the language of {file}; give it with --lang")
             for piece in pieces(file, unit_bytes):
                 size = piece_bytes(piece)
                 if group and (group[0][1] != code or len(group) >= MAX_FILES_PER_TASK
@@ -240,29 +242,36 @@ def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, 
     return {"rows": rows}
 
 
-def build(out: str, langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
+def build(out: str, langs: Sequence[str] | str = "", cache: str = "",
           subset: Literal["full", "small", "none"] = "full", inputs: Sequence[str] | str = (), lang: str = "",
-          text_field: str = "text", valid_fraction: float = 0.02, max_mb_per_lang: float = 0.0,
+          text_field: str = "text", normalize: bool = False, valid_fraction: float = 0.02, max_mb_per_lang: float = 0.0,
           vocab_size: int = 32000, alpha: float = 0.3, seed: int = 0, workers: int = 0, unit_mb: float = 32.0,
           work_dir: str = "", nodes: int = 1, node_rank: int = 0) -> str:
     """Build a corpus in OUT: cleaned, filtered, deduplicated text, a tokenizer and token shards.
 
     OUT gets text/<lang>/{train,valid}.jsonl, tokenizer.model (trained on a language-balanced sample),
     report.md/png, fertility.md, shards/ and, when input records were skipped, rejected.jsonl (file, line,
-    reason). The built-in sources of LANGS are fetched first. The build streams through files in a work folder
+    reason). Your INPUTS are kept as given (only control characters, NUL and invalid UTF-8 are taken out and
+    counted), so that code and Markdown come back byte for byte from the shards; the built-in sources are
+    cleaned. The built-in sources of LANGS are fetched first. The build streams through files in a work folder
     (memory does not grow with the corpus); run again with the same arguments, an interrupted build continues
     where it stopped.
 
     Args:
         out: the corpus folder
-        langs: languages of the built-in sources: a list, or one comma-separated string
+        langs: languages to build: a list, or one comma-separated string (default: the seven built-in languages
+            with the built-in sources; with --subset none, whatever languages INPUTS have); with --lang auto, the
+            languages INPUTS' documents may have (any that --lang auto knows), the others listed in rejected.jsonl
         cache: folder of the downloaded sources (default: $PALMKIT_CACHE, else ~/.cache/palmkit/corpus)
         subset: full: every built-in source; small: a few quick ones; none: only your INPUTS
         inputs: your own files or folders of them: .jsonl, .jsonl.gz, .parquet (the TEXT_FIELD key or column),
             .arrow (a Hugging Face dataset saved with save_to_disk), .csv (the TEXT_FIELD column), .txt (documents
             separated by blank lines); a list, or one comma-separated string
-        lang: the language of INPUTS (e.g. de), or auto: told apart per file by script and stopwords
+        lang: the language of INPUTS (e.g. de), or auto: told apart per document by py3langid; a document it is
+            unsure of (probability under 0.5) is listed in rejected.jsonl
         text_field: the JSON key or column of the text in INPUTS
+        normalize: clean INPUTS like the built-in sources (spaces and blank lines tidied, each line's leading
+            and trailing whitespace removed) instead of keeping them as given
         valid_fraction: share of each language's documents held out for validation (at least ~100 kB where
             the language has it, at most 10%)
         max_mb_per_lang: cap on each language's text in MB; 0: no cap
@@ -280,11 +289,19 @@ def build(out: str, langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
     """
     started = time.perf_counter()
     out_dir = Path(out)
-    langs, inputs = split_list(langs), split_list(inputs)
+    asked, inputs = split_list(langs), split_list(inputs)
     if inputs and not lang:
         raise PalmkitError("--inputs needs --lang (the language of your files, e.g. --lang de, or --lang auto)")
-    if lang and lang != "auto" and lang not in langs:
+    if lang == AUTO:
+        unknown = sorted(set(asked) - known_languages() - set(DEFAULT_LANGS))
+        if unknown:
+            raise PalmkitError(f"--langs {', '.join(unknown)}: not a language --lang auto knows (it knows "
+                               f"{', '.join(sorted(known_languages()))})")
+    langs = asked or (list(DEFAULT_LANGS) if subset != "none" else [])  # the built-in sources' languages
+    expected = list(langs)  # the languages the build warns about when they get no text
+    if lang and lang != AUTO and lang not in langs:
         langs.append(lang)
+        expected.append(lang)
     if subset == "none" and not inputs:
         raise PalmkitError("--subset none needs --inputs: there would be no text at all")
     if not 0 < valid_fraction < 1:
@@ -294,7 +311,9 @@ def build(out: str, langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
     tasks = _source_tasks(langs, cache, subset) + _input_tasks(inputs, lang, text_field, int(unit_mb * 1e6))
     if not tasks:
         raise PalmkitError(f"the corpus is empty: no sources for {', '.join(langs)}")
-    plan = Plan(tuple(tasks), valid_fraction, max_mb_per_lang, unit_mb, alpha, seed)
+    parts = min(256, max(1, math.ceil(sum(t.nbytes for t in tasks) / DEDUP_PART_BYTES)))
+    plan = Plan(tuple(tasks), valid_fraction, max_mb_per_lang, unit_mb, alpha, seed,
+                tuple(asked) if lang == AUTO else (), normalize, parts)
     work = Path(work_dir or out_dir) / ".build"
     if _start(work, plan, vocab_size, node_rank):
         tqdm.write(f"continuing the build in {work}", file=sys.stderr)
@@ -307,23 +326,29 @@ def build(out: str, langs: Sequence[str] | str = DEFAULT_LANGS, cache: str = "",
         stages[name] = (time.perf_counter() - t0, sum(sizes))
 
     stage("extract", [t.nbytes for t in plan.tasks])
-    extracted: Counter = Counter()
-    user_docs = 0
+    user_docs, cleaned = 0, Counter()
     for t, task in enumerate(plan.tasks):
         found = read_json(work / "extract" / f"{t:05d}" / "stats.json")
-        extracted[task.lang] += found["bytes"]
         user_docs += found["docs"] if task.task is None else 0
+        cleaned.update({k: found.get(k, 0) for k in ("control_chars", "invalid_utf8")} if task.task is None else {})
+    if cleaned["control_chars"] or cleaned["invalid_utf8"]:
+        warn(f"--inputs: took out {cleaned['control_chars']} control character(s) or escape sequence(s) and "
+             f"replaced {cleaned['invalid_utf8']} invalid UTF-8 character(s) with U+FFFD")
     if inputs and not user_docs:
         raise PalmkitError(f"no documents in --inputs {' '.join(inputs)}: no records with text "
                            f"(at least {MIN_DOC_CHARS} characters)")
-    stage("dedup", [extracted[lang] for lang in plan.langs])
+    found = extracted(work, plan)
+    lang_bytes = {code: sum(b for _, b in tasks.values()) for code, tasks in found.items()}
+    stage("pairs", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
+    stage("verify", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
+    stage("dedup", [lang_bytes[code] for code in found])
     plans = lang_plans(work, plan)
     for code, p in plans.items():
         if p["docs"] and not p["parts"]:
             warn(f"language {code}: no training documents after cleaning; left out")
     if not any(p["parts"] for p in plans.values()):
-        raise PalmkitError(f"the corpus is empty: no documents for {', '.join(plan.langs)}")
-    missing = sorted(set(langs) - {code for code, p in plans.items() if p["parts"]})
+        raise PalmkitError(f"the corpus is empty: no documents for {', '.join(found) or ', '.join(langs)}")
+    missing = sorted(set(expected) - {code for code, p in plans.items() if p["parts"]})
     if missing:
         warn(f"no text for language(s) {', '.join(missing)}")
     part_sizes = [plans[code]["part_bytes"][k] for code, k in part_units(work, plan)]

@@ -1,4 +1,9 @@
-"""Cleaning extracted text: control codes and spacing, and a line filter that keeps the source's language."""
+"""Cleaning extracted text: control codes and spacing, and a line filter that keeps the source's language.
+
+Two policies: the built-in sources (rendered man pages, help HTML) are tidied by `clean_text`; the user's own text
+is kept as given by `keep_as_given`, which takes out only what cannot be text (control codes, NUL, halves of
+UTF-16 pairs), so that code, Markdown and poetry keep their layout through the corpus and the tokenizer.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,23 @@ def clean_text(text: str) -> str:
     text = _CONTROL.sub("", text)
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
+
+
+_NOT_TEXT = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|[\x00-\x08\x0b\x0e-\x1f\x7f]")  # keeps \t \n \f \r
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # from JSON escapes: not encodable as UTF-8
+
+
+def keep_as_given(text: str, stats: Counter) -> str:
+    """The user's text as given, less terminal escape sequences, control characters (tab, newline, carriage
+    return and form feed are kept) and NUL, each counted in `stats`; a lone UTF-16 surrogate (which UTF-8 cannot
+    hold) becomes U+FFFD and is counted as invalid UTF-8."""
+    text, n = _NOT_TEXT.subn("", text)
+    stats["control_chars"] += n
+    text, n = _SURROGATE.subn("\ufffd", text)
+    stats["invalid_utf8"] += n
+    return text
 
 
 def _runs(pattern: str) -> re.Pattern:
@@ -127,20 +149,3 @@ def filter_lines(text: str, lang: str, stats: Counter | None = None) -> str:
         if ok:
             kept.append(line)
     return _BLANKS.sub("\n\n", "\n".join(kept)).strip()
-
-
-def detect_language(text: str) -> str | None:
-    """The language of a text by the rules of `keep_line`: the script (Chinese, Japanese, Russian), else the
-    Latin-script language whose stopwords are most frequent; None when no rule decides."""
-    letters = _count(_LETTER, text)
-    if not letters:
-        return None
-    han, kana = _count(_HAN, text), _count(_KANA, text)
-    if han + kana >= 0.3 * letters:
-        return "ja" if kana > 0.2 * (han + kana) else "zh"
-    if _count(_CYRILLIC, text) >= 0.5 * letters:
-        return "ru"
-    words = [w.lower() for w in _WORD.findall(text)]
-    scores = {k: sum(w in stop for w in words) for k, stop in STOPWORDS.items()}
-    best = max(scores, key=scores.__getitem__)
-    return best if scores[best] >= 3 and _count(_LATIN, text) >= 0.9 * letters else None

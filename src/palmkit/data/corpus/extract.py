@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from palmkit.data.corpus.clean import clean_text, filter_lines
+from palmkit.data.corpus.clean import clean_text, filter_lines, keep_as_given
 from palmkit.data.corpus.readers import READERS, read_man_pages
 from palmkit.data.corpus.sources import Source
 
@@ -37,16 +37,24 @@ def _raw_documents(task: Task, stats: Counter) -> Iterator[str]:
         yield from READERS[task.reader](Path(file), stats)
 
 
+def clean_document(doc: str, lang: str, filtered: bool, stats: Counter, as_given: bool = False) -> str | None:
+    """A document cleaned (`clean_text`, or `keep_as_given` for the user's own text) and, for mixed sources,
+    language-filtered; None (counted) when too short."""
+    doc = keep_as_given(doc, stats) if as_given else clean_text(doc)
+    if filtered:
+        doc = filter_lines(doc, lang, stats)
+    if len(doc.strip()) >= MIN_DOC_CHARS:
+        return doc
+    stats["short_docs"] += 1
+    return None
+
+
 def clean_documents(docs: Iterable[str], lang: str, filtered: bool, stats: Counter) -> Iterator[str]:
-    """Documents cleaned and (for mixed sources) language-filtered; too short ones are counted and dropped."""
+    """`clean_document` of each document of a built-in source, the short ones left out."""
     for doc in docs:
-        doc = clean_text(doc)
-        if filtered:
-            doc = filter_lines(doc, lang, stats)
-        if len(doc) >= MIN_DOC_CHARS:
+        doc = clean_document(doc, lang, filtered, stats)
+        if doc is not None:
             yield doc
-        else:
-            stats["short_docs"] += 1
 
 
 def extract(task: Task) -> tuple[list[str], Counter]:

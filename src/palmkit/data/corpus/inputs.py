@@ -143,6 +143,12 @@ def piece_bytes(piece: Piece) -> int:
 
 def read_piece(piece: Piece, text_field: str, reject: Reject) -> Iterator[str]:
     """The text records of a piece; records that cannot be read go to `reject` with their line (or row)."""
+    for _, text in read_records(piece, text_field, reject):
+        yield text
+
+
+def read_records(piece: Piece, text_field: str, reject: Reject) -> Iterator[tuple[int, str]]:
+    """(line or row, text) of the text records of a piece, as `read_piece`."""
     kind = input_kind(Path(piece.path))
     reader = {".jsonl": _jsonl, ".jsonl.gz": _jsonl, ".txt": _txt, ".csv": _csv, ".parquet": _parquet,
               ".arrow": _arrow}[kind]
@@ -150,7 +156,7 @@ def read_piece(piece: Piece, text_field: str, reject: Reject) -> Iterator[str]:
         if text is None:
             reject(piece.path, line, reason)
         elif text.strip():
-            yield text
+            yield line, text
 
 
 Records = Iterator[tuple[int, str | None, str]]  # (line, text or None, why not)

@@ -77,7 +77,7 @@ def write_report(rows: list[dict], stats: dict[str, Counter], stages: dict[str, 
     return "\n\n".join([
         "# Corpus report",
         f"Built in {sum(t for t, _ in stages.values()):.0f} s ("
-        + ", ".join(f"{k} {t:.0f} s" + (f" at {n / 1e6 / max(t, 1e-9):.1f} MB/s" if n else "")
+        + ", ".join(f"{k} {t:.1f} s" + (f" at {n / 1e6 / max(t, 1e-9):.1f} MB/s" if n else "")
                     for k, (t, n) in stages.items())
         + f"). Tokenizer: {vocab_size} pieces, trained on a sample with language weights n_l ** {alpha}. MB are "
         "10^6 bytes of UTF-8; documents and tokens (with each document's BOS and EOS) cover train + validation.",

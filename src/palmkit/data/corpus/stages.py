@@ -1,9 +1,14 @@
 """The stages of a streaming corpus build and their units of work, each writing only its own files.
 
-    extract   one unit per piece of input: read, clean, filter; documents, MinHash signatures and keys to disk
-    dedup     one unit per language: exact and near duplicates in document order (`DuplicateIndex`: blocks of
-              documents against sorted runs on disk), then the plan of the language's split (cap, validation
-              cut, parts)
+    extract   one unit per piece of input: read, clean, filter, tell each document's language (`--lang auto`);
+              documents, MinHash signatures, exact keys and LSH band keys (sorted by dedup partition) to disk,
+              a folder per language
+    pairs     one unit per dedup partition of a language: the exact duplicates and the candidate near-duplicate
+              pairs among the keys that hash to the partition (`dedup.exact_duplicates`, `dedup.candidate_pairs`)
+    verify    one unit per range of a language's documents: the exact checks of the pairs whose later document
+              is in the range (`dedup.verify`)
+    dedup     one unit per language: the pairs settled in document order (`dedup.settle`), then the plan of the
+              language's split (cap, validation cut, parts)
     split     one unit per part of a language (the documents whose order hash falls in the part's range):
               sorted by that hash, capped, split into train/valid text, a tokenizer sample drawn
     encode    one unit per part: the text encoded into token files
@@ -11,15 +16,15 @@
 Every unit is a pure function of the build plan and the files of the stages before it, so its output is the same
 whichever worker runs it, and a finished unit never has to run again. The order hash sorts each language's
 documents (a seedless shuffle: sources mix in the files, and a cap keeps a fair sample); cutting its range into
-parts sorts a corpus of any size with one part in memory at a time.
+parts sorts a corpus of any size with one part in memory at a time. Deduplication is a distributed sort: each
+band key goes to one partition (by its hash), each partition sorts its keys, and only the pairs it finds, a few
+per document, meet in one place.
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -27,10 +32,24 @@ from pathlib import Path
 
 import numpy as np
 
-from palmkit.data.corpus.dedup import BINS, EXACT, KEPT, NEAR, DuplicateIndex, normalise
-from palmkit.data.corpus.extract import Task, clean_documents, extract
-from palmkit.data.corpus.inputs import Piece, read_piece
-from palmkit.data.corpus.spill import DocReader, DocWriter
+from palmkit.data.corpus.dedup import (
+    BINS,
+    EXACT,
+    KEPT,
+    NEAR,
+    PAIR,
+    candidate_pairs,
+    exact_duplicates,
+    exact_halves,
+    normalise,
+    partition_of,
+    settle,
+    verify,
+)
+from palmkit.data.corpus.extract import Task, clean_document, extract
+from palmkit.data.corpus.inputs import Piece, read_records
+from palmkit.data.corpus.langid import MIN_CONFIDENCE, identify
+from palmkit.data.corpus.spill import DocReader, DocWriter, band_entries
 from palmkit.data.shards import mixture_weights, shard_dtype, write_tokens
 from palmkit.io import atomic_write_json, staged_dir
 from palmkit.model.tokenizer import Tokenizer
@@ -41,10 +60,13 @@ MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for 
 TOKENIZER_SAMPLE_BYTES = 24_000_000  # enough for a 32k vocabulary; training time grows with the sample
 
 
-DEDUP_BLOCK_DOCS = 32_768  # documents deduplicated in memory at a time; each block reads the runs once
-
-
 HASH_BATCH_CHARS = 1_000_000  # documents hashed together: minhash_many needs ~70 bytes per character
+
+
+DEDUP_PART_BYTES = 64_000_000  # input per dedup partition: its band keys sort in memory (~20 MB per 64 MB)
+
+
+AUTO = "auto"  # the language of a read task whose documents are told apart one by one
 
 
 SPLITS = ("train", "valid")
@@ -70,7 +92,11 @@ class ReadTask:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a build does: its read tasks and the parameters of the later stages (saved as plan.json)."""
+    """What a build does: its read tasks and the parameters of the later stages (saved as plan.json).
+
+    `allowed`: the languages the user's documents may have under `--lang auto` (empty: any); `normalize`: the
+    user's text is cleaned like the built-in sources' instead of kept as given; `dedup_parts`: the partitions of
+    each language's dedup keys."""
 
     tasks: tuple[ReadTask, ...]
     valid_fraction: float = 0.02
@@ -78,13 +104,9 @@ class Plan:
     part_mb: float = 32.0
     alpha: float = 0.3
     seed: int = 0
-
-    @property
-    def langs(self) -> list[str]:
-        return sorted({t.lang for t in self.tasks})
-
-    def tasks_of(self, lang: str) -> list[int]:
-        return [i for i, t in enumerate(self.tasks) if t.lang == lang]
+    allowed: tuple[str, ...] = ()
+    normalize: bool = False
+    dedup_parts: int = 1
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,11 +114,32 @@ class Plan:
     @staticmethod
     def load(work: Path) -> Plan:
         d = json.loads((work / "plan.json").read_text(encoding="utf-8"))
-        return Plan(tuple(ReadTask.from_json(t) for t in d.pop("tasks")), **d)
+        return Plan(tuple(ReadTask.from_json(t) for t in d.pop("tasks")), **{**d, "allowed": tuple(d["allowed"])})
 
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def extracted(work: Path, plan: Plan) -> dict[str, dict[int, tuple[int, int]]]:
+    """{language: {task: (documents, bytes)}} of the extracted documents, tasks in order (after extract)."""
+    found: dict[str, dict[int, tuple[int, int]]] = defaultdict(dict)
+    for t in range(len(plan.tasks)):
+        stats = read_json(work / "extract" / f"{t:05d}" / "stats.json")
+        for key, n in stats.items():
+            if key.startswith("docs:") and n:
+                found[key[5:]][t] = (n, stats[f"bytes:{key[5:]}"])
+    return dict(sorted(found.items()))
+
+
+def languages(work: Path, plan: Plan) -> list[str]:
+    """The languages of the extracted documents, sorted."""
+    return list(extracted(work, plan))
+
+
+def segment(work: Path, t: int, lang: str) -> Path:
+    """The folder of task t's documents in language `lang`."""
+    return work / "extract" / f"{t:05d}" / lang
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,139 +147,194 @@ def read_json(path: Path) -> dict:
 
 
 def extract_unit(work: Path, plan: Plan, t: int) -> None:
-    """Documents of read task t, cleaned, into work/extract/<t>/ (texts, signatures, keys, stats, rejects)."""
+    """Documents of read task t, cleaned, into work/extract/<t>/<lang>/ (texts, signatures, keys), with its stats
+    and the records it could not use (rejected.jsonl: file, line, reason)."""
     task = plan.tasks[t]
     with staged_dir(work / "extract" / f"{t:05d}") as folder:
         stats: Counter = Counter()
+        writers: dict[str, DocWriter] = {}
+        batches: dict[str, list[str]] = defaultdict(list)
+        sizes: Counter = Counter()
+
+        def add(lang: str, doc: str) -> None:
+            batches[lang].append(doc)
+            sizes[lang] += len(doc)
+            if sizes[lang] >= HASH_BATCH_CHARS:
+                flush(lang)
+
+        def flush(lang: str) -> None:
+            if lang not in writers:
+                writers[lang] = DocWriter(folder / lang, plan.dedup_parts)
+            writers[lang].add(batches.pop(lang, []))
+            sizes[lang] = 0
+
         with open(folder / "rejected.jsonl", "w", encoding="utf-8") as rejects:
-            def reject(path: str, line: int, reason: str) -> None:
-                stats["invalid"] += 1
+            def reject(path: str, line: int, reason: str, key: str = "invalid") -> None:
+                stats[key] += 1
                 rejects.write(json.dumps({"file": path, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
 
             if task.task is not None:
                 docs, found = extract(task.task)  # a chunk of a built-in source: a few hundred files at most
                 stats.update(found)
+                for doc in docs:
+                    add(task.lang, doc)
             else:
-                docs = clean_documents((text for piece in task.pieces
-                                        for text in read_piece(piece, task.text_field, reject)),
-                                       task.lang, False, stats)
-            writer = DocWriter(folder)
-            for batch in _batches(docs):
-                writer.add(batch)
-            stats["bytes"] = writer.offset
-            stats["docs"] = writer.close()
+                for piece in task.pieces:
+                    for line, text in read_records(piece, task.text_field, reject):
+                        doc = clean_document(text, task.lang, False, stats, as_given=not plan.normalize)
+                        if doc is None:
+                            continue
+                        lang = task.lang
+                        if lang == AUTO:
+                            lang, p = identify(doc)
+                            if p < MIN_CONFIDENCE:
+                                reject(piece.path, line, f"language unclear (at most {lang}, p = {p:.2f} < "
+                                                         f"{MIN_CONFIDENCE})", "language_unclear")
+                                continue
+                            if plan.allowed and lang not in plan.allowed:
+                                reject(piece.path, line, f"language {lang} not in --langs", "language_other")
+                                continue
+                        add(lang, doc)
+        for lang in sorted(set(batches) | set(writers)):
+            flush(lang)
+            stats[f"bytes:{lang}"] = writers[lang].offset
+            stats[f"docs:{lang}"] = writers[lang].close()
+        stats["bytes"] = sum(w.offset for w in writers.values())
+        stats["docs"] = sum(stats[f"docs:{lang}"] for lang in writers)
         atomic_write_json(folder / "stats.json", dict(stats))
-
-
-def _batches(docs, chars: int = HASH_BATCH_CHARS) -> Iterator[list[str]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 # --------------------------------------------------------------------------------------------------
 # dedup
 
 
-class _Readers:
-    """The spilled documents of one language's tasks, numbered in task order, opened on demand."""
+class _Segments:
+    """The extracted documents of one language, numbered in task order, read by number (memory-mapped)."""
 
-    keep_open = 64  # files stay open for the next candidate's signature, up to this many tasks
+    def __init__(self, work: Path, lang: str, tasks: dict[int, tuple[int, int]]):
+        self.work, self.lang, self.tasks = work, lang, list(tasks)
+        self.first = np.array([0, *np.cumsum([n for n, _ in tasks.values()])], dtype=np.int64)
+        self._sigs = [np.memmap(segment(work, t, lang) / "sigs.bin", dtype=np.uint64, mode="r").reshape(-1, BINS)
+                      for t in self.tasks]
+        self._meta = [np.load(segment(work, t, lang) / "meta.npy", mmap_mode="r") for t in self.tasks]
+        self._readers: dict[int, DocReader] = {}
 
-    def __init__(self, work: Path, tasks: list[int]):
-        self.work, self.tasks = work, tasks
-        self.open: dict[int, DocReader] = {}
-        counts = [len(np.load(self._folder(t) / "meta.npy", mmap_mode="r")) for t in tasks]
-        self.first = [0, *np.cumsum(counts, dtype=np.int64).tolist()]  # each task's first document
+    def __len__(self) -> int:
+        return int(self.first[-1])
 
-    def _folder(self, t: int) -> Path:
-        return self.work / "extract" / f"{t:05d}"
-
-    def reader(self, t: int) -> DocReader:
-        if t not in self.open:
-            if len(self.open) >= self.keep_open:  # the least recently used one
-                self.open.pop(next(iter(self.open))).close()
-            self.open[t] = DocReader(self._folder(t))
-        self.open[t] = self.open.pop(t)
-        return self.open[t]
-
-    def _where(self, doc: int) -> tuple[DocReader, int]:
-        k = bisect.bisect_right(self.first, doc) - 1
-        return self.reader(self.tasks[k]), doc - self.first[k]
+    def _gather(self, docs: np.ndarray, arrays: list[np.ndarray]) -> np.ndarray:
+        docs = np.asarray(docs, dtype=np.int64)
+        k = np.searchsorted(self.first, docs, side="right") - 1
+        out = np.empty((len(docs), *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+        for s in np.unique(k).tolist():
+            at = k == s
+            out[at] = arrays[s][docs[at] - self.first[s]]
+        return out
 
     def sigs(self, docs: np.ndarray) -> np.ndarray:
-        """Signatures of documents by their numbers in the language, (len(docs), BINS)."""
-        raw = b"".join(reader.sig_bytes(i) for reader, i in map(self._where, docs.tolist()))
-        return np.frombuffer(raw, dtype=np.uint64).reshape(-1, BINS)
+        """Signatures of documents by number, (len(docs), BINS)."""
+        return self._gather(docs, self._sigs)
+
+    def exact(self) -> np.ndarray:
+        """The exact keys (S16) of all documents, in order."""
+        return np.concatenate([m["exact"] for m in self._meta]) if self._meta else np.zeros(0, dtype="S16")
+
+    def bands(self, part: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, document numbers) of the band entries of dedup partition `part`."""
+        entries = [(band_entries(segment(self.work, t, self.lang), part), self.first[s])
+                   for s, t in enumerate(self.tasks)]
+        keys = [e["key"] for e, _ in entries]
+        docs = [e["doc"] + first for e, first in entries]
+        return (np.concatenate(keys), np.concatenate(docs)) if entries else (np.zeros(0, np.int64),) * 2
 
     def norm(self, doc: int) -> str:
-        """The normalised text of a document by its number in the language."""
-        reader, i = self._where(doc)
-        return normalise(reader.text(i))
-
-    def blocks(self, size: int) -> Iterator[list[tuple[int, int, int]]]:
-        """The documents in blocks of `size` (the last one shorter): (task, start, stop) pieces of tasks."""
-        starts = self.first
-        for first in range(0, starts[-1], size):
-            last = min(starts[-1], first + size)
-            k = bisect.bisect_right(starts, first) - 1
-            block = []
-            while k < len(self.tasks) and starts[k] < last:
-                block.append((self.tasks[k], max(first, starts[k]) - starts[k], min(last, starts[k + 1]) - starts[k]))
-                k += 1
-            yield [(t, a, b) for t, a, b in block if b > a]
+        """The normalised text of a document by number."""
+        s = int(np.searchsorted(self.first, doc, side="right")) - 1
+        t = self.tasks[s]
+        if t not in self._readers:
+            if len(self._readers) >= 64:  # the least recently opened one
+                self._readers.pop(next(iter(self._readers))).close()
+            self._readers[t] = DocReader(segment(self.work, t, self.lang))
+        return normalise(self._readers[t].text(doc - int(self.first[s])))
 
     def close(self) -> None:
-        for r in self.open.values():
+        for r in self._readers.values():
             r.close()
-        self.open.clear()
+        self._readers.clear()
+
+
+def pair_units(work: Path, plan: Plan) -> list[tuple[str, int]]:
+    """(language, dedup partition) of the pairs stage, (language, range of documents) of the verify stage."""
+    return [(lang, p) for lang in languages(work, plan) for p in range(plan.dedup_parts)]
+
+
+def pairs_unit(work: Path, plan: Plan, lang: str, part: int) -> None:
+    """Exact duplicates and candidate near-duplicate pairs among the keys of one dedup partition of a language
+    (work/pairs/<lang>/<part>/)."""
+    segs = _Segments(work, lang, extracted(work, plan)[lang])
+    with staged_dir(work / "pairs" / lang / f"{part:04d}") as folder:
+        exact = segs.exact()
+        mine = np.flatnonzero(partition_of(np.ascontiguousarray(exact_halves(exact)[:, 0]), plan.dedup_parts)
+                              == part)
+        np.save(folder / "exact.npy", exact_duplicates(exact[mine], mine))
+        keys, docs = segs.bands(part)
+        pairs = candidate_pairs(keys, docs, exact[docs], segs.sigs)
+        pairs = pairs[np.argsort(pairs["later"], kind="stable")]
+        np.save(folder / "pairs.npy", pairs)
+        np.save(folder / "starts.npy", np.searchsorted(_range_of(pairs["later"], len(segs), plan.dedup_parts),
+                                                       np.arange(plan.dedup_parts + 1)))
+
+
+def _range_of(docs: np.ndarray, n: int, ranges: int) -> np.ndarray:
+    """The verify range of each document number: `ranges` equal ranges of [0, n)."""
+    return docs * ranges // max(n, 1)
+
+
+def verify_unit(work: Path, plan: Plan, lang: str, q: int) -> None:
+    """The exact checks of the candidate pairs whose later document is in range q (work/verify/<lang>/<q>/)."""
+    segs = _Segments(work, lang, extracted(work, plan)[lang])
+    pairs = []
+    for part in range(plan.dedup_parts):
+        folder = work / "pairs" / lang / f"{part:04d}"
+        starts = np.load(folder / "starts.npy")
+        pairs.append(np.load(folder / "pairs.npy", mmap_mode="r")[starts[q]:starts[q + 1]])
+    try:
+        with staged_dir(work / "verify" / lang / f"{q:04d}") as folder:
+            np.save(folder / "pairs.npy", verify(np.concatenate(pairs), segs.norm))
+    finally:
+        segs.close()
 
 
 def dedup_unit(work: Path, plan: Plan, i: int) -> None:
-    """Exact and near duplicates of language i, in document order; then its split plan (work/dedup/<lang>/)."""
-    lang = plan.langs[i]
-    tasks = plan.tasks_of(lang)
-    readers = _Readers(work, tasks)
-    runs = work / "dedup" / f"{lang}.runs"
-    shutil.rmtree(runs, ignore_errors=True)  # the scratch runs of an interrupted dedup: it starts again
-    index = DuplicateIndex(runs, readers.sigs, readers.norm)
-    counts: Counter = Counter()
-    status: dict[int, np.ndarray] = {}
+    """Exact and near duplicates of language i in document order, from its partitions' results; then its split
+    plan (work/dedup/<lang>/: a status per document of each task, plan.json)."""
+    lang = languages(work, plan)[i]
+    tasks = extracted(work, plan)[lang]
+    segs = _Segments(work, lang, tasks)
+    parts = range(plan.dedup_parts)
     try:
-        with staged_dir(work / "dedup" / lang) as folder:
-            for block in readers.blocks(DEDUP_BLOCK_DOCS):
-                exact = np.concatenate([readers.reader(t).meta["exact"][a:b] for t, a, b in block])
-                sigs = np.concatenate([readers.reader(t).sigs(a, b) for t, a, b in block])
-                decided = np.split(index.add(exact, sigs), np.cumsum([b - a for _, a, b in block])[:-1])
-                for (t, a, b), part in zip(block, decided, strict=True):
-                    status.setdefault(t, np.zeros(len(readers.reader(t)), dtype=np.uint8))[a:b] = part
-                    if b == len(readers.reader(t)):  # the task's last documents: its statuses are final
-                        done = status.pop(t)
-                        np.save(folder / f"{t:05d}.npy", done)
-                        counts[f"dup:{plan.tasks[t].source}"] += int((done != KEPT).sum())
-                        counts["exact"] += int((done == EXACT).sum())
-                        counts["near"] += int((done == NEAR).sum())
-            for t in tasks:  # tasks without documents
-                if not (folder / f"{t:05d}.npy").exists():
-                    np.save(folder / f"{t:05d}.npy", np.zeros(0, dtype=np.uint8))
-            atomic_write_json(folder / "plan.json", {**split_plan(work, plan, lang, tasks, folder), **counts})
+        exact = np.concatenate([np.load(work / "pairs" / lang / f"{p:04d}" / "exact.npy") for p in parts])
+        pairs = np.concatenate([np.load(work / "verify" / lang / f"{q:04d}" / "pairs.npy") for q in parts]) \
+            if parts else np.zeros(0, dtype=PAIR)
+        status = settle(len(segs), exact, pairs, segs.norm)
     finally:
-        readers.close()
-        shutil.rmtree(runs, ignore_errors=True)
+        segs.close()
+    counts: Counter = Counter()
+    with staged_dir(work / "dedup" / lang) as folder:
+        for s, t in enumerate(segs.tasks):
+            done = status[segs.first[s]:segs.first[s + 1]]
+            np.save(folder / f"{t:05d}.npy", done)
+            counts[f"dup:{plan.tasks[t].source}"] += int((done != KEPT).sum())
+        counts["exact"], counts["near"] = int((status == EXACT).sum()), int((status == NEAR).sum())
+        atomic_write_json(folder / "plan.json", {**split_plan(work, plan, lang, segs.tasks, folder), **counts})
 
 
-def _kept(work: Path, tasks: list[int], status_dir: Path,
+def _kept(work: Path, lang: str, tasks: list[int], status_dir: Path,
           ) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """(task, metadata of its kept documents, their numbers in the language, their indices in the task)."""
     start = 0
     for t in tasks:
-        meta = np.load(work / "extract" / f"{t:05d}" / "meta.npy", allow_pickle=False)
+        meta = np.load(segment(work, t, lang) / "meta.npy", allow_pickle=False)
         index = np.flatnonzero(np.load(status_dir / f"{t:05d}.npy", allow_pickle=False) == KEPT)
         yield t, meta[index], start + index, index
         start += len(meta)
@@ -263,17 +361,17 @@ def split_plan(work: Path, plan: Plan, lang: str, tasks: list[int], status_dir: 
     under max_mb_per_lang; a document is held out when its validation hash is under the cut (at least ~100 kB
     where the language has it, at most 10%), and a language of two or more documents holds out at least one.
     """
-    total = sum(int(m["size"].sum()) for _, m, _, _ in _kept(work, tasks, status_dir))
+    total = sum(int(m["size"].sum()) for _, m, _, _ in _kept(work, lang, tasks, status_dir))
     parts = max(1, math.ceil(total / (plan.part_mb * 1e6)))
     part_bytes = np.zeros(parts, dtype=np.int64)
-    for _, m, _, _ in _kept(work, tasks, status_dir):
+    for _, m, _, _ in _kept(work, lang, tasks, status_dir):
         part_bytes += np.bincount(part_of(m["order"], parts), weights=m["size"], minlength=parts).astype(np.int64)
     cap, limit = plan.max_mb_per_lang * 1e6, None
     if cap > 0 and part_bytes.sum() >= cap:
         cum = np.cumsum(part_bytes)
         c = int(np.searchsorted(cum, cap))  # the first part whose end reaches the cap
         rows = [(m["order"][sel], doc[sel], m["size"][sel])
-                for _, m, doc, _ in _kept(work, tasks, status_dir)
+                for _, m, doc, _ in _kept(work, lang, tasks, status_dir)
                 for sel in [part_of(m["order"], parts) == c]]
         order, doc, size = (np.concatenate(x) for x in zip(*rows, strict=True))
         ranked = np.lexsort((doc, order))
@@ -282,7 +380,7 @@ def split_plan(work: Path, plan: Plan, lang: str, tasks: list[int], status_dir: 
         limit = {"part": c, "order": float(order[last]), "doc": int(doc[last])}
     docs = nbytes = 0
     best = (2.0, 0.0, 0)  # the smallest (validation hash, order hash, number): held out if nothing else is
-    for _, m, doc, _ in _kept(work, tasks, status_dir):
+    for _, m, doc, _ in _kept(work, lang, tasks, status_dir):
         inside = _included(m["order"], doc, part_of(m["order"], parts), limit)
         docs += int(inside.sum())
         nbytes += int(m["size"][inside].sum())
@@ -292,7 +390,7 @@ def split_plan(work: Path, plan: Plan, lang: str, tasks: list[int], status_dir: 
     cut = max(plan.valid_fraction, min(0.1, MIN_VALID_BYTES / max(nbytes, 1)))
     held_docs = held_bytes = 0
     part_bytes[:] = 0
-    for _, m, doc, _ in _kept(work, tasks, status_dir):
+    for _, m, doc, _ in _kept(work, lang, tasks, status_dir):
         part = part_of(m["order"], parts)
         inside = _included(m["order"], doc, part, limit)
         held = inside & (m["valid"] < cut)
@@ -303,7 +401,7 @@ def split_plan(work: Path, plan: Plan, lang: str, tasks: list[int], status_dir: 
     if docs >= 2 and not held_docs:  # a tiny language still gets one validation document
         forced = best[2]
         held_docs += 1
-        held_bytes += sum(int(m["size"][doc == forced].sum()) for _, m, doc, _ in _kept(work, tasks, status_dir))
+        held_bytes += sum(int(m["size"][doc == forced].sum()) for _, m, doc, _ in _kept(work, lang, tasks, status_dir))
     train_docs = docs - held_docs
     return {"lang": lang, "parts": parts if train_docs else 0, "part_bytes": part_bytes.tolist(), "limit": limit,
             "cut": cut, "forced": forced, "docs": docs, "bytes": nbytes, "train_docs": train_docs,
@@ -311,7 +409,7 @@ def split_plan(work: Path, plan: Plan, lang: str, tasks: list[int], status_dir: 
 
 
 def lang_plans(work: Path, plan: Plan) -> dict[str, dict]:
-    return {lang: read_json(work / "dedup" / lang / "plan.json") for lang in plan.langs}
+    return {lang: read_json(work / "dedup" / lang / "plan.json") for lang in languages(work, plan)}
 
 
 def part_units(work: Path, plan: Plan) -> list[tuple[str, int]]:
@@ -348,16 +446,16 @@ def split_unit(work: Path, plan: Plan, lang: str, k: int) -> None:
     """Part k of a language: its documents in order-hash order, capped and split, with a tokenizer sample."""
     plans = lang_plans(work, plan)
     lp, rate = plans[lang], sample_rates(plans, plan.alpha)[lang]
-    tasks = plan.tasks_of(lang)
+    tasks = list(extracted(work, plan)[lang])
     picked = []  # (order, number, task, index in task)
-    for t, m, doc, index in _kept(work, tasks, work / "dedup" / lang):
+    for t, m, doc, index in _kept(work, lang, tasks, work / "dedup" / lang):
         part = part_of(m["order"], lp["parts"])
         sel = (part == k) & _included(m["order"], doc, part, lp["limit"])
         picked += zip(m["order"][sel].tolist(), doc[sel].tolist(), [t] * int(sel.sum()), index[sel].tolist(),
                       m["valid"][sel].tolist(), strict=True)
     texts: dict[tuple[int, int], str] = {}
     for t in sorted({p[2] for p in picked}):
-        r = DocReader(work / "extract" / f"{t:05d}")
+        r = DocReader(segment(work, t, lang))
         for i in sorted(p[3] for p in picked if p[2] == t):  # in file order
             texts[t, i] = r.text(i)
         r.close()
@@ -440,6 +538,10 @@ def run_unit(work: Path, stage: str, i: int) -> None:
     plan = Plan.load(work)
     if stage == "extract":
         extract_unit(work, plan, i)
+    elif stage == "pairs":
+        pairs_unit(work, plan, *pair_units(work, plan)[i])
+    elif stage == "verify":
+        verify_unit(work, plan, *pair_units(work, plan)[i])
     elif stage == "dedup":
         dedup_unit(work, plan, i)
     else:

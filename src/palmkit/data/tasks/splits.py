@@ -27,6 +27,9 @@ class TaskData:
     valid: list = field(default_factory=list)
     test: list = field(default_factory=list)
     char_level: bool = False
+    rejected: list[dict] = field(default_factory=list)
+    """records of the user's files left out: {"where": FILE:LINE, "reason": duplicate or conflict, "detail",
+    "text"}"""
 
     def split(self, name: str) -> list:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]

@@ -1,4 +1,5 @@
-"""A task from the user's own files: CSV, JSONL or a JSON array of records, CoNLL for NER, conversations for chat.
+"""A task from the user's own files: CSV, JSONL, a JSON array of records or Parquet, CoNLL for NER, conversations
+for chat. Duplicates and texts given two labels are reported by file and line (`screen`), never dropped silently.
 
 Records come in the shapes other tools export: `{"messages": [...]}` or TRL's `{"prompt", "completion"}` (strings,
 or lists of messages) for chat; labels as names or as class numbers, and NER tags as names or as numbers (as
@@ -16,7 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from palmkit.data.tasks.examples import Conversation, LabelledText, TaggedSentence, bio_labels
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from palmkit.data.tasks.examples import Conversation, LabelledText, TaggedSentence, bio_labels, example_key
 from palmkit.data.tasks.readers import clean, conll_examples, read_text
 from palmkit.data.tasks.splits import TaskData, split_examples
 from palmkit.errors import PalmkitError
@@ -31,23 +35,29 @@ class RecordError(ValueError):
 
 def user_examples(path: str | os.PathLike, kind: str, text_field: str = "text", label_field: str = "",
                   label_names: Sequence[str] | str = ()) -> list:
-    """Examples of a user file: CSV or JSON records for classification, JSON {tokens, tags} or CoNLL for NER,
-    JSON {messages: [...]}, {prompt, completion} or a bare list of messages for chat. JSON is one record per line
-    (JSONL) or one array of records. label_field: "label" or "tags" by default; label_names: the name of each
-    class number (or tag number), where labels are numbers."""
+    """Examples of a user file: CSV, Parquet or JSON records for classification, JSON or Parquet {tokens, tags} or
+    CoNLL for NER, JSON or Parquet {messages: [...]}, {prompt, completion} or a bare list of messages for chat.
+    JSON is one record per line (JSONL) or one array of records. label_field: "label" or "tags" by default;
+    label_names: the name of each class number (or tag number), where labels are numbers."""
+    return [ex for _, ex in numbered_examples(path, kind, text_field, label_field, label_names)]
+
+
+def numbered_examples(path: str | os.PathLike, kind: str, text_field: str = "text", label_field: str = "",
+                      label_names: Sequence[str] | str = ()) -> list[tuple[int, Any]]:
+    """`user_examples` with the line (CSV, JSON, CoNLL) or row (Parquet) each example starts on."""
     path = Path(path)
     label_field = label_field or ("tags" if kind == "ner" else "label")
     names = split_list(label_names) if label_names else []
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    if kind == "ner" and path.suffix not in (".jsonl", ".json"):
-        return conll_examples(path)
-    out = []
+    if kind == "ner" and path.suffix not in (".jsonl", ".json", ".parquet"):
+        return list(zip(_sentence_lines(path), conll_examples(path), strict=True))
+    out: list[tuple[int, Any]] = []
     for line, row in read_records(path):
         try:
             if kind == "classify":
-                out.append(LabelledText(clean(str(_field(row, text_field, "--text_field"))),
-                                        _name(_field(row, label_field, "--label_field"), names, "label")))
+                out.append((line, LabelledText(clean(str(_field(row, text_field, "--text_field"))),
+                                               _name(_field(row, label_field, "--label_field"), names, "label"))))
             elif kind == "ner":
                 tokens = _field(row, "tokens", "tokens")
                 tags = _field(row, label_field, "--label_field")
@@ -55,13 +65,25 @@ def user_examples(path: str | os.PathLike, kind: str, text_field: str = "text", 
                     raise RecordError(f"'tokens' and {label_field!r} must be lists")
                 if len(tokens) != len(tags):
                     raise RecordError(f"{len(tokens)} tokens but {len(tags)} tags")
-                out.append(TaggedSentence([str(t) for t in tokens], [_name(t, names, "tag") for t in tags]))
+                out.append((line, TaggedSentence([str(t) for t in tokens], [_name(t, names, "tag") for t in tags])))
             else:
-                out.append(conversation(row))
+                out.append((line, conversation(row)))
         except RecordError as exc:
             fields = f"; the record has fields {', '.join(map(repr, row))}" if isinstance(row, dict) else ""
             raise PalmkitError(f"{path}:{line}: {exc}{fields}") from None
     return out
+
+
+def _sentence_lines(path: Path) -> list[int]:
+    """The line each sentence of a CoNLL file starts on (as conll_examples splits them)."""
+    starts, inside = [], False
+    for n, line in enumerate(read_text(path).splitlines(), 1):
+        line = line.strip()
+        words = len(line.split("\t") if "\t" in line else line.split()) >= 2
+        if words and not inside:
+            starts.append(n)
+        inside = words
+    return starts
 
 
 def _field(row: Any, name: str, option: str) -> Any:
@@ -116,7 +138,14 @@ def _messages(value: Any, where: str) -> Conversation:
 
 
 def read_records(path: Path) -> list[tuple[int, Any]]:
-    """(line number, record) pairs of a CSV/TSV file, a JSON array, or JSON Lines."""
+    """(line number, record) pairs of a CSV/TSV file, a JSON array, or JSON Lines; (row number, record) of a
+    Parquet file, numbered from 1 as `palmkit corpus build` numbers its rows."""
+    if path.suffix == ".parquet":
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+            return list(enumerate((row for b in batches for row in b.to_pylist()), 1))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise PalmkitError(f"{path}: not a readable Parquet file: {exc}") from None
     text = read_text(path)
     if path.suffix in {".csv", ".tsv"}:
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix == ".tsv" else ",")
@@ -150,14 +179,52 @@ def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
         raise PalmkitError(f"{path}:{exc.lineno}: not a JSON array of records: {exc.msg}") from None
 
 
+def _target(example: Any) -> Any:
+    return example.label if isinstance(example, LabelledText) else tuple(getattr(example, "tags", ()))
+
+
+def screen(files: dict[str, list[tuple[int, Any]]]) -> tuple[dict[str, list], list[dict]]:
+    """(examples kept per file, rejected records) of numbered examples from several files.
+
+    A text given two different labels (or tag sequences) is rejected in every copy: which one is right cannot be
+    told. A repeated text is kept once: where it first appears, the evaluation files before the training file
+    (a text both trained on and tested on would flatter the test). Each rejected record names its file and line.
+    """
+    targets: dict[str, set] = {}
+    for rows in files.values():
+        for _, ex in rows:
+            targets.setdefault(example_key(ex), set()).add(_target(ex))
+    first: dict[str, str] = {}
+    kept: dict[str, list] = {f: [] for f in files}
+    rejected = []
+    for f, rows in files.items():
+        for line, ex in rows:
+            key = example_key(ex)
+            where = f"{f}:{line}"
+            if len(targets[key]) > 1:
+                labels = sorted(map(str, targets[key]))
+                rejected.append({"where": where, "reason": "conflict", "detail": f"given {len(labels)} labels: "
+                                 + ", ".join(labels[:4]), "text": key[:200]})
+            elif key in first:
+                rejected.append({"where": where, "reason": "duplicate", "detail": f"first at {first[key]}",
+                                 "text": key[:200]})
+            else:
+                first[key] = where
+                kept[f].append(ex)
+    return kept, rejected
+
+
 def load_user_task(kind: str, train_file: str, valid_file: str = "", test_file: str = "", text_field: str = "text",
                    label_field: str = "", seed: int = 0, name: str = "user",
                    label_names: Sequence[str] | str = ()) -> TaskData:
     """A task from user files; a missing valid or test file is cut from the training file by hash. label_names:
-    the names of class (or tag) numbers, which are also the classes' order."""
-    train = user_examples(train_file, kind, text_field, label_field, label_names)
-    given = {"valid": valid_file, "test": test_file}
-    data = {s: user_examples(f, kind, text_field, label_field, label_names) for s, f in given.items() if f}
+    the names of class (or tag) numbers, which are also the classes' order. Duplicates and texts given two
+    labels are left out and listed in the task's `rejected` records (see `screen`)."""
+    given = {"test": test_file, "valid": valid_file, "train": train_file}
+    numbered = {f: numbered_examples(f, kind, text_field, label_field, label_names) for f in given.values() if f}
+    kept, rejected = screen(numbered)
+    train = kept[train_file]
+    data = {s: kept[f] for s, f in given.items() if f and s != "train"}
     if len(data) < 2:
         cut = split_examples(train, seed, valid=0.0 if "valid" in data else 0.1, test=0.0 if "test" in data else 0.1)
         train = cut["train"]
@@ -170,4 +237,4 @@ def load_user_task(kind: str, train_file: str, valid_file: str = "", test_file: 
         labels = bio_labels(t[2:] for part in (train, *data.values()) for ex in part for t in ex.tags if t != "O")
     else:
         labels = []
-    return TaskData(name, kind, "", labels, train, data["valid"], data["test"])
+    return TaskData(name, kind, "", labels, train, data["valid"], data["test"], rejected=rejected)
