@@ -337,8 +337,9 @@ def staged_dir(target: str | os.PathLike, own: Collection[str] | None = None, fo
         _write_mark(staging)
         yield staging
         names = set(own) if own is not None else {p.name for p in staging.iterdir()}
-        if manifest:
-            _write_manifest(staging, {p.name for p in staging.iterdir()} - {STAGING_MARK})
+        if manifest:  # what the block wrote, and the names palmkit claimed there before (its logs, written later)
+            _write_manifest(staging, {p.name for p in staging.iterdir()} - {STAGING_MARK}
+                            | (written_names(target) & names))
         fsync_tree(staging)
         check_destination(target, names, force, manifest)  # again: a long job's target may have changed meanwhile
         if target.is_symlink() or foreign_entries(target, names, manifest):
