@@ -11,10 +11,19 @@ so that the code before a change and after it are measured side by side in one r
 - a slow client keeps 50 connections that send one header byte a second ("slowloris") and reopens those the
   server drops;
 - a header client sends a 4 MiB header block every 5 s;
+- 2 slow readers each ask for a stream of 32 choices of a whole context with `logprobs: 10` (about 5 MB,
+  more than the kernel's socket buffers hold, under the server's cap on log-probabilities) and never read a
+  byte of it (a small receive window), holding each connection 45 s before opening another;
+- an echo bomb posts `echo` + `logprobs: 20` over as many whole-context prompts as the server takes (the
+  response is megabytes of JSON) every 5 s and reads it; another asks for more than the server's cap every 5 s;
 - a prober process GETs /health every 50 ms: its longest answer time is the longest stall of the event loop.
 
-Reported per candidate: well-formed requests served (200) and their p50/p99 latency, the longest /health stall,
-the server's peak and start/end RSS (VmHWM/VmRSS of /proc), every 5xx answer, and the slow connections dropped.
+Each candidate runs twice, `quiet` (the well-formed clients alone) and `abused` (with every abuser), unless
+`--modes` says otherwise: the well-formed requests served under abuse are compared with those served alone.
+
+Reported per candidate and mode: well-formed requests served (200) and their p50/p99 latency, the longest
+/health stall, the server's peak and start/end RSS (VmHWM/VmRSS of /proc), every 5xx answer, the slow
+connections and slow readers the server dropped.
 
     python benchmarks/bench_abuse.py --seconds 300 --candidates before=/tmp/palmkit-head/src after=src
 """
@@ -26,6 +35,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -82,6 +92,7 @@ class Run:
         self.statuses: Counter = Counter()  # (client kind, status)
         self.health: list[float] = []
         self.dropped_slow = 0
+        self.dropped_readers = 0
         self.rss: list[int] = []
         self.health_worst_at: float | None = None
 
@@ -178,6 +189,50 @@ async def big_header(host: str, port: int, run: Run, stop: float) -> None:
         await asyncio.sleep(5)
 
 
+async def slow_reader(host: str, port: int, run: Run, stop: float, context: int, hold: float = 45) -> None:
+    """Ask for a long stream with logprobs and read none of it, `hold` seconds a connection."""
+    rng = random.Random(port)
+    prompt = [rng.randrange(3, 399) for _ in range(8)]
+    body = json.dumps({"model": "bench", "prompt": prompt, "n": 32, "max_tokens": context - 9, "logprobs": 10,
+                       "stream": True, "ignore_eos": True}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    loop = asyncio.get_running_loop()
+    while time.monotonic() < stop:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, (host, port))
+            await loop.sock_sendall(sock, request)
+            await asyncio.sleep(max(0.0, min(hold, stop - time.monotonic())))
+            answer = sock.recv(12)  # the first bytes a reader would have seen: the status line
+            run.status("slow reader", int(answer.split()[1]) if len(answer.split()) > 1 else "closed")
+            sock.send(b"\r\n")  # fails once the server has reset the connection
+        except OSError:
+            run.dropped_readers += 1
+        finally:
+            sock.close()
+
+
+async def echo_bomb(client: httpx.AsyncClient, run: Run, stop: float, context: int, choices: int) -> None:
+    """Every 5 s: echo + logprobs 20 over `choices` whole-context prompts (read in full), then one past the cap."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 399) for _ in range(context - 1)] for _ in range(choices)]
+    bomb = {"model": "bench", "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 20}
+    past = {**bomb, "prompt": prompts * 4, "max_tokens": 0}
+    i = 0
+    while time.monotonic() < stop:
+        kind, body = ("echo bomb", bomb) if i % 2 == 0 else ("echo past cap", past)
+        i += 1
+        try:
+            r = await client.post("/v1/completions", json=body, timeout=120)
+            run.status(kind, r.status_code)
+        except httpx.HTTPError as exc:
+            run.status(kind, type(exc).__name__)
+        await asyncio.sleep(5)
+
+
 def prober(base: str, seconds: float, out: multiprocessing.Queue) -> None:
     """GET /health every 50 ms from a process of its own (the load's event loop would delay its own probes);
     puts [(seconds since start, answer time, status)]."""
@@ -200,15 +255,26 @@ async def memory(pid: int, run: Run, stop: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def load(base: str, pid: int, seconds: float, clients: int) -> Run:
+ABUSERS = ("oversized", "malformed", "header", "slowloris", "readers", "bombs")
+
+
+async def load(base: str, pid: int, seconds: float, clients: int, abusers: tuple[str, ...] = ABUSERS) -> Run:
     run = Run()
     host, port = base.removeprefix("http://").split(":")
+    card = httpx.get(f"{base}/v1/models").json()["data"][0]
+    context = card.get("max_model_len", 256)
     stop = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(base_url=base, limits=limits) as client, httpx.AsyncClient(base_url=base) as other:
         tasks = [well_formed(client, run, stop, k) for k in range(clients)]
-        tasks += [oversized(other, run, stop), malformed(other, run, stop), big_header(host, int(port), run, stop)]
-        tasks += [slow_connection(host, int(port), run, stop) for _ in range(50)]
+        chosen = {"oversized": lambda: [oversized(other, run, stop)],
+                  "malformed": lambda: [malformed(other, run, stop)],
+                  "header": lambda: [big_header(host, int(port), run, stop)],
+                  "slowloris": lambda: [slow_connection(host, int(port), run, stop) for _ in range(50)],
+                  "readers": lambda: [slow_reader(host, int(port), run, stop, context) for _ in range(2)],
+                  "bombs": lambda: [echo_bomb(other, run, stop, context, 16)]}
+        for name in abusers:
+            tasks += chosen[name]()
         tasks += [memory(pid, run, stop)]
         probes: multiprocessing.Queue = multiprocessing.Queue()
         health = multiprocessing.Process(target=prober, args=(base, seconds, probes))
@@ -237,9 +303,12 @@ def summary(run: Run, peak_kib: int) -> dict:
         "health_n": len(run.health),
         "rss_start_mib": run.rss[0] / 1024 if run.rss else None,
         "rss_end_mib": run.rss[-1] / 1024 if run.rss else None,
+        # after a third of the run: the batch sizes and buffers a load needs have been allocated once
+        "rss_warm_mib": run.rss[len(run.rss) // 3] / 1024 if run.rss else None,
         "rss_peak_mib": peak_kib / 1024,
         "5xx": sum(fives.values()), "5xx_by_kind": fives, "client_errors": errors,
         "slow_dropped": run.dropped_slow,
+        "readers_dropped": run.dropped_readers,
         "statuses": {f"{kind} {code}": n for (kind, code), n in sorted(run.statuses.items(), key=str)},
     }
 
@@ -249,28 +318,37 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="+", default=["after=src"], help="NAME=SRC_DIR (palmkit's src folder)")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", default=["quiet", "abused"], choices=["quiet", "abused"],
+                        help="quiet: the well-formed clients alone; abused: with the abusers")
+    parser.add_argument("--abusers", nargs="+", default=list(ABUSERS), choices=ABUSERS,
+                        help="the abusers of the abused mode (default: all)")
     args = parser.parse_args()
     results = {}
     for candidate in args.candidates:
         name, _, src = candidate.partition("=")
         src = str(Path(src).resolve())
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = make_checkpoint(src, Path(tmp))
-            proc, base = start_server(src, checkpoint)
-            try:
-                run = asyncio.run(load(base, proc.pid, args.seconds, args.clients))
-                peak = rss_kib(proc.pid)["VmHWM"]
-            finally:
-                proc.terminate()
-                proc.wait(30)
-        results[name] = summary(run, peak)
-        print(f"{name}: {json.dumps(results[name])}", flush=True)
+        for mode in args.modes:
+            with tempfile.TemporaryDirectory() as tmp:  # a fresh server per mode: RSS from the same start
+                checkpoint = make_checkpoint(src, Path(tmp))
+                proc, base = start_server(src, checkpoint)
+                try:
+                    abusers = tuple(args.abusers) if mode == "abused" else ()
+                    run = asyncio.run(load(base, proc.pid, args.seconds, args.clients, abusers))
+                    peak = rss_kib(proc.pid)["VmHWM"]
+                finally:
+                    proc.terminate()
+                    proc.wait(30)
+            label = f"{name} {mode}" if len(args.modes) > 1 else name
+            results[label] = summary(run, peak)
+            print(f"{label}: {json.dumps(results[label])}", flush=True)
     rows = [("well-formed served", "served", "{:.0f}"), ("p50 latency (s)", "p50_s", "{:.3f}"),
             ("p99 latency (s)", "p99_s", "{:.3f}"), ("longest /health (s)", "health_max_s", "{:.3f}"),
             ("p99 /health (s)", "health_p99_s", "{:.3f}"),
-            ("RSS start (MiB)", "rss_start_mib", "{:.0f}"), ("RSS end (MiB)", "rss_end_mib", "{:.0f}"),
+            ("RSS start (MiB)", "rss_start_mib", "{:.0f}"), ("RSS at a third (MiB)", "rss_warm_mib", "{:.0f}"),
+            ("RSS end (MiB)", "rss_end_mib", "{:.0f}"),
             ("peak RSS (MiB)", "rss_peak_mib", "{:.0f}"), ("5xx answers", "5xx", "{:.0f}"),
-            ("slow connections dropped", "slow_dropped", "{:.0f}")]
+            ("slow connections dropped", "slow_dropped", "{:.0f}"),
+            ("slow readers dropped", "readers_dropped", "{:.0f}")]
     names = list(results)
     print(f"\n{args.seconds:g} s, {args.clients} well-formed clients + abusers; python {sys.version.split()[0]}, "
           f"{os.cpu_count()} CPUs")

@@ -9,27 +9,31 @@ import pytest
 
 from palmkit.errors import PalmkitError
 from palmkit.io import (
+    MANIFEST,
     PREVIOUS,
     STAGING_MARK,
     atomic_copy,
     atomic_open,
     atomic_write_bytes,
+    atomic_write_json,
     check_destination,
     decode_text,
     remove_stale_staging,
     staged_dir,
+    written_names,
 )
 
 
 def test_staged_dir_replaces_the_target_on_success(tmp_path):
     target = tmp_path / "ckpt"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    with staged_dir(target, own={"old.txt", "new.txt"}) as staging:
+        (staging / "old.txt").write_text("old")
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "old.txt"] and written_names(target) == {"old.txt"}
     with staged_dir(target, own={"old.txt", "new.txt"}) as staging:
         assert staging.parent == tmp_path and staging.name.startswith(".ckpt.")
         assert [p.name for p in staging.iterdir()] == [STAGING_MARK]  # proof that palmkit made it
         (staging / "new.txt").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging or .old folder left
 
 
@@ -79,7 +83,7 @@ def test_a_folder_with_other_files_is_refused_not_replaced(tmp_path):
     (target / "config.json").write_text("{}")
     ran = []
     with pytest.raises(PalmkitError, match=r"out is not a palmkit folder \(it holds files palmkit did not write "
-                                           r"there: notes\.txt\): .* --force"):
+                                           r"there: config\.json, notes\.txt\): .* --force"):
         with staged_dir(target, own={"config.json", "model.bin"}):
             ran.append(True)
     assert not ran  # refused before any work
@@ -96,21 +100,74 @@ def test_a_folder_with_other_files_is_refused_not_replaced(tmp_path):
 
 def test_force_replaces_palmkits_files_and_keeps_the_others(tmp_path):
     target = tmp_path / "out"
-    (target / "logs").mkdir(parents=True)
-    (target / "logs" / "old.log").write_text("old log")
-    (target / "notes.txt").write_text("mine")
-    (target / "model.bin").write_text("old weights")
-    (target / "stale.json").write_text("from an earlier version")
     own = {"model.bin", "config.json", "logs", "stale.json"}
+    with staged_dir(target, own) as staging:  # palmkit wrote these: its manifest lists them
+        (staging / "logs").mkdir()
+        (staging / "logs" / "old.log").write_text("old log")
+        (staging / "model.bin").write_text("old weights")
+        (staging / "stale.json").write_text("from an earlier version")
+    (target / "notes.txt").write_text("mine")
     with staged_dir(target, own, force=True) as staging:
         (staging / "model.bin").write_text("new weights")
         (staging / "config.json").write_text("{}")
         (staging / "logs").mkdir()
         (staging / "logs" / "new.log").write_text("new log")
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "logs", "model.bin", "notes.txt"]
+    assert sorted(p.name for p in target.iterdir()) == [MANIFEST, "config.json", "logs", "model.bin", "notes.txt"]
     assert (target / "model.bin").read_text() == "new weights" and (target / "notes.txt").read_text() == "mine"
     assert [p.name for p in (target / "logs").iterdir()] == ["new.log"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert written_names(target) == {"config.json", "logs", "model.bin"}
+
+
+def test_names_palmkit_writes_are_not_palmkits_unless_it_wrote_them(tmp_path):
+    """A user's eval/gold.jsonl and tensorboard/ carry names a fine-tuned folder has: neither replaced without
+    --force nor removed or written over with it."""
+    target = tmp_path / "out"
+    (target / "eval").mkdir(parents=True)
+    (target / "eval" / "gold.jsonl").write_text("mine")
+    (target / "tensorboard").mkdir()
+    (target / "tensorboard" / "events").write_text("my runs")
+    own = {"model.bin", "eval", "tensorboard"}
+    with pytest.raises(PalmkitError, match=r"not a palmkit folder .*eval, tensorboard"):
+        with staged_dir(target, own) as staging:
+            (staging / "model.bin").write_text("weights")
+    with pytest.raises(PalmkitError, match=r"holds eval, tensorboard, which palmkit did not write there"):
+        with staged_dir(target, own, force=True) as staging:  # it would write over them: refused before work
+            (staging / "model.bin").write_text("weights")
+    with staged_dir(target, {"model.bin"}, force=True) as staging:  # palmkit's file beside the user's
+        (staging / "model.bin").write_text("weights")
+    assert (target / "eval" / "gold.jsonl").read_text() == "mine"
+    assert (target / "tensorboard" / "events").read_text() == "my runs"
+    assert written_names(target) == {"model.bin"}
+    with pytest.raises(PalmkitError, match=r"holds eval, .*did not write"):  # caught at the swap too
+        with staged_dir(target, {"model.bin"}, force=True) as staging:
+            (staging / "eval").mkdir()
+    assert (target / "eval" / "gold.jsonl").read_text() == "mine"
+    # a folder holding nothing but palmkit's names, none of them written by palmkit, is not replaced
+    other = tmp_path / "other"
+    (other / "eval").mkdir(parents=True)
+    (other / "eval" / "gold.jsonl").write_text("mine")
+    with pytest.raises(PalmkitError, match="not a palmkit folder"):
+        check_destination(other, own)
+
+
+def test_written_files_and_folders_get_the_umask_and_keep_their_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "new.bin", b"x")
+        assert (tmp_path / "new.bin").stat().st_mode & 0o777 == 0o644  # as open() makes it, not 0600
+        (tmp_path / "shared.json").write_text("{}")
+        os.chmod(tmp_path / "shared.json", 0o664)
+        atomic_write_json(tmp_path / "shared.json", {"a": 1})
+        assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o664  # a rewrite keeps the mode
+        with staged_dir(tmp_path / "ckpt", {"w"}) as staging:
+            (staging / "w").write_text("w")
+        assert (tmp_path / "ckpt").stat().st_mode & 0o777 == 0o755  # as mkdir makes it, not 0700
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "private.bin", b"x")
+        assert (tmp_path / "private.bin").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_a_link_is_written_through_only_with_force(tmp_path):
@@ -123,7 +180,7 @@ def test_a_link_is_written_through_only_with_force(tmp_path):
         check_destination(link, {"a"})
     with staged_dir(link, {"a"}, force=True) as staging:
         (staging / "a").write_text("a")
-    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == ["a", "notes.txt"]
+    assert link.is_symlink() and sorted(p.name for p in real.iterdir()) == [MANIFEST, "a", "notes.txt"]
 
 
 def test_a_killed_run_leaves_staging_that_the_next_run_removes(tmp_path):
@@ -171,3 +228,20 @@ def test_jsonl_rows_number_lines_skip_blanks_and_name_a_bad_line():
     assert list(jsonl_rows('{"a": 1}\n\n  \n[2]\n', name="f.jsonl")) == [(1, {"a": 1}), (4, [2])]
     with pytest.raises(PalmkitError, match=r"^f.jsonl: line 3 is not JSON \("):
         list(jsonl_rows('1\n\n{oops\n', name="f.jsonl"))
+
+
+def test_load_tensors_maps_the_file_instead_of_reading_it_whole(tmp_path):
+    import tracemalloc
+
+    import torch
+
+    from palmkit.io import load_tensors, save_tensors
+
+    weights = {"w": torch.randn(2048, 2048)}  # 16 MiB
+    save_tensors(tmp_path / "w.safetensors", weights)
+    tracemalloc.start()
+    loaded = load_tensors(tmp_path / "w.safetensors")
+    _, peak = tracemalloc.get_traced_memory()  # Python objects only: a bytes copy of the file would count
+    tracemalloc.stop()
+    assert torch.equal(loaded["w"], weights["w"])
+    assert peak < 1 << 20

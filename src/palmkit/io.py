@@ -1,8 +1,10 @@
 """Files that are never half-written: atomic writes, JSON and safetensors files, folder swaps; reading text.
 
 A write goes to a temporary file beside its target, is fsynced and renamed into place, so a crash leaves the old
-file or the new one, never a mix; a folder is built beside its target and swapped in (`staged_dir`), never over a
-folder that holds files palmkit did not write there (`check_destination`). Reading never unpickles: tensors come
+file or the new one, never a mix; the new file gets the mode a plain `open` would give it (the process umask), or
+the old file's mode when it replaces one. A folder is built beside its target and swapped in (`staged_dir`), never
+over a folder that holds files palmkit did not write there (`check_destination`; a manifest in the folder lists
+what palmkit wrote). Reading never unpickles: tensors come
 from safetensors, the rest from JSON; text is UTF-8, with a per-line fallback where a source mixes in an 8-bit
 code page (`decode_text`).
 """
@@ -23,7 +25,7 @@ from typing import IO, Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from palmkit.errors import CheckpointError, PalmkitError
@@ -47,6 +49,29 @@ def fsync_tree(folder: str | os.PathLike) -> None:
         _fsync_dir(Path(root))
 
 
+def umask() -> int:
+    """The process umask, read without changing it (Linux reports it in /proc; elsewhere set and put back)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path: Path, default: int) -> int:
+    """A replacement keeps the mode of the file it replaces; a new file gets `default` less the umask, as `open`
+    and `mkdir` would (mkstemp and mkdtemp make 0600 and 0700 whatever the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return default & ~umask()
+
+
 @contextmanager
 def atomic_open(path: str | os.PathLike, mode: Literal["wb", "w"] = "wb", encoding: str | None = None
                 ) -> Iterator[IO]:
@@ -56,6 +81,7 @@ def atomic_open(path: str | os.PathLike, mode: Literal["wb", "w"] = "wb", encodi
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _mode_for(path, 0o666))
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
@@ -99,8 +125,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file: {path}")
-    try:
-        tensors = load(path.read_bytes())
+    try:  # mapped, not read whole first: a file's bytes and its tensors never both in memory
+        tensors = load_file(path)
     except (SafetensorError, ValueError, OSError) as exc:
         raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
     # A fixed key order: every rank must walk the tensors in the same order to shard them (FSDP2).
@@ -119,41 +145,86 @@ def load_json(path: str | os.PathLike) -> Any:
 
 # ---- folders palmkit writes whole (checkpoints, exports, fine-tuned models)
 #
-# Such a folder is built beside its target and swapped in. The target may only be replaced when everything in it
-# is a file palmkit writes there (`own`): a folder that also holds the user's files is refused, or with `force`
-# updated file by file, palmkit's files replaced and the user's kept.
+# Such a folder is built beside its target and swapped in, with a manifest of the names palmkit wrote there. A
+# name is palmkit's to replace or remove only when it is one of the names its command writes (`own`) and the
+# manifest lists it: a name alone proves nothing (a user's `eval/` or `tensorboard/` looks like palmkit's). A
+# target that holds anything else is refused, or with `force` updated name by name: palmkit's files replaced,
+# the others kept, and refused still if palmkit would have to write over one of them.
 
 STAGING_MARK = ".palmkit-staging"  # in a folder palmkit is building: {"pid", "host"}, proof that palmkit made it
+MANIFEST = ".palmkit-files.json"  # in a folder palmkit wrote: {"files": [the names it wrote there]}
 PREVIOUS = "previous"  # in a marked holder folder: the target being replaced, for the moment of the swap
 
 
-def foreign_entries(folder: str | os.PathLike, own: Collection[str]) -> list[str]:
-    """The names in `folder` that are not palmkit's files of that folder (`own`, their atomic temporaries, the
-    staging mark); [] for a folder that does not exist."""
+def written_names(folder: str | os.PathLike) -> set[str]:
+    """The names that palmkit's manifest in `folder` says it wrote there (none without a readable manifest)."""
+    try:
+        names = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))["files"]
+        return {n for n in names if isinstance(n, str) and "/" not in n and n not in (".", "..")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _write_manifest(folder: Path, names: Collection[str]) -> None:
+    atomic_write_json(folder / MANIFEST, {"files": sorted(names)})
+
+
+def claim_names(folder: str | os.PathLike, names: Collection[str]) -> None:
+    """Record in `folder`'s manifest that palmkit writes `names` there (files it writes in place, such as live
+    logs, rather than through `staged_dir`); a name there that palmkit did not write is refused, untouched."""
+    folder = Path(folder)
+    written = written_names(folder)
+    clash = sorted(n for n in names if n not in written and ((folder / n).exists() or (folder / n).is_symlink()))
+    if clash:
+        raise PalmkitError(f"{folder} holds {_names(clash)}, which palmkit did not write there but would have to "
+                           "write: move them elsewhere, or give a new or empty folder")
+    if not set(names) <= written:
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_manifest(folder, written | set(names))
+
+
+def foreign_entries(folder: str | os.PathLike, own: Collection[str], manifest: bool = True) -> list[str]:
+    """The names in `folder` that are not palmkit's files of that folder (in `own` and, with `manifest`, listed
+    in its manifest; their atomic temporaries; the staging mark and the manifest); [] for a folder that does not
+    exist."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if not _is_own(p.name, own))
+    mine = set(own) & written_names(folder) if manifest else set(own)
+    return sorted(p.name for p in folder.iterdir() if not _is_own(p.name, mine))
 
 
 def _is_own(name: str, own: Collection[str]) -> bool:
-    return name in own or name == STAGING_MARK or (name.endswith(".tmp") and any(
+    return name in own or name in (STAGING_MARK, MANIFEST) or (name.endswith(".tmp") and any(
         name.startswith(f".{o}.") for o in own))
 
 
-def check_destination(target: str | os.PathLike, own: Collection[str], force: bool = False) -> None:
-    """Refuse to write a palmkit folder at `target` where a folder holds files palmkit did not write (see `own`),
-    unless `force`; a file or a link there is always refused without `force` (a link is written through)."""
+def check_destination(target: str | os.PathLike, own: Collection[str], force: bool = False,
+                      manifest: bool = True) -> None:
+    """Refuse to write a palmkit folder at `target` where a folder holds files palmkit did not write (`own`
+    names listed in its manifest), unless `force`; with `force` still refuse one that holds a name of `own`
+    palmkit did not write (it would be written over). A file there is always refused; a link to a folder only
+    without `force` (it is written through). manifest=False: any `own` name counts as palmkit's."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise PalmkitError(f"{target} exists and is not a folder: give the path of a new or empty folder")
-    foreign = foreign_entries(target, own)
-    if force or not (foreign or target.is_symlink()):
+    foreign = foreign_entries(target, own, manifest)
+    if force:
+        clash = [n for n in foreign if n in set(own)]
+        if clash:
+            raise PalmkitError(f"{target} holds {_names(clash)}, which palmkit did not write there but would have "
+                               "to write: move them elsewhere, or give a new or empty folder")
+        return
+    if not (foreign or target.is_symlink()):
         return
     shown = "it is a link to a folder" if not foreign else "it holds files palmkit did not write there: " + \
-        ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        _names(foreign)
     raise PalmkitError(f"{target} is not a palmkit folder ({shown}): give a new or empty folder, or --force to "
                        "write palmkit's files into it and keep the others")
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _write_mark(folder: Path) -> None:
@@ -210,21 +281,34 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(holder, ignore_errors=True)
 
 
-def _merge_into(staging: Path, target: Path, own: Collection[str]) -> None:
+def _merge_into(staging: Path, target: Path, own: Collection[str], manifest: bool) -> None:
     """Move the files of `staging` into the existing folder `target` one by one (each an atomic rename) and remove
-    palmkit's files (`own`) that the new folder no longer has; anything else in `target` is left as it is."""
+    palmkit's files (`own`, listed in its manifest) that the new folder no longer has; anything else in `target`
+    is left as it is. With `manifest` the target's manifest then lists what palmkit wrote there."""
     dest = target.resolve()
-    new = {p.name for p in staging.iterdir()} - {STAGING_MARK}
+    new = {p.name for p in staging.iterdir()} - {STAGING_MARK, MANIFEST}
+    written = written_names(dest)
+    mine = set(own) & written if manifest else set(own)
     trash = staging / ".replaced"
     trash.mkdir()
-    for name in sorted(new | (set(own) - new)):
+    for name in sorted(new | (mine - new)):
+        old = dest / name
+        if name not in mine and (old.exists() or old.is_symlink()):
+            raise PalmkitError(f"{target} holds {name}, which palmkit did not write there: left as it is, and "
+                               "nothing written; move it elsewhere or give a new or empty folder")
+    removed = set()
+    for name in sorted(new | (mine - new)):
         old = dest / name
         if old.is_dir() and not old.is_symlink():  # a folder is not replaced by a rename: move it aside first
             os.replace(old, trash / name)
+            removed.add(name)
         if name in new:
             os.replace(staging / name, old)
         elif old.exists() or old.is_symlink():
             old.unlink()
+            removed.add(name)
+    if manifest:  # what was written now, and what palmkit wrote or claimed before and is still there to claim
+        _write_manifest(dest, new | (written - (removed - new)))
     _fsync_dir(dest)
 
 
@@ -234,25 +318,32 @@ def staged_dir(target: str | os.PathLike, own: Collection[str] | None = None, fo
     """An empty folder beside `target` to fill; on success it replaces `target`, on an error it is removed.
 
     Built in `target`'s parent so that the swap is a rename on one file system; an error inside the block
-    leaves the old `target` as it was. `own` names the files palmkit writes in such a folder (None: the files
-    the block wrote): an existing `target` that holds anything else is refused before the block runs, or with
-    `force` is updated in place, palmkit's files replaced and the others kept (`check_destination`).
-    Staging folders that a killed run left beside `target` are removed first (`remove_stale_staging`).
+    leaves the old `target` as it was. `own` names the files palmkit writes in such a folder: the folder gets a
+    manifest of what it wrote, and an existing `target` that holds anything but those (as its manifest lists
+    them) is refused before the block runs, or with `force` is updated in place, palmkit's files replaced and
+    the others kept (`check_destination`). own=None (palmkit's own work folders): no manifest, and the names the
+    block wrote are palmkit's. Staging folders that a killed run left beside `target` are removed first
+    (`remove_stale_staging`). The folder gets the mode `mkdir` would give it, or the old target's.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    manifest = own is not None
     if own is not None:
         check_destination(target, own, force)
     remove_stale_staging(target)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    _write_mark(staging)
     try:
+        staging.chmod(_mode_for(target, 0o777))
+        _write_mark(staging)
         yield staging
-        fsync_tree(staging)
         names = set(own) if own is not None else {p.name for p in staging.iterdir()}
-        check_destination(target, names, force)  # again: a long job's target may have changed meanwhile
-        if target.is_symlink() or foreign_entries(target, names):
-            _merge_into(staging, target, names)
+        if manifest:  # what the block wrote, and the names palmkit claimed there before (its logs, written later)
+            _write_manifest(staging, {p.name for p in staging.iterdir()} - {STAGING_MARK}
+                            | (written_names(target) & names))
+        fsync_tree(staging)
+        check_destination(target, names, force, manifest)  # again: a long job's target may have changed meanwhile
+        if target.is_symlink() or foreign_entries(target, names, manifest):
+            _merge_into(staging, target, names, manifest)
             shutil.rmtree(staging, ignore_errors=True)
         else:
             replace_dir(staging, target)

@@ -67,6 +67,29 @@ def test_finetune_never_replaces_a_folder_with_the_users_files(tokenizer, tmp_pa
     assert not validated and [p.name for p in out.iterdir()] == ["data.csv"]  # refused before training
     run(force=True)
     assert (out / "data.csv").read_text() == "text,label\n" and (out / HEAD_FILE).is_file()
+    run(force=True)  # again: palmkit's files (its manifest) replaced, the user's kept
+    assert (out / "data.csv").read_text() == "text,label\n" and (out / "learning_curve.png").is_file()
+
+
+def test_force_never_deletes_user_files_that_carry_palmkits_names(tokenizer, tmp_path):
+    """eval/ and tensorboard/ made by the user are not palmkit's: refused with or without --force, untouched."""
+    model = random_model(tokenizer.vocab_size)
+    module = SequenceClassifier(model, 2)
+    items = [Item([5, 6, 7, tokenizer.eos_id], i % 2) for i in range(4)]
+    out = tmp_path / "mine"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "gold.jsonl").write_text('{"label": "a"}\n')
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.mine").write_text("my runs")
+    for force in (False, True):
+        with pytest.raises(PalmkitError, match="eval, tensorboard"):
+            fit(module, model, tokenizer, items, lambda: {"loss": 1.0, "accuracy": 0.5},
+                lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y),
+                FinetuneConfig(epochs=1, batch_size=4), out, "accuracy",
+                {"task": "classify", "labels": ["a", "b"], "pooling": "last"}, force=force)
+    assert (out / "eval" / "gold.jsonl").read_text() == '{"label": "a"}\n'
+    assert (out / "tensorboard" / "events.mine").read_text() == "my runs"
+    assert sorted(p.name for p in out.iterdir()) == ["eval", "tensorboard"]
 
 
 # Fine-tuning under torchrun and across a kill -9: every kind of task, full and LoRA, on the training engine.

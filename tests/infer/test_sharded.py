@@ -160,3 +160,57 @@ def test_generate_input_file_equals_generate(checkpoint, tmp_path):
     got = read(out)
     assert [(r["prompt"], r["completion"], r["completion_tokens"]) for r in got] == [
         (p, c.text, len(c.token_ids)) for p, c in zip(prompts, want, strict=True)]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    src = write_records(tmp_path / "in.jsonl", [str(i) for i in range(6)])
+    out = tmp_path / "out.jsonl"
+    inner = []
+
+    def nested(batch):  # the same command started again while this one runs
+        if not inner:
+            with pytest.raises(PalmkitError, match="another run is writing"):
+                run_sharded(str(src), str(out), lengths, "text", JOB, batch_size=2)
+            inner.append(True)
+        return lengths(batch)
+
+    run_sharded(str(src), str(out), nested, "text", JOB, batch_size=2)
+    assert inner and [json.loads(line)["n"] for line in out.read_text().splitlines()] == [1] * 6
+
+
+def test_a_part_file_with_zeros_after_a_crash_is_recovered(tmp_path):
+    """A machine crash can leave zeros where the last writes had not reached the disk: those lines and what follows
+    are redone, not read as results (nor a crash of the rerun)."""
+    src = write_records(tmp_path / "in.jsonl", [str(i) for i in range(8)])
+    out = tmp_path / "out.jsonl"
+
+    def failing(batch):
+        if batch[0]["id"] >= 4:
+            raise RuntimeError("killed")
+        return lengths(batch)
+
+    with pytest.raises(RuntimeError):
+        run_sharded(str(src), str(out), failing, "text", JOB, batch_size=2)
+    part = parts_dir(out) / "part-0.jsonl"
+    lines = part.read_bytes().splitlines(keepends=True)
+    part.write_bytes(lines[0] + lines[1] + b"\0" * len(lines[2]) + lines[3])  # record 2 lost, record 3 after it
+    assert sorted(read_part(part)[0]) == [0, 1]
+    again = []
+    run_sharded(str(src), str(out), lambda b: again.extend(r["id"] for r in b) or lengths(b), "text", JOB,
+                batch_size=2)
+    assert again == list(range(2, 8))
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(8))
+
+
+def test_the_input_is_streamed_not_held(tmp_path):
+    import tracemalloc
+
+    texts = ["y" * 1000 + str(i) for i in range(20_000)]  # 20 MB of records
+    src = write_records(tmp_path / "in.jsonl", texts)
+    tracemalloc.start()
+    run_sharded(str(src), str(tmp_path / "out.jsonl"), lengths, "text", JOB, batch_size=64)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 << 20  # an index of where each record starts, not the records
+    rows = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert len(rows) == 20_000 and json.loads(rows[-1]) == {"text": texts[-1], "id": 19_999, "n": 1005}

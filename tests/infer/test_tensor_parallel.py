@@ -188,3 +188,26 @@ def test_server_tp_answers_equal_one_process_server(checkpoint):
 def test_tp_needs_as_many_processes(checkpoint):
     with pytest.raises(PalmkitError, match="needs 2 processes, found 1"):
         generate_command(str(checkpoint), "x", tp=2)
+
+
+def test_a_pass_that_fails_on_one_follower_ends_it_instead_of_leaving_the_group_waiting(monkeypatch):
+    """A follower that logged its error and went on would leave the leader waiting forever in the pass's
+    collectives; it must end (torchrun then stops the group)."""
+    from palmkit.infer import tensor_parallel as tp_module
+
+    headers = iter([tp_module.HIDDEN, tp_module.STOP])
+
+    def broadcast(tensor, src, group=None):
+        tensor[0] = next(headers)
+
+    def out_of_memory(*args):
+        raise RuntimeError("out of memory on this rank alone")
+
+    monkeypatch.setattr(tp_module.dist, "broadcast", broadcast)
+    monkeypatch.setattr(tp_module, "_follow_hidden", out_of_memory)
+
+    class Model:  # what follow() reads of the tensor-parallel model before its first pass
+        embed_tokens = torch.nn.Embedding(2, 2)
+
+    with pytest.raises(RuntimeError, match="this rank alone"):
+        tp_module.follow(Model(), group=None)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from palmkit.errors import CheckpointError, PalmkitError
+from palmkit.io import MANIFEST
 from palmkit.model.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from tests.conftest import random_model
 
@@ -19,7 +20,7 @@ def test_round_trip_same_logits(tmp_path, tokenizer):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
     assert config["step"] == 7 and tok.vocab_size == tokenizer.vocab_size
-    assert sorted(os.listdir(tmp_path / "c")) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(tmp_path / "c")) == [MANIFEST, "config.json", "model.safetensors", "tokenizer.model"]
 
 
 def test_missing_folder_and_files(tmp_path, checkpoint):
@@ -106,7 +107,7 @@ def test_save_never_replaces_a_folder_with_the_users_files(tmp_path, checkpoint)
         save_checkpoint(target, model, tok)
     assert [p.name for p in target.iterdir()] == ["notes.md"]
     save_checkpoint(target, model, tok, force=True)  # the checkpoint's files written in, the notes kept
-    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors", "notes.md", "tokenizer.model"]
+    assert sorted(os.listdir(target)) == [MANIFEST, "config.json", "model.safetensors", "notes.md", "tokenizer.model"]
     assert (target / "notes.md").read_text() == "my notes" and load_checkpoint(target)[2]["model"]
     save_checkpoint(tmp_path / "ckpt", model, tok)
     save_checkpoint(tmp_path / "ckpt", model, tok, extra={"step": 2})  # palmkit's own folder: replaced

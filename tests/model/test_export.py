@@ -11,6 +11,7 @@ import torch
 from palmkit.errors import PalmkitError
 from palmkit.infer.generate import generate, generate_ids
 from palmkit.infer.sampling import SamplingParams
+from palmkit.io import MANIFEST
 from palmkit.model.chat_template import encode_chat
 from palmkit.model.checkpoint import CONFIG_FILE, load_checkpoint, save_checkpoint
 from palmkit.model.export import export_hf
@@ -174,7 +175,7 @@ def test_export_never_replaces_a_folder_with_the_users_files(tmp_path, checkpoin
     assert (out / "README.md").read_text() == "my model card" and (out / "model.safetensors").is_file()
     export_hf(checkpoint, out, force=True)  # again: the export's own files are replaced
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+        [MANIFEST, "README.md", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
          "tokenizer.json", "tokenizer.model", "tokenizer_config.json"])
 
 

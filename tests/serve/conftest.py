@@ -16,10 +16,13 @@ from palmkit.serve.connections import uvicorn_config
 
 
 @contextmanager
-def running(app):
+def running(app, send_buffer: int | None = None):
     """Serve `app` as `palmkit serve` does (its limits on connections) in a thread on a free loopback port;
-    yield its base URL."""
+    yield its base URL. send_buffer: the kernel's send buffer of each connection (accepted sockets inherit it),
+    small so that a client that stops reading fills it at once."""
     sock = socket.socket()
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     limits = app.state.palmkit.limits
     server = uvicorn.Server(uvicorn_config(app, limits, log_level="warning", timeout_graceful_shutdown=2))

@@ -45,6 +45,9 @@ def test_full_queue_answers_429(loaded):
             r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "z"})
             assert r.status_code == 429 and r.headers["Retry-After"] == "1"
             assert r.json()["error"]["code"] == "queue_full"
+            # full, not wedged: a liveness probe must not restart a server that is only busy
+            health = httpx.get(f"{base}/health")
+            assert health.status_code == 200 and health.json() == {"status": "busy"}
             first.close()  # leaving frees the slot for the queued request
             assert queued.result(timeout=30).status_code == 200
 
@@ -116,6 +119,9 @@ def test_malformed_requests_and_the_page(checkpoint, faq_file):
         assert post("{not json").status_code == 400
         assert post(json.dumps({"model": "tiny", "messages": []})).status_code == 400
         assert post(json.dumps({"model": "tiny", "messages": "hi"})).status_code == 400
+        # a raw completion would bypass the FAQ: refused, the chat route named
+        raw = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "How do I reset?"}, timeout=30)
+        assert raw.status_code == 400 and raw.json()["error"]["code"] == "faq_only"
         page = httpx.get(base + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     config = json.loads(page.text.split('type="application/json">')[1].split("</script>")[0])
@@ -320,3 +326,12 @@ def test_serve_exits_with_status_1_when_the_engine_dies(checkpoint, monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         serve(str(checkpoint), port=0)
     assert exit_.value.code == 1
+
+
+def test_cors_for_any_origin_without_a_key_is_warned_about(loaded, caplog):
+    model, tok = loaded
+    with caplog.at_level("WARNING", logger="palmkit.serve"):
+        create_app(Engine(model, tok, autotune=False), model_name="tiny", cors_origins=["*"], api_key="k")
+        assert "cors_origins" not in caplog.text
+        create_app(Engine(model, tok, autotune=False), model_name="tiny", cors_origins=["*"])
+    assert "--cors_origins '*' without an API key" in caplog.text

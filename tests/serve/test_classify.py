@@ -1,6 +1,8 @@
 """`POST /v1/classify` for a fine-tuned classifier, matching the Python API; the key and the size checked before its
 body is read, only what the classifier reads tokenized, and a dead engine answered with 503."""
 
+import time
+
 import httpx
 import pytest
 
@@ -72,3 +74,44 @@ def test_classify_answers_503_when_the_engine_has_died(served):
         app.state.palmkit.engine.stop()  # as if its thread had died
         r = httpx.post(f"{base}/v1/classify", json={"model": "served", "input": "x"}, timeout=30)
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+
+
+def test_a_classify_burst_is_admitted_up_to_the_limit_and_hands_the_engine_one_slice_at_a_time(served, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from palmkit.serve.classify import SLICE
+
+    app = create_app(served, limits=Limits(max_side_requests=2))
+    engine = app.state.palmkit.engine
+    waiting, most, slices = [0], [0], [0]
+    call = engine.call
+
+    def counted(fn):  # how many engine calls wait at once; each slice made slow enough for requests to overlap
+        waiting[0] += 1
+        most[0] = max(most[0], waiting[0])
+
+        def run():
+            waiting[0] -= 1
+            slices[0] += 1
+            time.sleep(0.05)
+            return fn()
+
+        return call(run)
+
+    monkeypatch.setattr(engine, "call", counted)
+    texts = [f"a quick fox number {i}" for i in range(3 * SLICE)]
+    with running(app) as base:
+        def post(_):
+            return httpx.post(f"{base}/v1/classify", json={"model": "served", "input": texts}, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(post, range(8)))
+            health = [httpx.get(f"{base}/health", timeout=10).json()["status"] for _ in range(5)]
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+        assert all(r.headers["retry-after"] == "1" for r in answers if r.status_code == 429)
+        assert all(len(r.json()["data"]) == len(texts) for r in answers if r.status_code == 200)
+        assert most[0] == 1  # never a second call waiting: a decode step runs between any two
+        assert slices[0] == 3 * statuses.count(200)
+        assert set(health) <= {"ok", "busy"}
+        assert httpx.get(f"{base}/health", timeout=10).json() == {"status": "ok"}

@@ -86,13 +86,23 @@ def test_oversized_headers_get_400_and_the_connection_is_closed(strict):
     assert answer.startswith(b"HTTP/1.1 400") and sent < 64 << 20
 
 
-def test_connections_past_the_cap_are_closed_at_once_and_the_server_recovers(loaded):
+def test_connections_past_the_caps_may_only_ask_for_health_and_the_server_recovers(loaded):
     model, tok = loaded
-    limits = Limits(head_seconds=60, max_connections=6)  # no deadline closes anything during the test
+    # no deadline closes anything during the test; one address may hold 4 of the 6 connections
+    limits = Limits(head_seconds=60, max_connections=6, max_connections_per_ip=4)
     with running(create_app(Engine(model, tok), model_name="tiny", limits=limits)) as base:
-        socks = [connect(base) for _ in range(10)]
+        socks = [connect(base) for _ in range(4)]
         try:
-            assert [closed_by_server(s, seconds=0.5) for s in socks] == [False] * 6 + [True] * 4
+            spare = connect(base)  # past this address's cap: asked for a completion, refused
+            spare.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n'
+                          b'Content-Length: 2\r\n\r\n{}')
+            assert spare.recv(4096).startswith(b"HTTP/1.1 503") and closed_by_server(spare, seconds=3)
+            probe = connect(base)  # past the cap too: /health is answered, then the connection closed
+            probe.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert probe.recv(4096).startswith(b"HTTP/1.1 200") and closed_by_server(probe, seconds=3)
+            idle = connect(base)  # asks nothing: closed after a second, not after head_seconds
+            assert closed_by_server(idle, seconds=5)
+            assert [closed_by_server(s, seconds=0.2) for s in socks] == [False] * 4  # the first ones are served
         finally:
             for s in socks:
                 s.close()
@@ -104,3 +114,36 @@ def answers(url: str) -> bool:
         return httpx.get(url, timeout=10).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_a_client_that_stops_reading_a_stream_is_dropped_and_its_slots_freed(loaded):
+    from tests.conftest import Slow
+
+    model, tok = loaded
+    engine = Engine(Slow(model, 0.02), tok, max_batch=8, autotune=False)  # 200 steps: about 4 s or more
+    limits = Limits(send_seconds=1)
+    with running(create_app(engine, model_name="tiny", limits=limits), send_buffer=4096) as base:
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.connect((host, int(port)))
+        body = (b'{"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 8, "logprobs": 20, "stream": true, '
+                b'"ignore_eos": true}')
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            assert wait_for(lambda: engine.running == 8)
+            # never read: about 1.3 MB of events against a few KB of buffers
+            assert wait_for(lambda: engine.running == 0 and engine.queue_depth == 0, seconds=3)
+            time.sleep(0.5)
+            sock.settimeout(10)
+            data = b""
+            try:
+                while chunk := sock.recv(65536):
+                    data += chunk
+            except OSError:
+                pass  # reset: the server aborted the connection
+            assert b"[DONE]" not in data
+        finally:
+            sock.close()
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200

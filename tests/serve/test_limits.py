@@ -104,6 +104,10 @@ def test_requests_too_large_by_their_counts_are_refused_before_anything_is_token
             r = httpx.post(base + path, json={"model": "tiny", **body})
             assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
         assert spy.encoded == []
+        ok = httpx.post(f"{base}/v1/chat/completions", timeout=30,
+                        json={"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 4, "max_tokens": 1})
+        assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
+    with running(create_app(engine, model_name="tiny")) as base:  # no FAQ: raw completions are served
         ok = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": ["x"] * 4, "max_tokens": 1})
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
 

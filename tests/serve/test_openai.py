@@ -349,3 +349,25 @@ def test_fields_clients_send_are_accepted(client):
                                     frequency_penalty=0, presence_penalty=0.0, logit_bias={}, best_of=1,
                                     extra_body={"metadata": {"k": "v"}, "top_k": -1})
     assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_echo_and_logprobs_past_the_cap_are_refused_before_the_model_runs(loaded):
+    from palmkit.serve.limits import Limits
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=8, autotune=False)
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog", bos=True)  # p tokens
+    p = len(prompt)
+    # (p echoed + 4 generated) x (5 + 1) values x 2 prompts is the cap: one more token is refused
+    limits = Limits(max_logprob_values=(p + 4) * 6 * 2)
+    with running(create_app(engine, model_name="tiny", limits=limits)) as base:
+        request = {"model": "tiny", "prompt": [prompt, prompt], "max_tokens": 4, "logprobs": 5, "echo": True}
+        assert httpx.post(f"{base}/v1/completions", json=request, timeout=30).status_code == 200
+        before = engine.prompt_tokens
+        for too_much in ({"max_tokens": 5}, {"logprobs": 6}, {"prompt": [prompt] * 3}, {"stream": True}):
+            r = httpx.post(f"{base}/v1/completions", json={**request, "max_tokens": 5, **too_much}, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "logprobs_too_large"
+        assert engine.prompt_tokens == before  # refused before anything reached the engine
+        # without logprobs the same echo is not counted
+        r = httpx.post(f"{base}/v1/completions", json={**request, "logprobs": None, "n": 3}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 6

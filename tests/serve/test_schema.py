@@ -27,6 +27,7 @@ def keyed(checkpoint):
 def test_document_holds_the_bodies_and_errors(keyed):
     assert httpx.get(f"{keyed}/openapi.json").status_code == 401
     doc = httpx.get(f"{keyed}/openapi.json", headers=AUTH).json()
+    assert doc["openapi"] == "3.2.0"  # the version whose itemSchema describes one event of a stream
     for path, field in (("/v1/completions", "prompt"), ("/v1/chat/completions", "messages")):
         operation = doc["paths"][path]["post"]
         body = operation["requestBody"]["content"]["application/json"]["schema"]
@@ -34,6 +35,8 @@ def test_document_holds_the_bodies_and_errors(keyed):
         assert {str(s) for s in ERRORS} <= set(operation["responses"])  # 400, 401, 404, 408, 413, 415, 429, 503
         assert "422" not in operation["responses"]  # this server answers 400 for a bad body, as OpenAI does
         assert set(operation["responses"]["200"]["content"]) == {"application/json", "text/event-stream"}
+        events = operation["responses"]["200"]["content"]["text/event-stream"]
+        assert events["itemSchema"]["properties"]["data"]["type"] == "string" and "schema" not in events
         assert operation["security"] == [{"bearer": []}]
     assert doc["paths"]["/health"]["get"]["security"] == []
     error = doc["components"]["schemas"]["ErrorBody"]
@@ -45,11 +48,13 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
 
 
 def test_every_response_is_documented_and_none_is_a_server_error(keyed):
-    """schemathesis runs the spec's examples and a bounded fuzz of every route (valid and invalid bodies, headers,
-    paths, methods) against the served tiny model."""
+    """schemathesis runs every phase against the served tiny model: the spec's examples, its coverage cases (each
+    bound and each documented response, streamed events checked against `itemSchema`), a bounded fuzz of every
+    route (valid and invalid bodies, headers, paths, methods) and stateful sequences."""
     run = subprocess.run(
         [str(Path(sys.executable).parent / "schemathesis"), "run", f"{keyed}/openapi.json",
-         "--header", f"Authorization: Bearer {KEY}", "--phases", "examples,fuzzing", "--max-examples", "15",
+         "--header", f"Authorization: Bearer {KEY}", "--phases", "examples,coverage,fuzzing,stateful",
+         "--max-examples", "15",
          "--seed", "0", "--checks", ",".join(CHECKS), "--request-timeout", "60"],
         capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-6000:]

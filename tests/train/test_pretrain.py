@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from palmkit.errors import PalmkitError
-from palmkit.io import load_tensors
+from palmkit.io import MANIFEST, load_tensors
 from palmkit.train import engine as engine_module
 from palmkit.train.config import TrainConfig
 from palmkit.train.engine import Engine
@@ -30,7 +30,7 @@ def test_training_lowers_loss_and_writes_everything(reference):
     assert any((reference / "tensorboard").iterdir())
     val = [r for r in read_metrics(reference / "metrics.jsonl") if "val/en/ppl" in r]
     assert val and all(math.isfinite(r["val/de/bpb"]) for r in val)
-    assert sorted(os.listdir(reference / "final")) == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert sorted(os.listdir(reference / "final")) == [MANIFEST, "config.json", "model.safetensors", "tokenizer.model"]
 
 
 def test_resume_after_kill_is_exact(corpus, reference, tmp_path):

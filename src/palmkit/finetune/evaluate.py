@@ -18,7 +18,7 @@ from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ng
 from palmkit.finetune.encode import chat_items, lm_batches
 from palmkit.finetune.predict import load_classifier, load_tagger
 from palmkit.finetune.scores import classification_report, entity_scores
-from palmkit.io import atomic_write_bytes, atomic_write_json, split_list
+from palmkit.io import atomic_write_bytes, atomic_write_json, claim_names, split_list
 from palmkit.model.checkpoint import load_checkpoint, load_config
 from palmkit.train.lm_eval import mean_lm_loss
 from palmkit.train.metrics import plt
@@ -79,6 +79,8 @@ def evaluate(checkpoint: str, task: str = "", eval_tasks: list[str] | None = Non
     names = list(dict.fromkeys([task or trained.name, *split_list(eval_tasks or [])]))
     targets = [trained if n == trained.name else load_task(n, seed=seed) for n in names]
     out_dir = Path(out) if out else path / "eval"
+    if not out and not out_dir.exists():  # palmkit makes it: the model folder's manifest says so
+        claim_names(path, [out_dir.name])
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"checkpoint": str(path), "kind": kind, "trained_on": trained.name, "split": split,
                     "train_examples": len(train), "tasks": {}}

@@ -33,6 +33,7 @@ from palmkit.io import (
     atomic_copy,
     atomic_write_bytes,
     check_destination,
+    claim_names,
     load_tensors,
     remove_stale_staging,
     save_tensors,
@@ -183,6 +184,8 @@ class _Run:
     def __init__(self, out: Path, force: bool, resume_step: int | None):
         check_destination(out, FINETUNE_FILES, force)  # before the first log line is written there
         self.out, self.force = out, force
+        # written in place, not through the staged swap: the folder's manifest lists them before they are
+        claim_names(out, [*LOG_FILES, *LOG_DIRS, *CHECKPOINTS])
         out.mkdir(parents=True, exist_ok=True)
         if resume_step is None:  # a new run: the logs and training state of an earlier one go
             for name in (*LOG_FILES, "latest.json"):
@@ -223,6 +226,7 @@ class _Run:
         valid = [(r["step"], r["valid/loss"]) for r in records if "valid/loss" in r]
         series = {name: ([x for x, _ in pts], [y for _, y in pts]) for name, pts in
                   (("train", train), ("valid", valid)) if pts}
+        claim_names(self.out, ["learning_curve.png", "valid_metric.png"])  # the swap may have left them out
         plot_curves(series, self.out / "learning_curve.png", f"{self.out.name}: loss", "loss")
         scores = [(r["step"], r[f"valid/{metric}"]) for r in records if f"valid/{metric}" in r]
         if scores and metric != "loss":

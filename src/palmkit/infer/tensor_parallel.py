@@ -290,7 +290,9 @@ class Leader(nn.Module):
 def follow(tp: TensorParallelPaLM, group: dist.ProcessGroup) -> None:
     """Run the forward passes rank 0's `Leader` announces until it stops.
 
-    An error of one pass is logged and the loop goes on: the leader meets the same error on the same input.
+    An error of a pass ends this process: the other ranks would otherwise wait forever for its part of the pass's
+    collectives (an error of this rank alone: out of memory, a device fault). torchrun then stops the whole group,
+    and a supervisor restarts the server (`palmkit serve` exits with status 1 when its engine dies).
     """
     caches: dict[int, KVCache] = {}
     device = tp.embed_tokens.weight.device
@@ -314,7 +316,9 @@ def follow(tp: TensorParallelPaLM, group: dist.ProcessGroup) -> None:
                 dist.broadcast(h, 0, group=tp.mesh.get_group())
                 tp.logits(h)
         except Exception:
-            log.exception("follower: a forward pass failed (the leader's fails alike)")
+            log.critical("follower: a forward pass failed; stopping this rank so the group does not wait for it",
+                         exc_info=True)
+            raise
 
 
 def _follow_hidden(tp: TensorParallelPaLM, group: dist.ProcessGroup, caches: dict[int, KVCache],

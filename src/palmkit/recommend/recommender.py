@@ -17,7 +17,7 @@ import torch
 
 from palmkit.data.recommend import Movie
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_json, load_json, load_tensors, save_tensors
+from palmkit.io import atomic_write_json, claim_names, load_json, load_tensors, save_tensors
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
 from palmkit.recommend.combine import Combination
@@ -138,6 +138,7 @@ class Recommender:
     def save(self, folder: str | Path) -> None:
         """Write recommender.json and recommender.safetensors into the scorer's folder."""
         folder = Path(folder)
+        claim_names(folder, [RECOMMENDER_TENSORS, RECOMMENDER_JSON])  # palmkit's, in the folder's manifest
         tensors = {"item_factors": torch.from_numpy(self.retriever.item_factors),
                    "popularity": torch.from_numpy(np.asarray(self.popularity, dtype=np.float64))}
         if self.scorer is not None:

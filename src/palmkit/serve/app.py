@@ -28,6 +28,7 @@ answers 503 too, and also while the engine is wedged (work waiting, no step fini
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import json
 import logging
@@ -184,6 +185,9 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+    if "*" in cors_origins and api_key is None:
+        log.warning("--cors_origins '*' without an API key: every web page a visitor opens can use this server "
+                    "through their browser; name the origins, or set --api_key")
     page = chat_page_html(state)  # nothing in it changes while the app runs
 
     @app.get("/", response_class=HTMLResponse)
@@ -193,11 +197,13 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
 
     @app.get("/health", responses={503: {"description": "The engine has stopped or is wedged."}})
     async def health() -> JSONResponse:
-        """200 while the engine runs; 503 when it has stopped, or is wedged (work waiting, no step finished for
-        limits.wedge_seconds)."""
+        """200 while the engine runs: "ok", or "busy" while new work would get 429 (a load balancer may send it
+        elsewhere; a liveness probe must not restart it); 503 when it has stopped, or is wedged (work waiting,
+        no step finished for limits.wedge_seconds)."""
+        busy = engine.queue_depth >= engine.max_queue or state.side.full
         status = ("engine stopped" if not engine.alive else
-                  "engine wedged" if engine.wedged(limits.wedge_seconds) else "ok")
-        return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+                  "engine wedged" if engine.wedged(limits.wedge_seconds) else "busy" if busy else "ok")
+        return JSONResponse({"status": status}, status_code=200 if status in ("ok", "busy") else 503)
 
     @app.get("/metrics", responses={**error_responses(401), 200: {"content": {"text/plain": {}}}})
     async def metrics() -> Response:
@@ -210,6 +216,24 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"])
     app.add_middleware(_Instrument, state=state)  # outermost: counts the guard's refusals too
     return app
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc give freed memory back to the system (no-op elsewhere).
+
+    By default glibc raises its mmap threshold each time a large block is freed, so that later blocks of that
+    size (a step's logits and log-probabilities, a large response) come from its heap, whose free memory it keeps:
+    the server's RSS then grows after every large request and stays there. A fixed threshold keeps large blocks
+    mapped, unmapped when freed, and a fixed trim threshold returns the heap's free top (benchmarks/README.md,
+    "bench_abuse.py")."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    mallopt(m_mmap_threshold, 64 << 10)
+    mallopt(m_trim_threshold, 128 << 10)
 
 
 def chat_page_html(state: ServerState) -> str:
@@ -291,6 +315,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     # collection scans only what requests make (it scanned ~470k objects, a 0.6-1.1 s stall of every route on
     # 2 busy cores; benchmarks/README.md, "bench_abuse.py").
     gc.freeze()
+    return_freed_memory()
     server.run()
     if died:  # status 1: a supervisor restarts a server whose engine is gone
         log.critical("exiting: the engine thread died")

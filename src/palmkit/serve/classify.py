@@ -16,6 +16,7 @@ from palmkit.serve.schema import json_body
 from palmkit.serve.state import server_state
 
 MAX_TEXTS = 256
+SLICE = 16  # texts per engine call: a decode step runs between two slices of a long request
 
 
 class ClassifyRequest(BaseModel):
@@ -35,14 +36,18 @@ def classify_router(checkpoint: str | os.PathLike, engine: Engine) -> APIRouter:
     async def classify(request: Request) -> JSONResponse:
         """Labels and their probabilities for one text or up to 256."""
         state = server_state(request)
-        body = await read_json(request, ClassifyRequest, state.limits)
-        state.check_model(body.model)
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if not texts or len(texts) > MAX_TEXTS:
-            raise APIError(400, f"input must hold 1 to {MAX_TEXTS} texts", param="input", code="invalid_value")
-        # the classifier reads the first max_len tokens: the rest of a long text is never tokenized
-        texts = [cut_text(t, classifier.max_len, state.piece_chars) for t in texts]
-        results = await state.engine.run(lambda: classifier.predict(texts))
+        with state.side.admit():  # before the body is read: a refused request costs nothing
+            body = await read_json(request, ClassifyRequest, state.limits)
+            state.check_model(body.model)
+            texts = [body.input] if isinstance(body.input, str) else body.input
+            if not texts or len(texts) > MAX_TEXTS:
+                raise APIError(400, f"input must hold 1 to {MAX_TEXTS} texts", param="input", code="invalid_value")
+            # the classifier reads the first max_len tokens: the rest of a long text is never tokenized
+            texts = [cut_text(t, classifier.max_len, state.piece_chars) for t in texts]
+            results = []
+            for start in range(0, len(texts), SLICE):
+                part = texts[start:start + SLICE]
+                results += await state.side.run(state.engine, lambda part=part: classifier.predict(part))
         return JSONResponse({"object": "list", "model": state.model_name, "labels": classifier.labels,
                              "data": [{"index": i, "label": label, "probabilities": probs}
                                       for i, (label, probs) in enumerate(results)]})

@@ -47,7 +47,9 @@ class Limits:
     max_header_bytes: int = 16 << 10
     """Request line and headers together; past it the connection gets 400 and is closed."""
     max_connections: int = 512
-    """Open connections; more are closed as soon as they are accepted."""
+    """Open connections; more may only ask for /health (within a second; serve/connections.py)."""
+    max_connections_per_ip: int = 256
+    """Open connections from one client address; more may only ask for /health, as past max_connections."""
     head_seconds: float = 10.0
     """A request's line and headers must have arrived this long after the connection opened (or the previous
     response ended), else the connection is closed: a client that sends a byte now and then holds nothing."""
@@ -57,6 +59,15 @@ class Limits:
     """An idle connection between requests is closed after this long."""
     wedge_seconds: float = 120.0
     """/health answers 503 when work is waiting and the engine has not finished a step for this long."""
+    send_seconds: float = 30.0
+    """A client that reads nothing of its response for this long (the server's send buffer stays full) is
+    dropped: its connection is aborted, its sequences cancelled and what was waiting to be sent is freed."""
+    max_logprob_values: int = 1 << 17
+    """Log-probabilities one response may hold: tokens (echoed prompt and completion) x (logprobs + 1) x
+    choices, counted before any work (about 30 bytes each in JSON)."""
+    max_side_requests: int = 16
+    """Requests of the engine's side routes (/v1/classify, /v1/recommend) admitted at once; more get 429. They
+    run one engine call at a time, a bounded slice each, between decode steps."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -107,6 +118,16 @@ def check_request(body: SamplingBody, limits: Limits, context: int, max_choices:
         if size > bound:
             raise APIError(400, f"This model's maximum context length is {context} tokens ({bound} {unit}); "
                            f"your {param} has {size} {unit}.", param=param, code="context_length_exceeded")
+
+
+def check_logprob_values(tokens: int, per_token: int, limits: Limits) -> None:
+    """Refuse a response that would hold more than `limits.max_logprob_values` log-probabilities: `tokens`
+    (echoed prompts and completion budgets of every choice) with `per_token` values each, known before any work."""
+    if tokens * per_token > limits.max_logprob_values:
+        raise APIError(400, f"This request asks for up to {tokens * per_token} log-probabilities ({tokens} tokens "
+                       f"x {per_token}); the server answers at most {limits.max_logprob_values} per request. Send "
+                       "fewer prompts or tokens per request, or ask for fewer alternatives.", param="logprobs",
+                       code="logprobs_too_large")
 
 
 async def read_json(request: Request, model: type[T], limits: Limits) -> T:

@@ -15,6 +15,7 @@ fallback) as `bytes:\\xNN`, as OpenAI names such tokens, and every name with `re
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -91,3 +92,23 @@ def chat_logprobs(names: TokenNames, entries: Sequence[Entry]) -> dict:
     content = [{**item(token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
                for token, lp in entries if lp is not None]
     return {"content": content, "refusal": None}
+
+
+class JsonLists:
+    """An object of JSON lists (`keys`) built chunk by chunk as text, for a response too large to hold as Python
+    objects: an echoed prompt's log-probabilities are millions of dicts, lists and floats, and every full
+    collection of the cyclic garbage collector scans each one while it holds the interpreter (0.8 s for one
+    10 MB response, every route stalled). Text is never scanned."""
+
+    def __init__(self, keys: Sequence[str], tail: str = ""):
+        self.parts: dict[str, list[str]] = {k: [] for k in keys}
+        self.tail = tail  # more members, as JSON text: ',"refusal":null'
+
+    def add(self, chunk: dict) -> None:
+        for key, values in chunk.items():
+            if key in self.parts and values:
+                self.parts[key].append(json.dumps(values, ensure_ascii=False, allow_nan=False,
+                                                  separators=(",", ":"))[1:-1])
+
+    def text(self) -> str:
+        return "{" + ",".join(f'"{k}":[{",".join(p)}]' for k, p in self.parts.items()) + self.tail + "}"

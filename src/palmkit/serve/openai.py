@@ -26,8 +26,8 @@ from palmkit.infer.sampling import SamplingParams
 from palmkit.model.chat_template import END, encode_chat
 from palmkit.serve.grounding import NO_ANSWER, Grounding, ground
 from palmkit.serve.guard import generation_failed
-from palmkit.serve.limits import read_json
-from palmkit.serve.logprobs import Entry, LegacyLogprobs, TokenNames, chat_logprobs, prompt_entries
+from palmkit.serve.limits import check_logprob_values, read_json
+from palmkit.serve.logprobs import Entry, JsonLists, LegacyLogprobs, TokenNames, chat_logprobs, prompt_entries
 from palmkit.serve.protocol import (
     DEFAULT_COMPLETION_TOKENS,
     APIError,
@@ -132,11 +132,21 @@ class _Logprobs:
         self.chat, self.on = chat, requested is not None
         self.names = TokenNames(state.tokenizer, body.return_tokens_as_token_ids)
         self.legacy = [LegacyLogprobs(self.names) for _ in range(n)]
+        keys = ("content",) if chat else ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+        self.lists = [JsonLists(keys, ',"refusal":null' if chat else "") for _ in range(n)]
 
     def part(self, index: int, entries: list[Entry]) -> dict | None:
         if not self.on:
             return None
         return chat_logprobs(self.names, entries) if self.chat else self.legacy[index].add(entries)
+
+    def collect(self, index: int, entries: list[Entry]) -> None:
+        """Add entries to a full response's lists, as JSON text (JsonLists)."""
+        if self.on and entries:
+            self.lists[index].add(self.part(index, entries))
+
+    def text(self, index: int) -> str:
+        return self.lists[index].text() if self.on else "null"
 
 
 class _Shape:
@@ -210,6 +220,9 @@ async def _generate(request: Request, chat: bool) -> Response:
     body = await read_json(request, ChatBody if chat else CompletionBody, state.limits)
     state.check_model(body.model)
     state.check_request(body)  # by its counts alone; what remains is bounded, and runs on worker threads
+    if not chat and state.faq is not None:  # a raw prompt has no user turn to ground: the FAQ would be bypassed
+        raise APIError(400, "This server answers only from its FAQ (--faq): use /v1/chat/completions.",
+                       param="prompt", code="faq_only")
     grounded = chat and state.faq is not None
     grounding = await asyncio.to_thread(_ground, state, _chat_messages(body)) if grounded else None
     if chat:
@@ -226,9 +239,12 @@ async def _generate(request: Request, chat: bool) -> Response:
         max_tokens, default = body.max_tokens, DEFAULT_COMPLETION_TOKENS
     requested, echo = _logprob_request(body, chat), not chat and body.echo
     choices = _choices(state, body, prompts, max_tokens, default, requested, echo)
+    if requested is not None:  # the response's size is known now, before the model runs
+        check_logprob_values(sum(len(p) * echo + params.max_new_tokens for p, params in choices), requested + 1,
+                             state.limits)
     logprobs = _Logprobs(state, body, chat, requested, len(choices))
     # the echoed prompt of each choice, told apart from the completion until the choice's first event
-    echoes = [state.tokenizer.decode(p) if echo else None for p, _ in choices]
+    echoes = await asyncio.to_thread(lambda: [state.tokenizer.decode(p) if echo else None for p, _ in choices])
     prompt_tokens = sum(len(p) for p in prompts)
     shape = _Shape(chat, state.model_name, {"faq": grounding.info()} if grounding else None)
     if grounding and not grounding.grounded:  # nothing to answer from: say so rather than let the model invent
@@ -244,18 +260,22 @@ async def _generate(request: Request, chat: bool) -> Response:
                            cleanup=lambda: state.engine.cancel(seqs),
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     texts, finishes, tokens = [""] * len(choices), ["length"] * len(choices), [0] * len(choices)
-    entries: list[list[Entry]] = [[] for _ in choices]
 
     async def collect() -> None:
         async for ev in events:
             if ev.error:
                 raise generation_failed(request.scope, state.engine, ev.error)
+            entries = []
             if echoes[ev.index] is not None:
                 texts[ev.index] = echoes[ev.index]
-                entries[ev.index] = prompt_entries(choices[ev.index][0], ev.prompt_logprobs)
+                entries = prompt_entries(choices[ev.index][0], ev.prompt_logprobs)
                 echoes[ev.index] = None
             texts[ev.index] += ev.text
-            entries[ev.index] += _entries(ev)
+            entries += _entries(ev)
+            if len(entries) > 64:  # an echoed prompt: written out as JSON text off the event loop
+                await asyncio.to_thread(logprobs.collect, ev.index, entries)
+            else:
+                logprobs.collect(ev.index, entries)
             finishes[ev.index] = ev.finish_reason or finishes[ev.index]
             tokens[ev.index] = ev.completion_tokens
 
@@ -269,8 +289,20 @@ async def _generate(request: Request, chat: bool) -> Response:
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # the client left: nobody is there to read it
     work.result()
-    parts = [logprobs.part(i, e) for i, e in enumerate(entries)]
-    return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), parts))
+
+    if not logprobs.on:
+        return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), [None] * len(choices)))
+
+    def respond() -> Response:  # megabytes of JSON: joined off the event loop from each choice's JSON text
+        key = uuid.uuid4().hex  # a mark no text can hold: the echoed prompt is the client's
+        marks = [f"\x00{key}.{i}\x00" for i in range(len(choices))]
+        envelope = json.dumps(shape.full(texts, finishes, _usage(prompt_tokens, tokens), marks),
+                              ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        pieces = re.split(rf'"\\u0000{key}\.(\d+)\\u0000"', envelope)
+        body = "".join(logprobs.text(int(p)) if k % 2 else p for k, p in enumerate(pieces))
+        return Response(body.encode(), media_type="application/json")
+
+    return await asyncio.to_thread(respond)
 
 
 def _entries(ev: Event) -> list[Entry]:
@@ -292,9 +324,12 @@ async def _stream(request: Request, shape: _Shape, events: AsyncIterator[Event],
             yield _sse(generation_failed(request.scope, server_state(request).engine, ev.error).body())
             break
         tokens[ev.index] = ev.completion_tokens
-        if echoes[ev.index] is not None:  # the choice's first event: its prompt goes first
-            part = logprobs.part(ev.index, prompt_entries(choices[ev.index][0], ev.prompt_logprobs))
-            yield _sse({**shape.chunk(ev.index, echoes[ev.index], logprobs=part), **extra})
+        if echoes[ev.index] is not None:  # the choice's first event: its prompt goes first, built off the loop
+            def echo_chunk(ev: Event = ev) -> str:
+                part = logprobs.part(ev.index, prompt_entries(choices[ev.index][0], ev.prompt_logprobs))
+                return _sse({**shape.chunk(ev.index, echoes[ev.index], logprobs=part), **extra})
+
+            yield await asyncio.to_thread(echo_chunk)
             echoes[ev.index] = None
         if ev.text or ev.logprobs:
             part = logprobs.part(ev.index, _entries(ev))

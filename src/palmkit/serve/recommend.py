@@ -12,7 +12,7 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from palmkit.errors import PalmkitError
 from palmkit.infer.engine import Engine
@@ -27,6 +27,8 @@ MAX_HISTORY = 1000
 
 class RecommendRequest(BaseModel):
     """POST /v1/recommend: a user id, or a history of liked item ids (oldest first)."""
+
+    model_config = ConfigDict(strict=True)  # "5" is not a k, 2.5 not a user id, as the OpenAI routes answer
 
     model: str
     user: str | int | None = None
@@ -45,7 +47,10 @@ def recommend_router(checkpoint: str | os.PathLike, engine: Engine) -> APIRouter
     async def recommend(request: Request) -> JSONResponse:
         """The top k items with their scores and the liked items each one came from."""
         state = server_state(request)
-        body = await read_json(request, RecommendRequest, state.limits)
+        with state.side.admit():
+            return await _answer(state, await read_json(request, RecommendRequest, state.limits))
+
+    async def _answer(state, body: RecommendRequest) -> JSONResponse:
         state.check_model(body.model)
         if (body.user is None) == (body.history is None):
             raise APIError(400, "give either user or history", param="user", code="invalid_value")
@@ -58,12 +63,16 @@ def recommend_router(checkpoint: str | os.PathLike, engine: Engine) -> APIRouter
             return recommender.recommend_for([str(i) for i in body.history or []], body.k, system=body.system)
 
         try:
-            result = await state.engine.run(run)
+            result = await state.side.run(state.engine, run)
         except PalmkitError as exc:
             raise APIError(400, str(exc), param="history", code="invalid_value") from None
+        # A user's likes are theirs: naming a user id gets the ranking, not the history it came from (the
+        # history and each item's "because"); a caller who sent the history gets both.
+        mine = body.history is not None
+        items = [item if mine else {k: v for k, v in item.items() if k != "because"} for item in result.items]
         return JSONResponse({"object": "recommendation", "model": state.model_name, "user": result.user,
                              "personalised": result.personalised, "notice": result.notice,
-                             "history": result.history,
-                             "data": [{"rank": i, **item} for i, item in enumerate(result.items, 1)]})
+                             "history": result.history if mine else [],
+                             "data": [{"rank": i, **item} for i, item in enumerate(items, 1)]})
 
     return router

@@ -57,3 +57,23 @@ def test_hysteresis_one_alert_per_episode():
     assert fired == [12, 34]
     zs = [p[3] for p in topic.points if p[3] is not None]
     assert sum(z >= RULE.threshold for z in zs) > 2
+
+
+def test_the_chart_shows_a_bounded_number_of_topics_the_alerting_ones_first(tmp_path):
+    import struct
+
+    from palmkit.apps.monitor.chart import MAX_PANELS, plot_topics, shown_topics
+    from palmkit.apps.monitor.rule import Rule
+
+    topics = {f"t{i:03d}": Topic(points=[["2024-01-01T00:00:00", i / 400, 0.1, None]]) for i in range(300)}
+    topics["t007"].alerting = True
+    alerts = [{"topic": "t005", "time": "2024-01-01T00:00:00", "share": 0.9},
+              {"topic": "t006", "time": "2024-01-02T00:00:00", "share": 0.9}]
+    shown = shown_topics(topics, alerts)
+    # alerting now, then the alerts newest first, then the highest shares
+    assert len(shown) == MAX_PANELS and {"t007", "t006", "t005"} <= set(shown)
+    assert set(shown) - {"t005", "t006", "t007"} == {f"t{i:03d}" for i in range(299, 299 - MAX_PANELS + 3, -1)}
+    assert shown_topics(topics, alerts, limit=2) == ["t006", "t007"]
+    path = plot_topics(topics, alerts, tmp_path / "chart.png", Rule())
+    _, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG header's size
+    assert height <= (1.9 * MAX_PANELS + 0.8) * 100 + 1

@@ -92,3 +92,72 @@ def test_missing_columns_and_unknown_files_are_clear_errors(tmp_path):
         input_files(tmp_path / "b.docx")
     with pytest.raises(PalmkitError, match="input not found"):
         input_files(tmp_path / "nope.jsonl")
+
+
+def test_records_past_the_bound_are_skipped_unheld_and_reported_with_their_line(tmp_path, monkeypatch):
+    from palmkit.data.corpus import inputs
+
+    monkeypatch.setattr(inputs, "MAX_RECORD_BYTES", 1000)
+    huge = "x" * 5000
+    rows = [{"text": TEXTS[0]}, {"text": huge}, {"text": TEXTS[1]}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "c.txt").write_text(f"{TEXTS[0]}\n\n{huge[:600]}\n{huge[:600]}\n\n{TEXTS[1]}\n")
+    (tmp_path / "d.csv").write_text(f'id,text\n0,"{TEXTS[0]}"\n1,"{huge}"\n2,"{TEXTS[1]}"\n')
+    pq.write_table(pa.table({"text": [TEXTS[0], huge, TEXTS[1]]}), tmp_path / "e.parquet")
+    for name, line in (("a.jsonl", 2), ("b.jsonl.gz", 2), ("c.txt", 3), ("d.csv", 3), ("e.parquet", 2)):
+        texts, rejected = read_all(pieces(tmp_path / name))
+        assert texts == TEXTS[:2], name
+        assert [n for _, n, _ in rejected] == [line], name
+        assert "past the bound of 1000 bytes per record" in rejected[0][2] or "not a CSV row" in rejected[0][2], name
+
+
+def test_a_csv_cell_past_the_csv_modules_limit_is_a_record_not_a_crash(tmp_path):
+    big = "word " * 40_000  # 200 KB: past the csv module's 128 KiB default, well inside a record's bound
+    (tmp_path / "a.csv").write_text(f'id,text\n0,"{TEXTS[0]}"\n1,"{big}"\n2,"{TEXTS[1]}"\n')
+    texts, rejected = read_all(pieces(tmp_path / "a.csv"))
+    assert texts == [TEXTS[0], big, TEXTS[1]] and not rejected
+
+
+def test_a_gzip_bomb_stops_at_its_bound_and_is_reported(tmp_path, monkeypatch):
+    from palmkit.data.corpus import inputs
+
+    path = tmp_path / "bomb.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps({"text": TEXTS[i % 300]}) + "\n" for i in range(2000))
+    monkeypatch.setattr(inputs, "max_decompressed", lambda size: 20 * size)
+    texts, rejected = read_all(pieces(path))
+    assert 0 < len(texts) < 2000
+    assert len(rejected) == 1 and rejected[0][1] == len(texts) + 1 and "decompresses to more than" in rejected[0][2]
+
+
+def test_a_parquet_row_group_past_the_bound_is_skipped_with_its_first_row(tmp_path, monkeypatch):
+    from palmkit.data.corpus import inputs
+
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "a.parquet", row_group_size=100)
+    monkeypatch.setattr(inputs, "MAX_ROW_GROUP_ROWS", 99)
+    texts, rejected = read_all(pieces(tmp_path / "a.parquet"))
+    assert texts == [] and [(n, "row group" in why) for _, n, why in rejected] == [(1, True), (101, True),
+                                                                                   (201, True)]
+    monkeypatch.setattr(inputs, "MAX_ROW_GROUP_ROWS", 100)
+    assert read_all(pieces(tmp_path / "a.parquet")) == (TEXTS, [])
+
+
+def test_links_are_followed_to_files_and_to_folders_inside_the_input(tmp_path):
+    """A Hugging Face snapshot folder: each file a link to a blob outside it; a folder link inside is read once,
+    one outside is not followed."""
+    repo = tmp_path / "datasets--x"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / "abc").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3]))
+    snap = repo / "snapshots" / "rev"
+    (snap / "data").mkdir(parents=True)
+    (snap / "data" / "train.jsonl").symlink_to(repo / "blobs" / "abc")
+    (snap / "again").symlink_to(snap / "data")  # inside: the same files, read once
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps({"text": "not mine"}) + "\n")
+    (snap / "out").symlink_to(outside)
+    files = input_files(snap)
+    assert [f.relative_to(snap).as_posix() for f in files] == ["data/train.jsonl"]
+    assert read_all(pieces(files[0]))[0] == TEXTS[:3]

@@ -3,7 +3,8 @@ files of a Hugging Face dataset saved to disk (`Dataset.save_to_disk`), single f
 
 A large file is cut into pieces (byte ranges that start at a line, or groups of Parquet row groups) so that
 several workers read it at once and no worker holds more than a piece. Every record that cannot be used (not
-UTF-8, not JSON, no text field) is reported with its file and line, never guessed at or dropped silently.
+UTF-8, not JSON, no text field, past a bound of `bounds`) is reported with its file and line, never guessed at
+or dropped silently.
 """
 
 from __future__ import annotations
@@ -19,7 +20,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from palmkit.data.corpus.bounds import (
+    CHUNK,
+    MAX_RECORD_BYTES,
+    MAX_ROW_GROUP_BYTES,
+    MAX_ROW_GROUP_ROWS,
+    bounded_lines,
+    max_decompressed,
+    too_long,
+)
 from palmkit.errors import PalmkitError
+from palmkit.io import warn
 
 PIECE_BYTES = 64_000_000  # input read by one task: large enough to amortise its start, small enough to spread
 
@@ -49,15 +60,40 @@ def input_kind(path: Path) -> str | None:
 
 
 def input_files(path: Path) -> list[Path]:
-    """The input files of a file or folder argument (a folder is searched recursively, in name order)."""
+    """The input files of a file or folder argument (a folder is searched recursively, in name order).
+
+    Links are followed: a link to a file wherever it points (a Hugging Face snapshot folder links each file to
+    a blob beside it), a link to a folder only inside the folder given (no loop, no walk out of it); a link
+    that is not followed is named in a warning."""
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink() and input_kind(p))
-        return files
+        return sorted(_walk(path, path.resolve(), set()))
     if not path.exists():
         raise PalmkitError(f"input not found: {path}")
     if input_kind(path) is None:
         raise PalmkitError(f"unsupported input file {path}: use {', '.join(KINDS)} (or a folder of them)")
     return [path]
+
+
+def _walk(folder: Path, root: Path, seen: set[Path]) -> Iterator[Path]:
+    """Input files under `folder`, each real file once (`seen`: the folders and files read so far, resolved);
+    real entries before links, so that a file is known by its own path rather than a link's."""
+    seen.add(folder.resolve())
+    for p in sorted(folder.iterdir(), key=lambda p: (p.is_symlink(), p.name)):
+        target = p.resolve()
+        if p.is_symlink():
+            if not target.exists():
+                warn(f"{p}: a broken link, not read")
+                continue
+            if target.is_dir() and not target.is_relative_to(root):
+                warn(f"{p}: a link to a folder outside {root}, not followed")
+                continue
+        if target in seen:
+            continue
+        if p.is_dir():
+            yield from _walk(p, root, seen)
+        elif p.is_file() and input_kind(p):
+            seen.add(target)
+            yield p
 
 
 def pieces(path: Path, piece_bytes: int = PIECE_BYTES) -> list[Piece]:
@@ -82,10 +118,15 @@ def pieces(path: Path, piece_bytes: int = PIECE_BYTES) -> list[Piece]:
             block = f.read(piece_bytes)
             if not block:
                 break
-            tail = f.readline()  # finish the line the block cut
-            end = start + len(block) + len(tail)
+            tail, newline = 0, 0  # finish the line the block cut, a chunk at a time (it may be gigabytes long)
+            while not block.endswith(b"\n") and (part := f.readline(CHUNK)):
+                tail += len(part)
+                if part.endswith(b"\n"):
+                    newline = 1
+                    break
+            end = start + len(block) + tail
             out.append(Piece(str(path), start, end, line))
-            line += block.count(b"\n") + tail.count(b"\n")
+            line += block.count(b"\n") + newline
             start = end
     return out
 
@@ -121,27 +162,36 @@ def read_records(piece: Piece, text_field: str, reject: Reject) -> Iterator[tupl
 Records = Iterator[tuple[int, str | None, str]]  # (line, text or None, why not)
 
 
-def _lines(piece: Piece) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw line) of a text piece, .gz decompressed on the way."""
-    if piece.path.lower().endswith(".gz"):
+def _lines(piece: Piece) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, raw line, its size) of a text piece, .gz decompressed on the way; the raw line is None for
+    a line past `MAX_RECORD_BYTES` (skipped unread). A .gz that decompresses past `max_decompressed` of its
+    size raises OSError there."""
+    gz = piece.path.lower().endswith(".gz")
+    if gz:
         f = gzip.open(piece.path, "rb")
+        budget = max_decompressed(Path(piece.path).stat().st_size)
     else:
         f = open(piece.path, "rb")
         f.seek(piece.start)
     with f:
         pos, number = piece.start, piece.line
-        for raw in f:
+        for raw, size in bounded_lines(f, MAX_RECORD_BYTES):
             if 0 <= piece.end <= pos:
                 break
-            yield number, raw
-            pos += len(raw)
+            if gz and pos + size > budget:
+                raise OSError(f"decompresses to more than {budget} bytes (100 times its size, at least 1 GiB)")
+            yield number, raw, size
+            pos += size
             number += 1
 
 
 def _jsonl(piece: Piece, field: str) -> Records:
     number = piece.line
     try:
-        for number, raw in _lines(piece):
+        for number, raw, size in _lines(piece):
+            if raw is None:
+                yield number, None, too_long(size, MAX_RECORD_BYTES)
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -165,22 +215,27 @@ def _jsonl(piece: Piece, field: str) -> Records:
 def _txt(piece: Piece, field: str) -> Records:
     """Documents separated by blank lines; a document with any byte that is not UTF-8 is skipped whole."""
     para: list[str] = []
-    first, bad = piece.line, False
-    for number, raw in _lines(piece):
-        line = raw.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
+    first, bad, size = piece.line, "", 0
+    for number, raw, length in _lines(piece):
+        line = "\ufffd" if raw is None else raw.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
         if number == 1:
             line = line.removeprefix("\ufeff")
         if not line.strip(" \t\r"):
             if para:
-                yield first, None if bad else "\n".join(para), "not valid UTF-8"
-            para, bad = [], False
+                yield first, None if bad else "\n".join(para), bad
+            para, bad, size = [], "", 0
             continue
         if not para:
             first = number
-        para.append(line)
-        bad = bad or _not_utf8(line)
+        size += length
+        if not bad and (raw is None or size > MAX_RECORD_BYTES):
+            para, bad = [], too_long(size, MAX_RECORD_BYTES)  # the rest of the paragraph is counted, not kept
+        elif not bad and _not_utf8(line):
+            bad = "not valid UTF-8"
+        if not bad or not para:
+            para.append(line)
     if para:
-        yield first, None if bad else "\n".join(para), "not valid UTF-8"
+        yield first, None if bad else "\n".join(para), bad
 
 
 def _not_utf8(text: str) -> bool:
@@ -188,17 +243,32 @@ def _not_utf8(text: str) -> bool:
 
 
 def _csv(piece: Piece, field: str) -> Records:
+    # the csv module's own bound (128 KiB per cell, process-wide) raised out of the build; a cell may be a record
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))
     with open(piece.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         rows = csv.DictReader(f)
         if rows.fieldnames is not None and field not in rows.fieldnames:
             raise PalmkitError(f"{piece.path}: no column {field!r} (columns: {', '.join(rows.fieldnames)}); "
                                f"choose one with --text_field")
-        for row in rows:
+        while True:
+            line = rows.line_num + 1
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except csv.Error as exc:  # a cell past the bound, a NUL byte: the row is skipped, the next one read
+                yield line, None, f"not a CSV row ({exc})"
+                continue
             if _not_utf8("".join(str(v) for v in row.values())):
                 yield rows.line_num, None, "not valid UTF-8"
             else:
                 value = row.get(field)
-                yield (rows.line_num, value, "") if value is not None else (rows.line_num, None, "no text")
+                if value is None:
+                    yield rows.line_num, None, "no text"
+                elif len(value) > MAX_RECORD_BYTES // 4 and len(value.encode()) > MAX_RECORD_BYTES:
+                    yield rows.line_num, None, too_long(len(value.encode()), MAX_RECORD_BYTES)
+                else:
+                    yield rows.line_num, value, ""
 
 
 def _column(batch: pa.RecordBatch, field: str, path: str) -> list:
@@ -217,7 +287,11 @@ def _values(rows: Iterator[list], first: int) -> Records:
                     value = value.decode("utf-8")
                 except UnicodeDecodeError:
                     value = None
-            yield number, value if isinstance(value, str) else None, "no text (null, or not a UTF-8 string)"
+            if isinstance(value, str) and len(value) > MAX_RECORD_BYTES // 4 and \
+                    len(value.encode("utf-8", "surrogatepass")) > MAX_RECORD_BYTES:
+                yield number, None, too_long(len(value.encode("utf-8", "surrogatepass")), MAX_RECORD_BYTES)
+            else:
+                yield number, value if isinstance(value, str) else None, "no text (null, or not a UTF-8 string)"
             number += 1
 
 
@@ -227,8 +301,19 @@ def _parquet(piece: Piece, field: str) -> Records:
         raise PalmkitError(f"{piece.path}: no column {field!r} (columns: {', '.join(f.schema_arrow.names)}); "
                            f"choose one with --text_field")
     end = f.metadata.num_row_groups if piece.end < 0 else piece.end
-    batches = f.iter_batches(batch_size=4096, row_groups=list(range(piece.start, end)), columns=[field])
-    yield from _values((_column(b, field, piece.path) for b in batches), piece.line)
+    column = f.schema_arrow.names.index(field)  # the text column's chunk in each row group (flat schemas)
+    row = piece.line
+    for g in range(piece.start, end):
+        meta = f.metadata.row_group(g)
+        decoded = meta.column(column).total_uncompressed_size if column < meta.num_columns else 0
+        # a row group is decoded whole: its size is checked first (run-length encoding can hide gigabytes)
+        if decoded > MAX_ROW_GROUP_BYTES or meta.num_rows > MAX_ROW_GROUP_ROWS:
+            yield row, None, (f"a row group of {meta.num_rows} rows ({decoded} bytes encoded), past the bound of "
+                              f"{MAX_ROW_GROUP_ROWS} rows or {MAX_ROW_GROUP_BYTES} bytes: its rows are skipped")
+        else:
+            batches = f.iter_batches(batch_size=4096, row_groups=[g], columns=[field])
+            yield from _values((_column(b, field, piece.path) for b in batches), row)
+        row += meta.num_rows
 
 
 def _arrow(piece: Piece, field: str) -> Records:
