@@ -11,6 +11,7 @@ from palmkit.errors import PalmkitError
 from palmkit.infer import engine as engine_module
 from palmkit.infer.engine import Engine, EngineBusy, Sink, auto_max_batch, events_of, pick_step_rows
 from palmkit.infer.generate import generate_ids
+from palmkit.infer.interface import LanguageModel
 from palmkit.infer.sampling import SamplingParams
 from palmkit.model.palm import KVCache
 from tests.conftest import Slow
@@ -31,6 +32,7 @@ def test_step_rows_pad_up_to_a_faster_row_count():
 
 def test_tune_step_rows_times_every_candidate_count(loaded, monkeypatch):
     model, tok = loaded
+    assert isinstance(model, LanguageModel)  # the interface the engine is written against
     engine = Engine(model, tok, max_batch=20, autotune=False)
     assert engine.step_rows == list(range(21))
     times = engine.time_step_rows()
