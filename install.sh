@@ -23,6 +23,9 @@ command -v groff >/dev/null || debian_packages "man pages will be read with palm
 # pointed at these system binaries, so nothing downloads a browser.
 { command -v chromium && command -v chromedriver; } >/dev/null \
   || debian_packages "the browser test fails until chromium and chromium-driver are installed" chromium chromium-driver
+# cmake, ninja and g++ build llama.cpp, the reference runtime of the GGUF export (python -m palmkit.model.llamacpp)
+{ command -v cmake && command -v ninja && command -v g++; } >/dev/null \
+  || debian_packages "the llama.cpp tests are skipped until cmake, ninja-build and g++ are installed" cmake ninja-build g++
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 echo "$(.venv/bin/palmkit --version) installed: .venv/bin/palmkit (palmkit --help lists the commands)"

@@ -203,3 +203,17 @@ def recommender_dir(tmp_path_factory, checkpoint) -> tuple[Path, str]:
     summary = recipe(checkpoint=str(checkpoint), out=str(out), max_train=32, batch_size=8, history_len=24, dim=8,
                      factors=4, data=str(root))
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def llama_cpp() -> Path:
+    """The bin folder of llama.cpp built from the pinned sdist (palmkit.model.llamacpp): built on first use, then cached
+    (.ci/run builds it before the tests). Skipped where cmake or ninja is missing."""
+    import shutil
+
+    from palmkit.model.llamacpp import llama_cpp_bin
+
+    missing = [t for t in ("cmake", "ninja") if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"building llama.cpp needs {' and '.join(missing)}")
+    return llama_cpp_bin(quiet=True)

@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("palmkit.apps.commands:describe", "parameters and training FLOPs per token of a preset"),
     "generate": ("palmkit.apps.commands:generate_command", "complete a prompt, streaming to the terminal"),
     "chat": ("palmkit.apps.chat:chat_command", "chat with a model in the terminal: streaming, /reset, /exit"),
-    "export": ("palmkit.model.export:export_hf", "write a Hugging Face (CohereForCausalLM) folder"),
+    "export": ("palmkit.model.export:export", "a Hugging Face folder or a GGUF file (llama.cpp, Ollama)"),
     "pretrain": ("palmkit.train.pretrain:pretrain", "pretrain on a corpus (one process or torchrun: DDP/FSDP2)"),
     "plot": ("palmkit.train.metrics:plot_run", "PNG of a run's training and per-language validation loss"),
     "quantize": ("palmkit.apps.commands:quantize_command", "int8-weight copy of a checkpoint for CPU inference"),

@@ -123,6 +123,8 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str 
         f"Loss plot: {out_dir / 'model' / 'loss.png'}", f"Model: {out_dir / 'model' / 'final'}",
         f"Corpus report: {corpus_dir / 'report.md'}", "",
         f"Next: palmkit generate --checkpoint {out_dir / 'model' / 'final'} --prompt 'The'",
+        f"Run it in llama.cpp / Ollama: palmkit export --checkpoint {out_dir / 'model' / 'final'} --format gguf "
+        f"--out {out_dir / 'palmkit.gguf'}",
     ])
     (out_dir / "summary.md").write_text(summary + "\n", encoding="utf-8")
     return summary

@@ -107,8 +107,12 @@ def _escaped_content() -> str:
     return expr
 
 
-def jinja_template(add_bos: bool) -> str:
-    """`format_chat` as a Jinja chat template for transformers (`bos_token` first when `add_bos`)."""
+def jinja_template(add_bos: bool, cut_markers: bool = True) -> str:
+    """`format_chat` as a Jinja chat template for transformers (`bos_token` first when `add_bos`).
+
+    `cut_markers`: cut control names inside content as `encode_plain` does (for the transformers export, whose
+    tokenizer drops the cut); False writes content as it is (for llama.cpp, which has no such tokenizer step)."""
+    content = _escaped_content() if cut_markers else "message['content']"
     roles = ", ".join(f"'{r}': '{m}'" for r, m in ROLE_MARKERS.items())
     return (
         ("{{ bos_token }}" if add_bos else "")
@@ -117,7 +121,7 @@ def jinja_template(add_bos: bool) -> str:
         "{%- if message['role'] not in markers -%}"
         "{{ raise_exception('role must be one of " + ", ".join(ROLE_MARKERS) + "') }}"
         "{%- endif -%}"
-        "{{ markers[message['role']] }}{{ " + _escaped_content() + " }}{{ '" + END + "\\n' }}"
+        "{{ markers[message['role']] }}{{ " + content + " }}{{ '" + END + "\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '" + ASSISTANT + "' }}{%- endif -%}"
     )

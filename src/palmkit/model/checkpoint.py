@@ -57,6 +57,20 @@ def load_config(path: str | os.PathLike) -> dict:
     return config
 
 
+# Fine-tuned checkpoints whose output is a head of their own (head.safetensors), which a causal-LM export lacks.
+HEAD_TASKS = ("classify", "ner")
+
+
+def require_language_model(config: dict, checkpoint: str | os.PathLike, target: str, drop_head: bool) -> None:
+    """Refuse to export a classify or ner checkpoint to `target` (a causal-LM format) unless `drop_head`."""
+    task = config.get("task")
+    if task in HEAD_TASKS and not drop_head:
+        verb = {"classify": "classify", "ner": "tag"}[task]
+        raise CheckpointError(f"{checkpoint} is a {task} checkpoint: its head (head.safetensors) has no place in "
+                              f"{target}, so the export would not {verb}; use it with palmkit (palmkit {verb}, "
+                              f"serve), or pass --drop_head to export its language model alone")
+
+
 def bos_rule(config: dict) -> bool:
     """Whether the checkpoint's sequences start with BOS (`tokenizer.add_bos` in config.json). A checkpoint
     written before the rule was recorded says nothing: palmkit prompted and fine-tuned those with BOS, so True."""

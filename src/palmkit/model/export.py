@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from palmkit.errors import PalmkitError
 from palmkit.io import atomic_copy, atomic_write_json, check_destination, load_tensors, save_tensors, staged_dir
 from palmkit.model.chat_template import CONTENT_CUT, jinja_template
-from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, bos_rule, load_config
+from palmkit.model.checkpoint import MODEL_FILE, TOKENIZER_FILE, bos_rule, load_config, require_language_model
+from palmkit.model.gguf_export import OutType, export_gguf
 from palmkit.model.layouts import dense_weights, hf_state_dict, is_dense
 from palmkit.model.palm import ModelConfig
 from palmkit.model.tokenizer import CHAT_SYMBOLS, Tokenizer
-
-# Fine-tuned checkpoints whose output is a head of their own (head.safetensors), which CohereForCausalLM lacks.
-HEAD_TASKS = ("classify", "ner")
 
 
 def hf_config(cfg: ModelConfig, eos_ids: list[int] | None = None) -> dict:
@@ -136,12 +135,7 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, drop_head: 
     checkpoint, out = Path(checkpoint), Path(out)
     check_destination(out, EXPORT_FILES, force)  # before the work, not after it
     config = load_config(checkpoint)
-    task = config.get("task")
-    if task in HEAD_TASKS and not drop_head:
-        verb = {"classify": "classify", "ner": "tag"}[task]
-        raise PalmkitError(f"{checkpoint} is a {task} checkpoint: its head (head.safetensors) has no place in a "
-                           f"transformers CohereForCausalLM, so the export would not {verb}; use it with palmkit "
-                           f"(palmkit {verb}, serve), or pass --drop_head to export its language model alone")
+    require_language_model(config, checkpoint, "a transformers CohereForCausalLM", drop_head)
     cfg = ModelConfig.from_dict(config["model"])
     state = load_tensors(checkpoint / MODEL_FILE)
     if not is_dense(config):  # transformers gets the dense weights they stand for
@@ -161,3 +155,32 @@ def export_hf(checkpoint: str | os.PathLike, out: str | os.PathLike, drop_head: 
         atomic_write_json(staging / "tokenizer.json", tokenizer_json(tokenizer, add_bos))
         atomic_copy(checkpoint / TOKENIZER_FILE, staging / "tokenizer.model")  # for tools that read SentencePiece
     return out
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike, format: Literal["hf", "gguf"] = "hf",
+           outtype: OutType = "auto", drop_head: bool = False, force: bool = False) -> Path:
+    """Export a checkpoint for other tools: a Hugging Face folder, or a GGUF file for llama.cpp and Ollama.
+
+    `--format hf` writes a folder that `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads offline.
+    `--format gguf` writes OUT (a .gguf file, run by `llama-server -m OUT` or `llama-cli -m OUT`) and
+    OUT's name with `.Modelfile` for `ollama create NAME -f OUT.Modelfile`.
+
+    Args:
+        checkpoint: a palmkit checkpoint folder (int8 or low-rank ones are written to transformers as the dense
+            weights they stand for; low-rank ones are refused for GGUF)
+        out: the Hugging Face folder (hf) or the .gguf file (gguf)
+        format: hf (CohereForCausalLM) or gguf (llama.cpp's command-r)
+        outtype: GGUF only: f32, f16, bf16 or q8_0 for the weight matrices; auto: q8_0 for an int8 checkpoint
+            (its int8 values kept, no float round trip), f16 otherwise
+        drop_head: export a classify or ner checkpoint's language model without its head (refused otherwise:
+            neither format has a place for the head, so the export would not classify or tag)
+        force: hf: write into OUT even when it holds files of its own (the export's files are replaced, the others
+            kept); gguf: replace an existing OUT and its Modelfile. Without it such a destination is refused
+    """
+    if format == "gguf":
+        return export_gguf(checkpoint, out, outtype, drop_head, force)
+    if format != "hf":
+        raise PalmkitError(f"format must be hf or gguf, got {format!r}")
+    if outtype != "auto":
+        raise PalmkitError("--outtype is for --format gguf; the Hugging Face export keeps the checkpoint's weights")
+    return export_hf(checkpoint, out, drop_head, force)
