@@ -35,6 +35,7 @@ from itertools import islice
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from palmkit.errors import PalmkitError
 from palmkit.infer.interface import LanguageModel
@@ -42,7 +43,8 @@ from palmkit.infer.sampling import SamplingParams, TokenLogprob, make_generator,
 from palmkit.infer.scheduler import SlotState, StepPlan, plan_step
 from palmkit.infer.stop import StopRule
 from palmkit.model.checkpoint import load_checkpoint
-from palmkit.model.palm import KVCache
+from palmkit.model.fused import FUSED_PARTS, fuse_projections
+from palmkit.model.palm import Block, KVCache
 from palmkit.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ class EngineOptions:
         prefill_tokens: prompt tokens prefilled per engine step between decode steps: fewer answer a short
             request sooner beside a long prompt, more prefill long prompts faster
         autotune: time a decode step at each row count at start and pad steps to faster counts
+        fuse: multiply q, k, v, gate and up as one matrix (palmkit.model.fused; exact): a decode step makes three
+            matrix products a layer instead of seven, each with its fixed cost (benchmarks/README.md, "Decode step
+            kernels")
     """
 
     device: str = "cpu"
@@ -84,6 +89,7 @@ class EngineOptions:
     max_queue: int = 64
     prefill_tokens: int = PREFILL_TOKENS
     autotune: bool = True
+    fuse: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -515,4 +521,7 @@ def load_engine(checkpoint: str | os.PathLike, options: EngineOptions | None = N
     """(engine, config dict) for a checkpoint folder; not started yet."""
     options = options or EngineOptions()
     model, tokenizer, config = load_checkpoint(checkpoint, device=options.device, dtype=DTYPES[options.dtype])
+    if options.fuse and all(type(b.get_submodule(p)) is nn.Linear for b in model.layers if isinstance(b, Block)
+                            for p in FUSED_PARTS):  # int8 and low-rank projections stay as they are
+        fuse_projections(model)
     return Engine(model, tokenizer, options), config
