@@ -306,7 +306,7 @@ def compare_peer(args, ckpt: Path, tokenizer) -> None:
                 proc.terminate()
                 proc.wait(60)
     base = baseline_name(args)
-    if base in results:
+    if args.baseline_batch or args.baseline_args:
         print(f"\n| clients | palmkit tok/s | {base} tok/s | ratio | palmkit p99 s | {base} p99 s |")
         print("|---|---|---|---|---|---|")
         for load in loads:
