@@ -78,9 +78,9 @@ class EngineOptions:
         prefill_tokens: prompt tokens prefilled per engine step between decode steps: fewer answer a short
             request sooner beside a long prompt, more prefill long prompts faster
         autotune: time a decode step at each row count at start and pad steps to faster counts
-        fuse: multiply q, k, v, gate and up as one matrix (palmkit.model.fused; exact): a decode step makes three
-            matrix products a layer instead of seven, each with its fixed cost (benchmarks/README.md, "Decode step
-            kernels")
+        fuse: multiply q, k, v, gate and up as one matrix (palmkit.model.fused; exact): three matrix products a
+            layer instead of seven; off by default, as it gained a few percent in bfloat16 and nothing in float32
+            (benchmarks/README.md, "Decode step kernels")
     """
 
     device: str = "cpu"
