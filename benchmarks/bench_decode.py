@@ -14,13 +14,22 @@ no other cost would take with the same kernels.
 
     python benchmarks/bench_decode.py --threads 1              # small preset, batch 1 and 8, 64 + 128 tokens
     python benchmarks/bench_decode.py --checkpoint runs/ckpt --batch 1 --repeats 5
+
+With `--peer llama.cpp` the other side is llama.cpp's `llama-bench` (palmkit.model.llamacpp's cached build) on the
+checkpoint's own GGUF export (palmkit.model.gguf_export), in f32 and in bf16: its `tg` test decodes `--new-tokens`
+tokens at batch 1 after a context of `--prompt-len` tokens (`-d`), with `--threads` threads; palmkit decodes the same
+in float32 and in bfloat16, and each is set beside the matmul floor of its dtype:
+
+    python benchmarks/bench_decode.py --preset base --peer llama.cpp --threads 1 --prompt-len 128 --new-tokens 64
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -63,7 +72,7 @@ def hf_run(hf, prompts: torch.Tensor, n: int) -> torch.Tensor:
 def matmul_floor(model, batch: int, steps: int) -> None:
     """`steps` decode steps' matrix products and nothing else: each weight times (batch, in_features) once a step."""
     weights = [w for w in model.parameters() if w.dim() == 2]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights}
     with torch.inference_mode():
         for _ in range(steps):
             for w in weights:
@@ -77,6 +86,53 @@ def timed(fn, *args) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
+def llama_bench(gguf_file: Path, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> tuple[float, float]:
+    """(mean, standard deviation) of llama-bench's decode tokens/s at batch 1 after a `prompt_len`-token context."""
+    from palmkit.model.llamacpp import llama_cpp_bin
+
+    cmd = [str(llama_cpp_bin() / "llama-bench"), "-m", str(gguf_file), "-p", "0", "-n", str(new_tokens),
+           "-d", str(prompt_len), "-t", str(threads or os.cpu_count()), "-r", str(repeats), "-o", "json"]
+    run = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    return run[0]["avg_ts"], run[0]["stddev_ts"]
+
+
+def compare_llama_cpp(args, ckpt: Path, tmp: Path) -> None:
+    """palmkit (float32, bfloat16) beside llama-bench on the GGUF export (f32, bf16) and each dtype's matmul floor."""
+    from palmkit.model.gguf_export import export_gguf
+
+    rows, speed = [], {}
+    g = torch.Generator().manual_seed(0)
+    for dtype, outtype in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        model, _, _ = load_checkpoint(ckpt, dtype=dtype)
+        prompts = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=g)
+        palmkit_run(model, prompts, 4)  # warm-up
+        best = [float("inf")] * 4
+        for _ in range(args.repeats):
+            w1, c1, _ = timed(palmkit_run, model, prompts, 1)
+            wn, cn, _ = timed(palmkit_run, model, prompts, args.new_tokens)
+            best = [min(a, x) for a, x in zip(best, (w1, c1, wn, cn), strict=True)]
+        ms = (best[2] - best[0]) * 1000 / (args.new_tokens - 1)
+        cpu_ms = (best[3] - best[1]) * 1000 / (args.new_tokens - 1)
+        floor = min(timed(matmul_floor, model, 1, args.new_tokens - 1)[0] for _ in range(args.repeats))
+        floor_ms = floor * 1000 / (args.new_tokens - 1)
+        gguf_file = export_gguf(ckpt, tmp / f"model-{outtype}.gguf", outtype)
+        ts, sd = llama_bench(gguf_file, args.prompt_len, args.new_tokens, args.threads, args.repeats)
+        speed[outtype] = (1000 / ms, ts)
+        rows += [f"| palmkit | {outtype} | {ms:.2f} | {cpu_ms:.2f} | {1000 / ms:.1f} | {floor_ms / ms:.2f} |",
+                 f"| llama.cpp | {outtype} | {1000 / ts:.2f} | | {ts:.1f} ± {sd:.1f} | {floor_ms * ts / 1000:.2f} |",
+                 f"| matmul floor | {outtype} | {floor_ms:.2f} | | {1000 / floor_ms:.1f} | 1.00 |"]
+        del model
+    print(f"batch 1, context {args.prompt_len} tokens, {args.new_tokens} decoded tokens, greedy, "
+          f"{args.threads or os.cpu_count()} threads, best of {args.repeats} (llama-bench: mean ± sd)\n")
+    print("| runtime | weights | decode ms/token | CPU ms/token | tokens/s | floor time / its time |")
+    print("|---|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    print()
+    for outtype, (mine, theirs) in speed.items():
+        print(f"{outtype}: palmkit / llama.cpp decode tokens/s = {mine / theirs:.2f}x")
+    print(f"palmkit bf16 / f32 decode tokens/s = {speed['bf16'][0] / speed['f32'][0]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="palmkit checkpoint folder (default: a random --preset model)")
@@ -86,11 +142,20 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is kept")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--peer", choices=["transformers", "llama.cpp"], default="transformers",
+                    help="llama.cpp: llama-bench on the GGUF export, batch 1, f32 and bf16")
     args = ap.parse_args()
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode time is T(N) - T(1))")
     if args.threads:
         torch.set_num_threads(args.threads)
+
+    if args.peer == "llama.cpp":
+        with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+            ckpt = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path(tmp), args.preset)
+            print(f"model: {args.checkpoint or args.preset + ' preset, random init'}; torch {torch.__version__}, "
+                  f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+            return compare_llama_cpp(args, ckpt, Path(tmp))
 
     import transformers
 

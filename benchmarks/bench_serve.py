@@ -22,6 +22,14 @@ a `--long-tokens` prompt). It prints tokens/s, p50/p99 latency and time to first
 
     python benchmarks/bench_serve.py --checkpoint CKPT --peer transformers --concurrency 1 4 16 32 64 \
         --requests-per-client 1 --mixed 8 --baseline-batch 16
+
+With `--peer llama.cpp` the peer is llama.cpp's `llama-server` (palmkit.model.llamacpp's cached build) on the
+checkpoint's own GGUF export (palmkit.model.gguf_export) in the weights' dtype (`--dtype bfloat16`: a bf16 GGUF),
+with as many parallel slots as the most clients, `--threads` threads for both servers, the same loads and
+clients. `--no-stream` sends every request without streaming (time to first token is then the latency):
+
+    python benchmarks/bench_serve.py --preset mini --peer llama.cpp --threads 2 --concurrency 1 4 16 64 \
+        --requests-per-client 2 --mixed 8 --long-tokens 600 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -65,8 +73,20 @@ def start_server(checkpoint: Path, max_batch: int | None, threads: int, timeout:
     base URL once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-           "--max_queue", "4096", "--model_name", "bench", "--log_level", "warning", "--dtype", dtype]
-    cmd += [*(["--max_batch", str(max_batch)] if max_batch else []), *extra]
+           "--engine.max_queue", "4096", "--model_name", "bench", "--log_level", "warning", "--engine.dtype", dtype]
+    cmd += [*(["--engine.max_batch", str(max_batch)] if max_batch else []), *extra]
+    return start_process(cmd, port, threads, timeout)
+
+
+def start_llama_server(gguf_file: Path, threads: int, slots: int, context: int,
+                       timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """llama.cpp's `llama-server` on a GGUF file: `slots` sequences decoded together, each of `context` tokens."""
+    from palmkit.model.llamacpp import llama_cpp_bin
+
+    port = free_port()
+    threads = threads or os.cpu_count() or 1
+    cmd = [str(llama_cpp_bin() / "llama-server"), "-m", str(gguf_file), "--host", "127.0.0.1", "--port", str(port),
+           "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * context)]
     return start_process(cmd, port, threads, timeout)
 
 
@@ -84,12 +104,15 @@ def start_process(cmd: list[str], port: int, threads: int, timeout: float,
                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """Start a server; returns it and its base URL once /health answers."""
     env = {**os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # a file, not a pipe: a server that logs every request would block once a pipe nobody reads is full
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()[-3000:]}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return proc, base
@@ -165,7 +188,7 @@ def long_prompts(tokenizer, tokens: int) -> list[str]:
 
 def exactly(server: str, n: int) -> dict:
     """The request fields that make `server` generate exactly n tokens (past an end of text)."""
-    if server.startswith("palmkit"):
+    if server.startswith("palmkit") or server == "llama.cpp":
         return {"ignore_eos": True}
     return {"generation_config": json.dumps({"max_new_tokens": n, "min_new_tokens": n, "do_sample": False})}
 
@@ -190,7 +213,19 @@ def stream(http: httpx.Client, base: str, model: str, prompt: str, max_tokens: i
     return latency, latency if first is None else first, tokens
 
 
-def closed_loop(base: str, model: str, work: list[list[str]], max_tokens: int, extra: dict) -> dict:
+def complete(http: httpx.Client, base: str, model: str, prompt: str, max_tokens: int,
+             extra: dict) -> tuple[float, float, int]:
+    """`stream`'s (latency, time to first token, completion tokens) of a non-streamed completion."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    t0 = time.perf_counter()
+    r = http.post(f"{base}/v1/completions", json=body)
+    r.raise_for_status()
+    latency = time.perf_counter() - t0
+    return latency, latency, r.json()["usage"]["completion_tokens"]
+
+
+def closed_loop(base: str, model: str, work: list[list[str]], max_tokens: int, extra: dict,
+                streamed: bool = True) -> dict:
     """Client k sends work[k]'s prompts one after another; throughput, latency and TTFT percentiles (all
     requests, and the short ones alone: those under 200 characters)."""
     results: list[tuple[str, float, float, int]] = []
@@ -198,7 +233,8 @@ def closed_loop(base: str, model: str, work: list[list[str]], max_tokens: int, e
     def client(prompts: list[str]) -> None:
         with httpx.Client(timeout=900) as http:
             for prompt in prompts:
-                results.append((prompt, *stream(http, base, model, prompt, max_tokens, extra)))
+                send = stream if streamed else complete
+                results.append((prompt, *send(http, base, model, prompt, max_tokens, extra)))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(len(work)) as pool:
@@ -209,7 +245,7 @@ def closed_loop(base: str, model: str, work: list[list[str]], max_tokens: int, e
         return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
     short = [r for r in results if len(r[0]) < 200]
-    return {"requests": len(results), "tok_s": sum(r[3] for r in results) / wall,
+    return {"requests": len(results), "tok_s": sum(r[3] for r in results) / wall, "tokens": sum(r[3] for r in results),
             "p50": pct([r[1] for r in results], 50), "p99": pct([r[1] for r in results], 99),
             "ttft50": pct([r[2] for r in results], 50), "ttft99": pct([r[2] for r in results], 99),
             "short_ttft50": pct([r[2] for r in short], 50), "short_ttft99": pct([r[2] for r in short], 99)}
@@ -234,15 +270,22 @@ def baseline_name(args) -> str:
 
 def compare_peer(args, ckpt: Path, tokenizer) -> None:
     """Each server in turn on the same weights and the same loads; a table with the ratio palmkit / peer."""
+    peer = args.peer
     with tempfile.TemporaryDirectory() as tmp:
-        export = Path(args.export) if args.export else export_hf(ckpt, Path(tmp) / "export")
         longs = long_prompts(tokenizer, args.long_tokens)
         loads = workloads(args.concurrency, args.requests_per_client, args.mixed, longs)
         context = args.long_tokens + 2 * args.max_tokens
-        servers = {
-            "palmkit": lambda: (*start_server(ckpt, args.max_batch, args.threads, dtype=args.dtype), "bench"),
-            "transformers": lambda: (*start_transformers(export, args.threads, context), str(export)),
-        }
+        if peer == "llama.cpp":
+            from palmkit.model.gguf_export import export_gguf
+
+            gguf_file = export_gguf(ckpt, Path(tmp) / "model.gguf", "bf16" if args.dtype == "bfloat16" else "f32")
+            slots = max([*args.concurrency, args.mixed])
+            start_peer = lambda: (*start_llama_server(gguf_file, args.threads, slots, context), "bench")
+        else:
+            export = Path(args.export) if args.export else export_hf(ckpt, Path(tmp) / "export")
+            start_peer = lambda: (*start_transformers(export, args.threads, context), str(export))
+        servers = {"palmkit": lambda: (*start_server(ckpt, args.max_batch, args.threads, dtype=args.dtype), "bench"),
+                   peer: start_peer}
         if args.baseline_batch or args.baseline_args:  # the same server with other settings, beside the defaults
             servers[baseline_name(args)] = lambda: (*start_server(
                 ckpt, args.baseline_batch or None, args.threads, dtype=args.dtype, extra=args.baseline_args.split()),
@@ -251,31 +294,32 @@ def compare_peer(args, ckpt: Path, tokenizer) -> None:
         for name, start in servers.items():
             proc, base, model = start()
             try:
-                closed_loop(base, model, [PROMPTS[:1]], 8, exactly(name, 8))  # warm-up
+                closed_loop(base, model, [PROMPTS[:1]], 8, exactly(name, 8), not args.no_stream)  # warm-up
                 results[name] = {}
                 for load, work in loads.items():
                     results[name][load] = r = closed_loop(base, model, work, args.max_tokens,
-                                                          exactly(name, args.max_tokens))
-                    print(f"{name} {load}: {r['tok_s']:.0f} tok/s, p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s, "
-                          f"TTFT p50 {r['ttft50']:.3f} s, short TTFT p50 / p99 {r['short_ttft50']:.3f} / "
-                          f"{r['short_ttft99']:.3f} s", flush=True)
+                                                          exactly(name, args.max_tokens), not args.no_stream)
+                    print(f"{name} {load}: {r['tok_s']:.0f} tok/s ({r['tokens']} tokens), p50 {r['p50']:.2f} s, "
+                          f"p99 {r['p99']:.2f} s, TTFT p50 {r['ttft50']:.3f} s, short TTFT p50 / p99 "
+                          f"{r['short_ttft50']:.3f} / {r['short_ttft99']:.3f} s", flush=True)
             finally:
                 proc.terminate()
                 proc.wait(60)
     base = baseline_name(args)
-    if base in results:
+    if args.baseline_batch or args.baseline_args:
         print(f"\n| clients | palmkit tok/s | {base} tok/s | ratio | palmkit p99 s | {base} p99 s |")
         print("|---|---|---|---|---|---|")
         for load in loads:
             a, b = results["palmkit"][load], results[base][load]
             print(f"| {load} | {a['tok_s']:.0f} | {b['tok_s']:.0f} | {a['tok_s'] / b['tok_s']:.2f}x | {a['p99']:.2f} | "
                   f"{b['p99']:.2f} |")
-    print("\n| clients | requests | palmkit tok/s | transformers tok/s | ratio | palmkit p50 / p99 s | "
-          "transformers p50 / p99 s | palmkit TTFT p50 / p99 s | transformers TTFT p50 / p99 s | "
-          "short-request TTFT p50 / p99 s (palmkit; transformers) |")
+    print(f"\n{'non-streamed' if args.no_stream else 'streamed'}, --dtype {args.dtype}, --threads {args.threads}")
+    print(f"| clients | requests | palmkit tok/s | {peer} tok/s | ratio | palmkit p50 / p99 s | "
+          f"{peer} p50 / p99 s | palmkit TTFT p50 / p99 s | {peer} TTFT p50 / p99 s | "
+          f"short-request TTFT p50 / p99 s (palmkit; {peer}) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for load in loads:
-        a, b = results["palmkit"][load], results["transformers"][load]
+        a, b = results["palmkit"][load], results[peer][load]
         print(f"| {load} | {a['requests']} | {a['tok_s']:.0f} | {b['tok_s']:.0f} | {a['tok_s'] / b['tok_s']:.2f}x | "
               f"{a['p50']:.2f} / {a['p99']:.2f} | {b['p50']:.2f} / {b['p99']:.2f} | "
               f"{a['ttft50']:.3f} / {a['ttft99']:.3f} | {b['ttft50']:.3f} / {b['ttft99']:.3f} | "
@@ -333,8 +377,10 @@ def main() -> None:
     ap.add_argument("--baseline-batch", type=int, default=0, help="with --peer: also palmkit serve --max_batch N")
     ap.add_argument("--baseline-args", default="", help="with --peer: also palmkit serve with these options "
                     "(with --baseline-batch: both)")
-    ap.add_argument("--peer", choices=["transformers"], help="also run `transformers serve --continuous-batching` on "
-                    "the checkpoint's export, the same loads on text prompts, and print the ratio")
+    ap.add_argument("--peer", choices=["transformers", "llama.cpp"], help="also run `transformers serve "
+                    "--continuous-batching` on the checkpoint's export, or llama.cpp's `llama-server` on its GGUF "
+                    "export, the same loads on text prompts, and print the ratio")
+    ap.add_argument("--no-stream", action="store_true", help="with --peer: non-streamed requests")
     ap.add_argument("--export", help="with --peer: a `palmkit export` folder of --checkpoint (default: export it)")
     ap.add_argument("--requests-per-client", type=int, default=2, help="with --peer: requests each client sends")
     ap.add_argument("--mixed", type=int, default=8, help="with --peer: clients of the mixed load (0: none)")

@@ -9,9 +9,20 @@ import torch
 
 from palmkit.errors import PalmkitError
 from palmkit.infer import engine as engine_module
-from palmkit.infer.engine import Engine, EngineBusy, Sink, auto_max_batch, events_of, pick_step_rows
+from palmkit.infer.engine import (
+    Engine,
+    EngineBusy,
+    EngineOptions,
+    Sink,
+    auto_max_batch,
+    events_of,
+    load_engine,
+    pick_step_rows,
+)
 from palmkit.infer.generate import generate_ids
+from palmkit.infer.interface import LanguageModel
 from palmkit.infer.sampling import SamplingParams
+from palmkit.model.fused import FusedBlock
 from palmkit.model.palm import KVCache
 from tests.conftest import Slow
 
@@ -31,6 +42,7 @@ def test_step_rows_pad_up_to_a_faster_row_count():
 
 def test_tune_step_rows_times_every_candidate_count(loaded, monkeypatch):
     model, tok = loaded
+    assert isinstance(model, LanguageModel)  # the interface the engine is written against
     engine = Engine(model, tok, max_batch=20, autotune=False)
     assert engine.step_rows == list(range(21))
     times = engine.time_step_rows()
@@ -144,3 +156,20 @@ def test_a_failed_chunked_prefill_fails_only_its_sequence(loaded):
         assert all(ev.error is None for ev in events if ev.index == i)
         want = [row[0] for row in generate_ids(model, [prompts[i]], params)]
         assert "".join(ev.text for ev in events if ev.index == i) == tok.decode(want)
+
+
+def test_fused_projections_serve_the_tokens_and_logprobs_of_the_plain_model(checkpoint, loaded):
+    model, tok = loaded
+    engine, _ = load_engine(checkpoint, EngineOptions(max_batch=2, autotune=False, fuse=True))
+    assert all(isinstance(layer, FusedBlock) for layer in engine.model.layers)
+    prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("Der", bos=True)]
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False, logprobs=0)
+    events = run_engine(engine, [(p, params) for p in prompts])
+    want = list(generate_ids(model, prompts, params))  # the plain model's greedy tokens, step by step
+    for i, prompt in enumerate(prompts):
+        got = [lp for ev in events if ev.index == i for lp in ev.logprobs or ()]
+        assert [lp.id for lp in got] == [step[i] for step in want]
+        with torch.no_grad():
+            ref = torch.log_softmax(model(torch.tensor([prompt + [lp.id for lp in got]]))[0].float(), -1)
+        for t, lp in enumerate(got, start=len(prompt)):
+            assert lp.logprob == pytest.approx(ref[t - 1, lp.id].item(), abs=1e-4)

@@ -17,8 +17,9 @@ from torch.distributed.tensor import DTensor
 
 from palmkit.apps.commands import generate_command
 from palmkit.errors import PalmkitError
-from palmkit.infer.engine import Engine
+from palmkit.infer.engine import Engine, EngineOptions
 from palmkit.infer.generate import generate_ids
+from palmkit.infer.interface import LanguageModel
 from palmkit.infer.sampling import SamplingParams
 from palmkit.infer.tensor_parallel import Leader, TensorParallelEngine, control_group, follow, tensor_parallel
 from palmkit.model.quant import quantize_int8
@@ -116,6 +117,7 @@ def _engine(rank: int, checkpoint: str, vocab_parallel: bool) -> None:
             follow(split, group)
         return
     leader = Leader(split, group)
+    assert isinstance(split, LanguageModel) and isinstance(leader, LanguageModel)  # what the engine needs
     # generate_ids allocates a cache per call: the followers allocate theirs and drop it after
     with torch.inference_mode():
         assert list(generate_ids(leader, PROMPTS, GREEDY)) == list(generate_ids(ref, PROMPTS, GREEDY))
@@ -154,8 +156,9 @@ def test_generate_command_tp_equals_one_process(checkpoint):
 
 def test_server_tp_answers_equal_one_process_server(checkpoint):
     port = free_port()
-    server = torchrun("serve", "--checkpoint", str(checkpoint), "--port", str(port), "--tp", "2", "--max_batch", "2",
-                      "--vocab_parallel", "false", "--log_level", "warning", stderr=subprocess.PIPE)
+    server = torchrun("serve", "--checkpoint", str(checkpoint), "--port", str(port), "--tp", "2",
+                      "--engine.max_batch", "2", "--engine.prefill_tokens", "3", "--vocab_parallel", "false",
+                      "--log_level", "warning", stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     body = {"model": checkpoint.name, "max_tokens": 10, "temperature": 0}
     prompts = ["The quick brown fox", "Der", "a b c d e f g", "zh"]
@@ -179,7 +182,7 @@ def test_server_tp_answers_equal_one_process_server(checkpoint):
         got = asyncio.run(ask(base))
     finally:
         kill_tree(server)
-    with running(create_app(checkpoint, max_batch=2)) as url:
+    with running(create_app(checkpoint, options=EngineOptions(max_batch=2))) as url:
         want = asyncio.run(ask(url))
     assert got == want
     assert len(set(want)) == len(prompts)

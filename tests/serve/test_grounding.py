@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from palmkit.errors import PalmkitError
+from palmkit.infer.engine import EngineOptions
 from palmkit.infer.generate import generate
 from palmkit.infer.sampling import SamplingParams
 from palmkit.model.chat_template import END, format_chat
@@ -176,7 +177,7 @@ def greedy_reference(checkpoint, messages, max_tokens):
 
 
 def test_grounded_stream_has_sources_and_the_models_greedy_text(checkpoint, faq_file):
-    app = create_app(checkpoint, faq=faq_file, max_batch=2)
+    app = create_app(checkpoint, faq=faq_file, options=EngineOptions(max_batch=2))
     question = "how can I reset my password"
     with running(app) as base:
         body = {"model": "tiny", "stream": True, "temperature": 0, "max_tokens": 12,

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from palmkit.infer.engine import EngineOptions
 from palmkit.serve.app import create_app
 from palmkit.serve.schema import ERRORS
 from tests.serve.conftest import running
@@ -20,7 +21,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def keyed(checkpoint):
     """The tiny model served with an API key and two slots (so that `n` and prompt lists hit the bounds)."""
-    with running(create_app(checkpoint, model_name="tiny", api_key=KEY, max_batch=2)) as base:
+    with running(create_app(checkpoint, model_name="tiny", api_key=KEY, options=EngineOptions(max_batch=2))) as base:
         yield base
 
 

@@ -1,9 +1,10 @@
 """The continuous-batching engine: one thread owns the model and a KV cache of `max_batch` slots.
 
-Continuous batching (Orca, Yu et al. 2022): between decode steps the engine admits waiting requests into free
-slots and prefills their prompts alone (B=1), at most `prefill_tokens` prompt tokens a step, shortest first, so
-a long prompt is prefilled in chunks while the others keep decoding (SARATHI, Agrawal et al. 2023); every decode
-step then feeds the last token of all running sequences at their own positions (B=running, T=1). Running
+Continuous batching (Orca, Yu et al. 2022), split as vLLM's v1 engine splits it: each step is first planned as
+data by `palmkit.infer.scheduler.plan_step` (retirement, admission, the prefill budget, which rows decode), then
+executed here. Prompts are prefilled alone (B=1), at most `prefill_tokens` prompt tokens a step, shortest first,
+so a long prompt is prefilled in chunks while the others keep decoding (SARATHI, Agrawal et al. 2023); every
+decode step then feeds the last token of all running sequences at their own positions (B=running, T=1). Running
 sequences stay packed in slots 0..B-1: when one finishes, the last one's cache rows move into its slot, so a step
 works on a view of the first rows and copies nothing. Because a GEMM's speed
 depends on its row count, the engine times each row count once at startup and pads the packed view with free
@@ -29,16 +30,21 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from itertools import islice
+from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from palmkit.errors import PalmkitError
+from palmkit.infer.interface import LanguageModel
 from palmkit.infer.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+from palmkit.infer.scheduler import SlotState, StepPlan, plan_step
 from palmkit.infer.stop import StopRule
 from palmkit.model.checkpoint import load_checkpoint
-from palmkit.model.palm import KVCache, PaLM
+from palmkit.model.fused import FUSED_PARTS, fuse_projections
+from palmkit.model.palm import Block, KVCache
 from palmkit.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +63,40 @@ PREFILL_TOKENS = 128
 # gain, only latency to lose; benchmarks/README.md, "Serving against transformers serve"), and the KV cache may
 # take at most this share of the free memory.
 AUTO_MAX_BATCH, AUTO_CACHE_SHARE = 64, 0.25
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the serving engine runs a model: where, in which dtype, and how many sequences at once.
+
+    Args:
+        device: cpu, cuda, cuda:1, ... (a tensor-parallel server puts each rank on its own device instead)
+        dtype: dtype of the weights, activations and KV cache
+        max_batch: sequences decoded together (default: 64, fewer if their KV cache would take over a quarter
+            of the free memory)
+        max_queue: requests waiting beyond those; more are refused (a server answers 429)
+        prefill_tokens: prompt tokens prefilled per engine step between decode steps: fewer answer a short
+            request sooner beside a long prompt, more prefill long prompts faster
+        autotune: time a decode step at each row count at start and pad steps to faster counts
+        fuse: multiply q, k, v, gate and up as one matrix (palmkit.model.fused; exact): three matrix products a
+            layer instead of seven; off by default, as it gained a few percent in bfloat16 and nothing in float32
+            (benchmarks/README.md, "Decode step kernels")
+    """
+
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_batch: int | None = None
+    max_queue: int = 64
+    prefill_tokens: int = PREFILL_TOKENS
+    autotune: bool = True
+    fuse: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if (self.max_batch is not None and self.max_batch < 1) or self.max_queue < 0 or self.prefill_tokens < 1:
+            raise PalmkitError(f"need max_batch >= 1, max_queue >= 0 and prefill_tokens >= 1, got {self.max_batch}, "
+                               f"{self.max_queue} and {self.prefill_tokens}")
 
 
 @dataclass
@@ -108,18 +148,19 @@ class EngineStopped(Exception):
 class Engine:
     """Runs every request's generation on one thread, stepping all running sequences together."""
 
-    def __init__(self, model: PaLM, tokenizer: Tokenizer, max_batch: int = 16, max_queue: int = 64,
-                 autotune: bool = True, prefill_tokens: int | None = None):
-        if max_batch < 1 or max_queue < 0 or (prefill_tokens is not None and prefill_tokens < 1):
-            raise PalmkitError(f"need max_batch >= 1, max_queue >= 0 and prefill_tokens >= 1, got {max_batch}, "
-                               f"{max_queue} and {prefill_tokens}")
-        self.prefill_tokens = prefill_tokens or PREFILL_TOKENS  # prompt tokens prefilled per step
+    def __init__(self, model: LanguageModel, tokenizer: Tokenizer, options: EngineOptions | None = None,
+                 **changes: Any):
+        """`changes`: EngineOptions fields that replace those of `options` (`Engine(m, t, max_batch=4)`)."""
+        options = replace(options or EngineOptions(), **changes)
+        max_batch = auto_max_batch(model) if options.max_batch is None else options.max_batch
+        self.options = options = replace(options, max_batch=max_batch)
+        self.prefill_tokens = options.prefill_tokens  # prompt tokens prefilled per step
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         weight = model.embed_tokens.weight
         self.device = weight.device
         self.cache = KVCache(model.config, max_batch, dtype=weight.dtype, device=weight.device)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue = max_batch, options.max_queue
         # A model vocabulary padded past the tokenizer's must never produce an id the tokenizer cannot decode.
         self.vocab = min(tokenizer.vocab_size, model.config.vocab_size)
         self._pending: deque[Sequence_] = deque()
@@ -128,10 +169,9 @@ class Engine:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._admitting = 0  # sequences taken from the queue whose prefill has not yet given them a slot
         self.progress_at = time.monotonic()  # the engine thread's last sign of life; see `wedged`
         self.prompt_tokens = self.completion_tokens = self.decode_steps = 0
-        self.autotune = autotune
+        self.autotune = options.autotune
         self.step_rows = list(range(max_batch + 1))  # decode rows for b running sequences; see tune_step_rows
         # called on the engine thread with (first token?, seconds since submission or since the previous token)
         self.token_observers: list[Callable[[bool, float], None]] = []
@@ -153,7 +193,7 @@ class Engine:
 
     def wedged(self, seconds: float) -> bool:
         """Work is waiting and the engine thread has not finished a step for `seconds` (stuck or far too slow)."""
-        busy = self._pending or self._active or self._calls or self._admitting
+        busy = self._pending or self._active or self._calls
         return bool(busy) and time.monotonic() - self.progress_at > seconds
 
     def start(self) -> Engine:
@@ -186,8 +226,7 @@ class Engine:
         with self._cond:
             if not self.alive:
                 raise EngineStopped("The engine is not running.")
-            # sequences being admitted hold slots already: without them the queue would take that many too many
-            free = self.max_batch - len(self._active) - self._admitting
+            free = self.max_batch - len(self._active)
             if len(self._pending) + len(seqs) > self.max_queue + free:
                 raise EngineBusy(f"The server is busy ({len(self._pending)} requests waiting); retry shortly.")
             self._pending.extend(seqs)
@@ -238,7 +277,7 @@ class Engine:
         finally:
             with self._cond:
                 self._stopping = True
-                orphans = [*self._pending, *self._active]
+                orphans = [*self._pending, *(s for s in self._active if s.finish is None)]
                 self._pending.clear()
                 calls = list(self._calls)
                 self._calls.clear()
@@ -247,7 +286,6 @@ class Engine:
                 if future.set_running_or_notify_cancel():
                     future.set_exception(EngineStopped("The engine stopped."))
             self._active.clear()
-            self._admitting = 0
 
     def _step(self) -> bool:
         with self._cond:
@@ -257,10 +295,11 @@ class Engine:
                 return False
             calls = list(self._calls)
             self._calls.clear()
-            admit = []
-            while self._pending and len(self._active) + len(admit) < self.max_batch:
-                admit.append(self._pending.popleft())
-            self._admitting = len(admit)
+            plan = self._plan()
+            # retirement and admission under the lock: `submit` counts free slots from len(self._active); a retired
+            # sequence has had its last event (or, cancelled, needs none)
+            self._active = [self._active[i] for i in plan.keep]
+            self._active += [self._pending.popleft() for _ in range(plan.admit)]
         for fn, future in calls:
             if future.set_running_or_notify_cancel():
                 try:
@@ -268,44 +307,46 @@ class Engine:
                 except Exception as exc:
                     future.set_exception(exc)
         events: list[tuple[Sequence_, Event]] = []
-        for seq in admit:
-            if not seq.cancelled:
-                self._active.append(seq)  # its slot: prefilled over this and the next steps
-            with self._cond:  # now in a slot (or gone): counted by len(self._active) from here on
-                self._admitting -= 1
+        try:
+            for src, dst in plan.moves:  # the sequence now in slot dst was in slot src
+                self._move_row(src, dst, self._active[dst].written)
+        except Exception as exc:
+            return self._fail_all(events, exc)
         # A failure fails the sequences it touched, never the server: one prompt's prefill, or one whole step.
-        budget = self.prefill_tokens
-        # the shortest remaining prompts first: a chat turn is not kept waiting behind a long document
-        for seq in sorted((s for s in self._active if s.written < len(s.prompt) and not s.cancelled),
-                          key=lambda s: len(s.prompt) - s.written):
-            if budget <= 0:
-                break
+        for slot, n in plan.prefill:
+            seq = self._active[slot]
             try:
-                budget -= self._prefill(seq, budget, events)
+                self._prefill(seq, slot, n, events)
             except Exception as exc:
                 log.exception("prefill failed")
-                seq.finish = "error"  # its slot is freed by _retire, which keeps the running rows packed
+                seq.finish = "error"  # its slot is freed at the next step's retirement
                 self._fail([seq], f"generation failed: {exc}")
         try:
-            self._retire()
-            if self._active:
-                self._decode(events)
-                self._retire()
+            self._decode(plan, events)
         except Exception as exc:
-            log.exception("decode step failed")
-            failed, self._active = self._active, []
-            self._deliver(events)
-            self._fail(failed, f"generation failed: {exc}")
-            return True
+            return self._fail_all(events, exc)
         self._deliver(events)
         return True
 
-    def _prefill(self, seq: Sequence_, budget: int, events: list) -> int:
-        """Prefill up to `budget` more of seq's prompt into its slot; at the prompt's end, sample its first token.
-        Returns the prompt tokens prefilled."""
-        slot = self._active.index(seq)
+    def _plan(self) -> StepPlan:
+        """This step's plan, from the running sequences and the first waiting ones (under the lock)."""
+        running = [SlotState(max(0, len(s.prompt) - s.written), s.finish is not None or s.cancelled,
+                             s.params.max_new_tokens > 0) for s in self._active]
+        waiting = [SlotState(len(s.prompt), s.cancelled, s.params.max_new_tokens > 0)
+                   for s in islice(self._pending, self.max_batch)]
+        return plan_step(running, waiting, self.max_batch, self.prefill_tokens, self.step_rows)
+
+    def _fail_all(self, events: list, exc: Exception) -> bool:
+        log.exception("decode step failed")
+        failed, self._active = self._active, []
+        self._deliver(events)
+        self._fail([s for s in failed if s.finish is None], f"generation failed: {exc}")
+        return True
+
+    def _prefill(self, seq: Sequence_, slot: int, n: int, events: list) -> None:
+        """Prefill the next n tokens of seq's prompt into its slot; at the prompt's end, sample its first token."""
         a = seq.written
-        b = min(len(seq.prompt), a + budget)
+        b = min(len(seq.prompt), a + n)
         ids = torch.tensor([seq.prompt[a:b]], dtype=torch.long, device=self.device)
         positions = torch.arange(a, b, device=self.device)[None]
         h = self.model.hidden_states(ids, positions, cache=self.cache.rows(slice(slot, slot + 1)))
@@ -318,32 +359,35 @@ class Engine:
             seq.prompt_logprobs = [*(seq.prompt_logprobs or ()), *(lp for i in range(0, len(targets), rows)
                                    for lp in token_logprobs(self.model.logits(hs[i:i + rows])[:, : self.vocab],
                                                             targets[i:i + rows], k))]
-        if b < len(seq.prompt):
-            return b - a
+        if b < len(seq.prompt) or seq.cancelled:
+            return
         if seq.params.max_new_tokens == 0:
             seq.finish = "length"
             events.append((seq, Event(seq.index, finish_reason="length", prompt_logprobs=seq.prompt_logprobs)))
         else:
             self._sample([seq], self.model.logits(h[:, -1]), events)
-        return b - a
 
-    def _decode(self, events: list) -> None:
+    def _decode(self, plan: StepPlan, events: list) -> None:
+        """One decode step of the plan's rows; a sequence that finished in this step's prefill sits it out."""
         running = self._active
-        b, rows = len(running), self.step_rows[len(running)]
-        ready = [i for i, s in enumerate(running) if s.written >= len(s.prompt)]
+        ready = [i for i in plan.decode if running[i].finish is None and not running[i].cancelled]
         if not ready:
             return
-        # Rows past the running ones are free slots: they take a pad token at position 0, which the
-        # next prefill of that slot overwrites, and attend only to themselves. A row still being prefilled
-        # takes a pad at its next prompt position, which its next chunk overwrites.
-        last = torch.full((rows, 1), self.config.pad_id, dtype=torch.long)
-        positions = torch.zeros((rows, 1), dtype=torch.long)
-        last[ready, 0] = torch.tensor([running[i].tokens[-1] for i in ready])
-        positions[:b, 0] = torch.tensor([s.written for s in running])
-        h = self.model.hidden_states(last.to(self.device), positions.to(self.device),
-                                     cache=self.cache.rows(slice(0, rows)))
-        h = h[:b] if len(ready) == b else h[torch.tensor(ready, device=self.device)]
-        logits = self.model.logits(h)[:, -1]
+        # Rows that do not decode take a pad token: a free slot at position 0, which the next prefill of that slot
+        # overwrites, and attends only to itself; a row still being prefilled at its next prompt position, which
+        # its next chunk overwrites.
+        b, rows = len(running), plan.rows
+        last = [self.config.pad_id] * rows
+        positions = [0] * rows
+        for i, s in enumerate(running):
+            positions[i] = s.written
+        for i in ready:
+            last[i] = running[i].tokens[-1]
+        h = self.model.hidden_states(torch.tensor(last, device=self.device)[:, None],
+                                     torch.tensor(positions, device=self.device)[:, None],
+                                     cache=self.cache.rows(slice(0, rows)), n_keys=max(positions[:b]) + 1)
+        h = h[:, -1] if len(ready) == rows else h[torch.tensor(ready, device=self.device), -1]
+        logits = self.model.logits(h)
         self.decode_steps += 1
         decoding = [running[i] for i in ready]
         for s in decoding:
@@ -380,7 +424,9 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
         logits = logits[:, : self.vocab]
-        greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row
+        # one argmax and one device sync for every greedy row, in fp32: a bfloat16 argmax is several times slower
+        # on CPUs (benchmarks/README.md, "Decode step kernels"), and exact ties are equally resolved
+        greedy = logits.float().argmax(-1).tolist()
         for seq, row, best in zip(seqs, logits, greedy, strict=True):
             token = best if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
             if seq.params.logprobs is not None:
@@ -403,19 +449,6 @@ class Engine:
                                       logprobs=seq.logprobs if seq.params.logprobs is not None else None,
                                       prompt_logprobs=seq.prompt_logprobs)))
             seq.logprobs, seq.prompt_logprobs = [], None
-
-    def _retire(self) -> None:
-        """Drop finished and cancelled sequences, moving the last running one into each freed slot."""
-        i = 0
-        while i < len(self._active):
-            seq = self._active[i]
-            if seq.finish is None and not seq.cancelled:
-                i += 1
-                continue
-            last = self._active.pop()
-            if last is not seq:
-                self._move_row(len(self._active), i, last.written)
-                self._active[i] = last
 
     def _move_row(self, src: int, dst: int, n: int) -> None:
         """Copy cache row `src`'s first n positions into row `dst` (a tensor-parallel engine does it on every rank)."""
@@ -471,7 +504,7 @@ async def events_of(sink: Sink, n: int) -> AsyncIterator[Event]:
         yield event
 
 
-def auto_max_batch(model: PaLM, free_bytes: int | None = None) -> int:
+def auto_max_batch(model: LanguageModel, free_bytes: int | None = None) -> int:
     """The default batch: AUTO_MAX_BATCH slots, fewer when their KV cache (every row at max_seq_len) would take
     more than AUTO_CACHE_SHARE of the free memory of the model's device (`free_bytes` when given)."""
     cfg, weight = model.config, model.embed_tokens.weight
@@ -484,12 +517,11 @@ def auto_max_batch(model: PaLM, free_bytes: int | None = None) -> int:
     return max(1, min(AUTO_MAX_BATCH, int(AUTO_CACHE_SHARE * free_bytes) // row))
 
 
-def load_engine(checkpoint: str | os.PathLike, device: str = "cpu", dtype: str = "float32",
-                max_batch: int | None = None, max_queue: int = 64,
-                prefill_tokens: int | None = None) -> tuple[Engine, dict]:
-    """(engine, config dict) for a checkpoint folder (max_batch None: `auto_max_batch`); not started yet."""
-    if dtype not in DTYPES:
-        raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, tokenizer, config = load_checkpoint(checkpoint, device=device, dtype=DTYPES[dtype])
-    max_batch = auto_max_batch(model) if max_batch is None else max_batch
-    return Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefill_tokens=prefill_tokens), config
+def load_engine(checkpoint: str | os.PathLike, options: EngineOptions | None = None) -> tuple[Engine, dict]:
+    """(engine, config dict) for a checkpoint folder; not started yet."""
+    options = options or EngineOptions()
+    model, tokenizer, config = load_checkpoint(checkpoint, device=options.device, dtype=DTYPES[options.dtype])
+    if options.fuse and all(type(b.get_submodule(p)) is nn.Linear for b in model.layers if isinstance(b, Block)
+                            for p in FUSED_PARTS):  # int8 and low-rank projections stay as they are
+        fuse_projections(model)
+    return Engine(model, tokenizer, options), config

@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from palmkit.errors import PalmkitError
-from palmkit.infer.engine import DTYPES, Engine, move_cache_row
+from palmkit.infer.engine import DTYPES, Engine, EngineOptions, move_cache_row
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.model.fused import is_fused, unfuse_projections
 from palmkit.model.palm import Block, KVCache, PaLM
@@ -351,19 +351,21 @@ class TensorParallelEngine(Engine):
             self.model.release()
 
 
-def tensor_parallel_engine(checkpoint: str, tp: int, dtype: str = "float32", max_batch: int = 16,
-                           max_queue: int = 64, vocab_parallel: bool = True) -> tuple[Engine | None, dict]:
+def tensor_parallel_engine(checkpoint: str, tp: int, options: EngineOptions | None = None,
+                           vocab_parallel: bool = True) -> tuple[Engine | None, dict]:
     """(engine, config) on rank 0 of a torchrun group of `tp` processes; the other ranks follow rank 0's
-    forward passes here until its engine stops, then get (None, config)."""
+    forward passes here until its engine stops, then get (None, config). `options.device` is ignored: each rank
+    takes its own device."""
+    options = options or EngineOptions()
     d = require_world(tp, "serve")
-    model, tokenizer, config = load_checkpoint(checkpoint, device=d.device, dtype=DTYPES[dtype])
+    model, tokenizer, config = load_checkpoint(checkpoint, device=d.device, dtype=DTYPES[options.dtype])
     split = tensor_parallel(model, d, vocab_parallel)
     group = control_group()
     if not d.is_main:
         with torch.inference_mode():
             follow(split, group)
         return None, config
-    return TensorParallelEngine(Leader(split, group), tokenizer, max_batch=max_batch, max_queue=max_queue), config
+    return TensorParallelEngine(Leader(split, group), tokenizer, options), config
 
 
 def load_tensor_parallel(checkpoint: str, tp: int, command: str, dtype: torch.dtype | None = None,

@@ -19,6 +19,11 @@ class TextStream:
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already emitted
         self.stopped = False
+        # Decoding every id again for each new one costs O(n) a token; instead only a window is decoded: the ids
+        # since the last complete character, after one earlier id so that a leading-space rule applies to the
+        # earlier id in both decodes and their difference is exactly the new text (as vLLM and TGI detokenise)
+        self._decoded = ""  # the text of ids[: self._read]
+        self._window = self._read = 0  # ids[self._window: self._read] were decoded last
 
     def push(self, token_id: int) -> str:
         """Add a token; return text that is now safe to show."""
@@ -29,10 +34,22 @@ class TextStream:
         """Flush what was held back at the end of generation."""
         return self._emit(final=True)
 
+    def _extend(self, final: bool) -> None:
+        """Decode the ids past self._read into self._decoded, unless they end inside a multi-byte character."""
+        if self._read == len(self.ids):
+            return
+        known = self.tokenizer.decode(self.ids[self._window: self._read])
+        text = self.tokenizer.decode(self.ids[self._window:])
+        if not final and text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for its next byte
+        self._decoded += text[len(known):]
+        self._window, self._read = self._read, len(self.ids)
+
     def _emit(self, final: bool) -> str:
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        self._extend(final)
+        text = self._decoded
         for s in self.stop:
             at = text.find(s, self.sent)
             if at != -1:
@@ -41,8 +58,6 @@ class TextStream:
                 return delta
         end = len(text)
         if not final:
-            while end > self.sent and text[end - 1] == "\ufffd":
-                end -= 1  # an incomplete multi-byte character: wait for its next byte
             hold = 0
             for s in self.stop:
                 for k in range(min(len(s) - 1, end - self.sent), 0, -1):

@@ -136,6 +136,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return (p.view(B * kv, H // kv * T, T) @ v.reshape(B * kv, T, hd)).view(B, H, T, hd)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) + mask) v for queries (B, H, T, hd) over cached keys and values (B, kv, n, hd) with
+    an additive mask (B, 1, T, n); fp32 scores, each key/value head serving its group of query heads."""
+    B, H, T, hd = q.shape
+    kv = k.shape[1]
+    s = (q.reshape(B, kv, H // kv * T, hd) @ k.transpose(2, 3)).view(B, kv, H // kv, T, -1)
+    p = torch.add(mask[:, :, None].float(), s.float(), alpha=hd ** -0.5).softmax(-1).to(q.dtype)
+    return (p.view(B, kv, H // kv * T, -1) @ v).view(B, H, T, hd)
+
+
 class KVCache:
     """Preallocated keys and values, written at each row's own positions (gpt-fast style)."""
 
@@ -177,10 +187,16 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             cache_k, cache_v, n_keys = cache
-            index = positions[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)
-            cache_k.scatter_(2, index, k.to(cache_k.dtype))
-            cache_v.scatter_(2, index, v.to(cache_v.dtype))
+            # Indexed writes, not scatter_: torch's bfloat16 scatter_ copies the whole cache on every call
+            # (benchmarks/README.md, "Decode step kernels")
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+            cache_k.transpose(1, 2)[rows, positions] = k.transpose(1, 2).to(cache_k.dtype)
+            cache_v.transpose(1, 2)[rows, positions] = v.transpose(1, 2).to(cache_v.dtype)
             k, v = cache_k[:, :, :n_keys].to(q.dtype), cache_v[:, :, :n_keys].to(q.dtype)
+            if T == 1:
+                # A decode step: two batched matmuls beat SDPA's CPU kernel with a mask, several times over in
+                # bfloat16 (benchmarks/README.md, "Decode step kernels")
+                return self.o_proj(cached_attention(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
         if mask is None and cache is None and torch.compiler.is_compiling() and q.device.type == "cpu" and T <= 512:
             # CPU flash attention's backward runs a small oneDNN matmul per block of keys; compiled, two
             # batched matmuls around a fused soft-max do the same work in a few large kernels, and on short

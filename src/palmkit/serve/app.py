@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server with streaming and continuous batching.
 
-    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--max_batch N] [--faq FILE]
+    palmkit serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--engine.max_batch N] [--faq FILE]
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as server-sent
 events), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text format), and `GET /`: a web chat
@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Literal
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -48,7 +47,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from palmkit.infer.engine import Engine, EngineBusy, EngineStopped, load_engine
+from palmkit.infer.engine import Engine, EngineBusy, EngineOptions, EngineStopped, load_engine
 from palmkit.infer.tensor_parallel import tensor_parallel_engine
 from palmkit.model.chat_template import chat_template
 from palmkit.serve.classify import classify_router
@@ -136,13 +135,12 @@ async def _watch(engine: Engine, on_death: Callable[[], None] | None) -> None:
 
 
 def create_app(source: str | os.PathLike | Engine, model_name: str | None = None, api_key: str | None = None,
-               max_batch: int | None = None, max_queue: int = 64, device: str = "cpu", dtype: str = "float32",
-               template: str | None = None, routers: Sequence[APIRouter] = (),
+               options: EngineOptions = EngineOptions(), template: str | None = None,
+               routers: Sequence[APIRouter] = (),
                faq: str | os.PathLike | FaqIndex | None = None, limits: Limits = Limits(),
                allowed_hosts: Iterable[str] | None = None,
-               on_engine_death: Callable[[], None] | None = None, cors_origins: Sequence[str] = (),
-               prefill_tokens: int | None = None) -> FastAPI:
-    """The FastAPI app serving a checkpoint folder or an Engine (max_batch, max_queue, device: folder only);
+               on_engine_death: Callable[[], None] | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving a checkpoint folder or an Engine (options: how a folder's engine runs);
     faq: a FAQ file (or index) that grounds chat requests; limits: what clients may send (serve/limits.py);
     allowed_hosts: the only Host names answered (None: any); on_engine_death: called if the engine thread dies;
     cors_origins: web origins whose pages may call the API ("*": any)."""
@@ -150,7 +148,7 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     if isinstance(source, Engine):
         engine, config, default_name = source, {}, "palmkit"
     else:
-        engine, config = load_engine(source, device, dtype, max_batch, max_queue, prefill_tokens)
+        engine, config = load_engine(source, options)
         default_name = Path(source).resolve().name
 
     @asynccontextmanager
@@ -246,10 +244,9 @@ def chat_page_html(state: ServerState) -> str:
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int | None = None, max_queue: int = 64, model_name: str | None = None, device: str = "cpu",
-          dtype: Literal["float32", "bfloat16", "float16"] = "float32", log_level: str = "info",
+          engine: EngineOptions = EngineOptions(), model_name: str | None = None, log_level: str = "info",
           faq: str = "", limits: Limits = Limits(), allowed_hosts: str = "", tp: int = 1,
-          vocab_parallel: bool = True, cors_origins: str = "", prefill_tokens: int | None = None) -> None:
+          vocab_parallel: bool = True, cors_origins: str = "") -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
     The chat page is at http://HOST:PORT/.
@@ -261,12 +258,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         api_key: require `Authorization: Bearer KEY` on every route but the chat page and /health (/metrics and
             /openapi.json too; /docs is then off); the environment variable PALMKIT_API_KEY does the same without
             showing the key in `ps`
-        max_batch: sequences decoded together (default: 64, fewer if their KV cache would take over a quarter
-            of the free memory)
-        max_queue: requests waiting beyond those; more get 429
+        engine: how the engine runs the model: --engine.dtype bfloat16, --engine.max_batch N (sequences decoded
+            together; default 64, fewer if their KV cache would take over a quarter of the free memory),
+            --engine.max_queue (requests waiting beyond those; more get 429), --engine.prefill_tokens (prompt
+            tokens prefilled per step, default 128), --engine.device (README "Serve")
         model_name: the model's name in the API (default: the checkpoint folder's name)
-        device: cpu, cuda, cuda:1, ...
-        dtype: dtype of the weights and activations
         log_level: uvicorn's log level (critical, error, warning, info, debug)
         faq: a FAQ file (CSV question,answer or JSONL) that grounds chat answers; questions it does not cover
             get a fixed "no answer" reply
@@ -274,13 +270,11 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
         allowed_hosts: comma-separated Host names answered besides the loopback ones when bound to loopback
             (e.g. the name a local reverse proxy forwards); ignored on other addresses
         tp: tensor-parallel processes: `torchrun --nproc_per_node=N -m palmkit.cli serve --tp N ...`; rank 0
-            serves, each rank takes the GPU of its local rank (or the CPU); device is then ignored
+            serves, each rank takes the GPU of its local rank (or the CPU); --engine.device is then ignored
         vocab_parallel: with --tp, split the shared embedding by vocabulary (false: keep it whole on every
             rank)
         cors_origins: comma-separated web origins (`https://app.example.com`) whose pages may call the API
             from a browser, or `*` for any; none by default
-        prefill_tokens: prompt tokens prefilled per engine step between decode steps (default 128): fewer
-            answer a short request sooner beside a long prompt, more prefill long prompts faster
     """
     api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
     loopback = host in LOOPBACK_NAMES
@@ -297,17 +291,14 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     source: str | Engine = checkpoint
     template = None
     if tp > 1:  # rank 0 serves; the other ranks follow its forward passes until its engine stops
-        engine, config = tensor_parallel_engine(checkpoint, tp, dtype, max_batch or 16, max_queue,
-                                                vocab_parallel)
-        if engine is None:
+        leader, config = tensor_parallel_engine(checkpoint, tp, engine, vocab_parallel)
+        if leader is None:
             return
-        source, template = engine, config.get("chat_template")
+        source, template = leader, config.get("chat_template")
         model_name = model_name or Path(checkpoint).resolve().name
-    app = create_app(source, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                     device=device, dtype=dtype, template=template, faq=faq or None, limits=limits,
-                     allowed_hosts=hosts, on_engine_death=exit_on_engine_death,
-                     cors_origins=[o.strip() for o in cors_origins.split(",") if o.strip()],
-                     prefill_tokens=prefill_tokens)
+    app = create_app(source, model_name=model_name, api_key=api_key, options=engine, template=template,
+                     faq=faq or None, limits=limits, allowed_hosts=hosts, on_engine_death=exit_on_engine_death,
+                     cors_origins=[o.strip() for o in cors_origins.split(",") if o.strip()])
     if not loopback and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
