@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up palmkit in ./.venv (Python 3.11): the package, its pinned dependencies and the test extras.
-# Safe to re-run. torch==2.13.0 is the CPU wheel that pip finds on this machine's disk.
+# Sets up palmkit in ./.venv (Python 3.11): the package, its dependencies and the test extras at the exact versions
+# of the lock (constraints.txt, written by scripts/lock.sh). Safe to re-run. torch==2.13.0 is the CPU wheel that pip
+# finds on this machine's disk. To add palmkit to an environment of your own instead: pip install palmkit (README).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
@@ -27,5 +28,5 @@ command -v groff >/dev/null || debian_packages "man pages will be read with palm
 { command -v cmake && command -v ninja && command -v g++; } >/dev/null \
   || debian_packages "the llama.cpp tests are skipped until cmake, ninja-build and g++ are installed" cmake ninja-build g++
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
 echo "$(.venv/bin/palmkit --version) installed: .venv/bin/palmkit (palmkit --help lists the commands)"

@@ -220,3 +220,13 @@ def test_init_from_starts_from_the_checkpoint_weights(corpus, tmp_path, capsys, 
     # a checkpoint whose tokenizer is not the corpus's is refused
     assert pretrain(corpus, tmp_path / "bad", "--train.max_steps", "1", "--init_from", str(checkpoint)) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_closed_pipe_ends_quietly():
+    # `palmkit info | head -n 1`: the reader closes the pipe after one line; no traceback, the exit code of SIGPIPE
+    proc = subprocess.Popen([sys.executable, "-m", "palmkit.cli", "info", "--preset", "palm-540b"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err

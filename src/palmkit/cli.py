@@ -164,7 +164,7 @@ def run(words: list[str], argv: list[str]) -> int:
     result = fn(*(cfg[n] for n in positional), **{n: cfg[n] for n in options})
     text = _text(result)
     if text is not None:
-        print(text)
+        print(text, flush=True)  # written inside main's try, so a closed pipe is reported there
     return 0
 
 
@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\npalmkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`palmkit info | head`): stop quietly, as Unix tools do; stdout is pointed at
+        # /dev/null so that Python's flush at exit does not raise a second time
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
