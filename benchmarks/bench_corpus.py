@@ -83,6 +83,26 @@ def edit(text: str, rng: random.Random, rate: float, shuffle: bool) -> str:
     return sep.join(toks)
 
 
+def originals(base: list[str], budget_bytes: float, seed: int) -> list[int]:
+    """Indices of a seeded sample of the seed documents, about `budget_bytes` of text."""
+    pool = list(range(len(base)))
+    random.Random(seed).shuffle(pool)
+    keep, total = [], 0
+    for i in pool:
+        if total >= budget_bytes:
+            break
+        keep.append(i)
+        total += len(base[i].encode())
+    return keep
+
+
+def write_record(f, text: str) -> int:
+    """Write one JSONL record; returns its size in bytes."""
+    line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+    f.write(line)
+    return len(line.encode())
+
+
 def make_input(base: list[str], size_bytes: int, path: Path, seed: int, sample: int = 1500,
                original_share: float = 0.1) -> dict:
     """Write the perturbed input; returns a sample of (original, light copy) and heavy copies and the counts.
@@ -91,14 +111,7 @@ def make_input(base: list[str], size_bytes: int, path: Path, seed: int, sample: 
     larger than ten times it), so that every size has about the same mix of originals and copies."""
     rng = random.Random(seed)
     light, heavy, counts = [], [], {"exact": 0, "light": 0, "heavy": 0, "original": 0}
-    pool = list(range(len(base)))
-    random.Random(seed).shuffle(pool)
-    total, keep = 0, []
-    for i in pool:
-        if total >= size_bytes * original_share:
-            break
-        keep.append(i)
-        total += len(base[i].encode())
+    keep = originals(base, size_bytes * original_share, seed)
     written, r = 0, 0
     with open(path, "w", encoding="utf-8") as f:
         while written < size_bytes:
@@ -118,9 +131,7 @@ def make_input(base: list[str], size_bytes: int, path: Path, seed: int, sample: 
                     light.append((doc, text))
                 if kind == "heavy" and rng.random() < 0.05 and len(heavy) < sample:
                     heavy.append((doc, text))
-                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-                f.write(line)
-                written += len(line.encode())
+                written += write_record(f, text)
                 if written >= size_bytes:
                     break
             r += 1
@@ -132,14 +143,7 @@ def make_variants(base: list[str], size_bytes: int, path: Path, seed: int, origi
     """Write the light-variant input: round 0 the originals (a seeded `originals_bytes` of the seed text),
     each later round a variant of every original with `rate` of its words replaced."""
     rng = random.Random(seed)
-    pool = list(range(len(base)))
-    random.Random(seed).shuffle(pool)
-    keep, total = [], 0
-    for i in pool:
-        if total >= originals_bytes:
-            break
-        keep.append(i)
-        total += len(base[i].encode())
+    keep = originals(base, originals_bytes, seed)
     light, counts, written, r = [], {"original": 0, "light": 0, "exact": 0, "heavy": 0}, 0, 0
     with open(path, "w", encoding="utf-8") as f:
         while written < size_bytes:
@@ -148,9 +152,7 @@ def make_variants(base: list[str], size_bytes: int, path: Path, seed: int, origi
                 counts["original" if r == 0 else "light"] += 1
                 if r and rng.random() < 0.05 and len(light) < sample:
                     light.append((base[i], text))
-                line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
-                f.write(line)
-                written += len(line.encode())
+                written += write_record(f, text)
                 if written >= size_bytes:
                     break
             r += 1
