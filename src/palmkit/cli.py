@@ -187,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             problem = f"{' '.join(words)!r} needs one of its commands" if words else "no command given"
         print(f"palmkit: error: {problem}\n\n{_usage(words)}", file=sys.stderr)
         return 2
+    clean = False
     try:
-        return run(words, rest)
+        code = run(words, rest)
+        clean = True
+        return code
     except USER_ERRORS as exc:
         if os.environ.get("PALMKIT_DEBUG"):
             raise
@@ -202,6 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         # /dev/null so that Python's flush at exit does not raise a second time
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    finally:
+        _leave_process_group(clean)
+
+
+def _leave_process_group(clean: bool) -> None:
+    """Destroy a torchrun command's process group before exit (train.distributed.close_distributed)."""
+    if "torch" in sys.modules:  # only commands that imported torch can have joined a group
+        from palmkit.train.distributed import close_distributed
+
+        close_distributed(clean)
 
 
 if __name__ == "__main__":

@@ -53,3 +53,16 @@ def test_checkpoints_move_between_world_sizes(corpus, reference, tmp_path):
     shutil.copytree(run / "checkpoints" / "step-0000009", run2 / "checkpoints" / "step-0000009")
     pretrain(str(corpus), str(run2), TrainConfig(**BASE), resume=True)
     assert_same_weights(weights(run2), weights(reference), atol=1e-5)
+
+
+def test_close_distributed_leaves_the_process_group(tmp_path):
+    """A finished torchrun command destroys its gloo group itself rather than leaving it to interpreter shutdown."""
+    import torch.distributed as dist
+
+    from palmkit.train.distributed import close_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_distributed(clean=True)
+    assert not dist.is_initialized()
+    close_distributed(clean=True)  # nothing to leave: a no-op, not an error

@@ -56,6 +56,20 @@ def init_distributed(device: str = "") -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device_)
 
 
+def close_distributed(clean: bool = True) -> None:
+    """Leave the process group before the interpreter exits.
+
+    A gloo group left to the interpreter's shutdown can abort the process ("terminate called without an active
+    exception") while its worker threads are torn down, turning a finished run into a failed torchrun. After a
+    clean run every rank first meets at a barrier, so that no rank leaves while another still talks to it; after
+    an error the group is only destroyed (a barrier would wait for ranks that may never come)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def parallelize(model: torch.nn.Module, cfg, d: Dist) -> torch.nn.Module:
     """Activation checkpointing, then FSDP2 or DDP, then compile, in torchtitan's fixed order.
 
