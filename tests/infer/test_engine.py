@@ -158,10 +158,18 @@ def test_a_failed_chunked_prefill_fails_only_its_sequence(loaded):
         assert "".join(ev.text for ev in events if ev.index == i) == tok.decode(want)
 
 
-def test_fused_projections_serve_the_tokens_and_logprobs_of_the_plain_model(checkpoint, loaded):
+@pytest.mark.parametrize("changes", [dict(fuse=True, weight_layout="rows"), dict(weight_layout="columns"),
+                                     dict(fuse=True)], ids=["fused", "column-major", "fused, column-major"])
+def test_runtime_layouts_serve_the_tokens_and_logprobs_of_the_plain_model(checkpoint, loaded, changes):
     model, tok = loaded
-    engine, _ = load_engine(checkpoint, EngineOptions(max_batch=2, autotune=False, fuse=True))
-    assert all(isinstance(layer, FusedBlock) for layer in engine.model.layers)
+    engine, _ = load_engine(checkpoint, EngineOptions(max_batch=2, autotune=False, **changes))
+    assert all(isinstance(layer, FusedBlock) for layer in engine.model.layers) == changes.get("fuse", False)
+    weights = [p for p in engine.model.parameters() if p.dim() == 2]
+    # auto is column-major for float32 on a CPU: each weight is the transpose of a contiguous matrix
+    assert all(w.t().is_contiguous() != (changes.get("weight_layout") == "rows") for w in weights)
+    plain = dict(model.named_parameters())
+    if not changes.get("fuse"):
+        assert all(torch.equal(w, plain[n]) for n, w in engine.model.named_parameters())  # the same values
     prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("Der", bos=True)]
     params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False, logprobs=0)
     events = run_engine(engine, [(p, params) for p in prompts])

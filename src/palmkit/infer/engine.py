@@ -88,6 +88,9 @@ class EngineOptions:
         fuse: multiply q, k, v, gate and up as one matrix (palmkit.model.fused; exact): three matrix products a
             layer instead of seven; off by default, as it gained a few percent in bfloat16 and nothing in float32
             (benchmarks/README.md, "Decode step kernels")
+        weight_layout: how each weight matrix is stored in memory (same values and shapes): rows (PyTorch's
+            own), columns (its transpose contiguous), or auto: columns for float32 on a CPU, where a decode step's
+            products with column-major weights are faster (benchmarks/README.md, "Weight layout")
     """
 
     device: str = "cpu"
@@ -97,10 +100,13 @@ class EngineOptions:
     prefill_tokens: int = PREFILL_TOKENS
     autotune: bool = True
     fuse: bool = False
+    weight_layout: Literal["auto", "rows", "columns"] = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.weight_layout not in ("auto", "rows", "columns"):
+            raise PalmkitError(f"weight_layout must be auto, rows or columns, got {self.weight_layout!r}")
         if (self.max_batch is not None and self.max_batch < 1) or self.max_queue < 0 or self.prefill_tokens < 1:
             raise PalmkitError(f"need max_batch >= 1, max_queue >= 0 and prefill_tokens >= 1, got {self.max_batch}, "
                                f"{self.max_queue} and {self.prefill_tokens}")
@@ -526,7 +532,29 @@ def load_engine(checkpoint: str | os.PathLike, options: EngineOptions | None = N
     """(engine, config dict) for a checkpoint folder; not started yet."""
     options = options or EngineOptions()
     model, tokenizer, config = load_checkpoint(checkpoint, device=options.device, dtype=DTYPES[options.dtype])
+    return Engine(runtime_layout(model, options), tokenizer, options), config
+
+
+def runtime_layout(model: nn.Module, options: EngineOptions) -> nn.Module:
+    """The model with the weight layouts `options` ask for (fused projections, column-major weights), in place."""
     if options.fuse and all(type(b.get_submodule(p)) is nn.Linear for b in model.layers if isinstance(b, Block)
                             for p in FUSED_PARTS):  # int8 and low-rank projections stay as they are
         fuse_projections(model)
-    return Engine(model, tokenizer, options), config
+    weight = model.embed_tokens.weight
+    if options.weight_layout == "columns" or (options.weight_layout == "auto" and weight.dtype == torch.float32
+                                              and weight.device.type == "cpu"):
+        column_major(model)
+    return model
+
+
+def column_major(model: nn.Module) -> nn.Module:
+    """Store every weight matrix of linear and embedding layers column-major, in place: the same tensor values and
+    shapes (state dicts and results keep them), each the transpose of a contiguous (in, out) matrix.
+
+    A decode step multiplies a few rows by every weight; on CPUs torch's float32 `x @ W.T` runs faster when W.T is
+    contiguous than when W is, the output layer most (benchmarks/README.md, "Weight layout").
+    """
+    for module in model.modules():
+        if type(module) in (nn.Linear, nn.Embedding) and module.weight.dim() == 2:
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
