@@ -31,7 +31,6 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Any, Literal
 
 import torch
@@ -65,6 +64,11 @@ PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are scored together
 # chunks between decode steps, so the running rows keep decoding and a short prompt is not kept waiting
 # (chunked prefill, Agrawal et al. 2023, "SARATHI").
 PREFILL_TOKENS = 128
+
+# A request whose reader leaves this many events unread stops decoding until it has read them (the engine looks
+# again every UNREAD_POLL seconds when nothing else runs): a client that does not read costs no decode steps and
+# holds no more than its events so far.
+UNREAD_EVENTS, UNREAD_POLL = 256, 0.01
 
 # The default batch: past 64 rows a CPU decode step's time grows in proportion to its rows (no throughput left to
 # gain, only latency to lose; benchmarks/README.md, "Serving against transformers serve"), and the KV cache may
@@ -308,11 +312,19 @@ class Engine:
                 return False
             calls = list(self._calls)
             self._calls.clear()
+            running = self._active
             plan = self._plan()
             # retirement and admission under the lock: `submit` counts free slots from len(self._active); a retired
             # sequence has had its last event (or, cancelled, needs none)
             self._active = [self._active[i] for i in plan.keep]
-            self._active += [self._pending.popleft() for _ in range(plan.admit)]
+            if plan.admit:
+                self._active += [self._pending[i] for i in plan.admit]
+                admitted = set(plan.admit)
+                self._pending = deque(s for i, s in enumerate(self._pending) if i not in admitted)
+            if not (calls or plan.moves or plan.prefill or plan.decode or plan.admit or len(plan.keep) < len(running)):
+                # every running sequence waits for its reader: look again shortly rather than spin
+                self._cond.wait(UNREAD_POLL)
+                return True
         for fn, future in calls:
             if future.set_running_or_notify_cancel():
                 try:
@@ -344,9 +356,11 @@ class Engine:
     def _plan(self) -> StepPlan:
         """This step's plan, from the running sequences and the first waiting ones (under the lock)."""
         running = [SlotState(max(0, len(s.prompt) - s.written), s.finish is not None or s.cancelled,
-                             s.params.max_new_tokens > 0) for s in self._active]
-        waiting = [SlotState(len(s.prompt), s.cancelled, s.params.max_new_tokens > 0)
-                   for s in islice(self._pending, self.max_batch)]
+                             s.params.max_new_tokens > 0, id(s.sink), s.sink.queue.qsize() >= UNREAD_EVENTS)
+                   for s in self._active]
+        # the whole queue (at most max_queue + max_batch): a request past its share lets those behind it in
+        waiting = [SlotState(len(s.prompt), s.cancelled, s.params.max_new_tokens > 0, id(s.sink),
+                             s.sink.queue.qsize() >= UNREAD_EVENTS) for s in self._pending]
         return plan_step(running, waiting, self.max_batch, self.prefill_tokens, self.step_rows)
 
     def _fail_all(self, events: list, exc: Exception) -> bool:
