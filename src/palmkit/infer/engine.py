@@ -312,25 +312,14 @@ class Engine:
                 return False
             calls = list(self._calls)
             self._calls.clear()
-            running = self._active
             plan = self._plan()
-            # retirement and admission under the lock: `submit` counts free slots from len(self._active); a retired
-            # sequence has had its last event (or, cancelled, needs none)
-            self._active = [self._active[i] for i in plan.keep]
-            if plan.admit:
-                self._active += [self._pending[i] for i in plan.admit]
-                admitted = set(plan.admit)
-                self._pending = deque(s for i, s in enumerate(self._pending) if i not in admitted)
-            if not (calls or plan.moves or plan.prefill or plan.decode or plan.admit or len(plan.keep) < len(running)):
-                # every running sequence waits for its reader: look again shortly rather than spin
+            idle = not (calls or plan.moves or plan.prefill or plan.decode or plan.admit
+                        or len(plan.keep) < len(self._active))
+            self._admit(plan)
+            if idle:  # every running sequence waits for its reader: look again shortly rather than spin
                 self._cond.wait(UNREAD_POLL)
                 return True
-        for fn, future in calls:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except Exception as exc:
-                    future.set_exception(exc)
+        self._run_calls(calls)
         events: list[tuple[Sequence_, Event]] = []
         try:
             for src, dst in plan.moves:  # the sequence now in slot dst was in slot src
@@ -362,6 +351,24 @@ class Engine:
         waiting = [SlotState(len(s.prompt), s.cancelled, s.params.max_new_tokens > 0, id(s.sink),
                              s.sink.queue.qsize() >= UNREAD_EVENTS) for s in self._pending]
         return plan_step(running, waiting, self.max_batch, self.prefill_tokens, self.step_rows)
+
+    @staticmethod
+    def _run_calls(calls: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+    def _admit(self, plan: StepPlan) -> None:
+        """Retire and admit as the plan says (under the lock: `submit` counts free slots from len(self._active); a
+        retired sequence has had its last event or, cancelled, needs none)."""
+        self._active = [self._active[i] for i in plan.keep]
+        if plan.admit:
+            self._active += [self._pending[i] for i in plan.admit]
+            admitted = set(plan.admit)
+            self._pending = deque(s for i, s in enumerate(self._pending) if i not in admitted)
 
     def _fail_all(self, events: list, exc: Exception) -> bool:
         log.exception("decode step failed")
