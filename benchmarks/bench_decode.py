@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from palmkit.infer.engine import EngineOptions, runtime_layout
 from palmkit.infer.generate import generate_ids
 from palmkit.infer.sampling import SamplingParams
 from palmkit.model.checkpoint import load_checkpoint, save_checkpoint
@@ -103,7 +104,8 @@ def compare_llama_cpp(args, ckpt: Path, tmp: Path) -> None:
     rows, speed = [], {}
     g = torch.Generator().manual_seed(0)
     for dtype, outtype in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
-        model, _, _ = load_checkpoint(ckpt, dtype=dtype)
+        # the weight layout `palmkit serve` runs with (column-major in float32 on a CPU)
+        model = runtime_layout(load_checkpoint(ckpt, dtype=dtype)[0], EngineOptions())
         prompts = torch.randint(3, model.config.vocab_size, (1, args.prompt_len), generator=g)
         palmkit_run(model, prompts, 4)  # warm-up
         best = [float("inf")] * 4

@@ -158,10 +158,18 @@ def test_a_failed_chunked_prefill_fails_only_its_sequence(loaded):
         assert "".join(ev.text for ev in events if ev.index == i) == tok.decode(want)
 
 
-def test_fused_projections_serve_the_tokens_and_logprobs_of_the_plain_model(checkpoint, loaded):
+@pytest.mark.parametrize("changes", [dict(fuse=True, weight_layout="rows"), dict(weight_layout="columns"),
+                                     dict(fuse=True)], ids=["fused", "column-major", "fused, column-major"])
+def test_runtime_layouts_serve_the_tokens_and_logprobs_of_the_plain_model(checkpoint, loaded, changes):
     model, tok = loaded
-    engine, _ = load_engine(checkpoint, EngineOptions(max_batch=2, autotune=False, fuse=True))
-    assert all(isinstance(layer, FusedBlock) for layer in engine.model.layers)
+    engine, _ = load_engine(checkpoint, EngineOptions(max_batch=2, autotune=False, **changes))
+    assert all(isinstance(layer, FusedBlock) for layer in engine.model.layers) == changes.get("fuse", False)
+    weights = [p for p in engine.model.parameters() if p.dim() == 2]
+    # auto is column-major for float32 on a CPU: each weight is the transpose of a contiguous matrix
+    assert all(w.t().is_contiguous() != (changes.get("weight_layout") == "rows") for w in weights)
+    plain = dict(model.named_parameters())
+    if not changes.get("fuse"):
+        assert all(torch.equal(w, plain[n]) for n, w in engine.model.named_parameters())  # the same values
     prompts = [tok.encode("The quick brown fox", bos=True), tok.encode("Der", bos=True)]
     params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False, logprobs=0)
     events = run_engine(engine, [(p, params) for p in prompts])
@@ -173,3 +181,29 @@ def test_fused_projections_serve_the_tokens_and_logprobs_of_the_plain_model(chec
             ref = torch.log_softmax(model(torch.tensor([prompt + [lp.id for lp in got]]))[0].float(), -1)
         for t, lp in enumerate(got, start=len(prompt)):
             assert lp.logprob == pytest.approx(ref[t - 1, lp.id].item(), abs=1e-4)
+
+
+def test_a_request_whose_reader_is_behind_waits_until_it_has_read(loaded):
+    """A sink with UNREAD_EVENTS events unread gets no decode step (another request is served meanwhile); once
+    they are read, it finishes."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=4, autotune=False).start()
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_at_eos=False)
+
+    async def scenario():
+        behind, other = Sink(), Sink()
+        for _ in range(engine_module.UNREAD_EVENTS):
+            behind.queue.put_nowait(None)  # what a client that stopped reading leaves in its queue
+        [seq] = engine.submit([([1, 5, 6], params)], behind)
+        served = [ev async for ev in events_of(other, len(engine.submit([([1, 7], params)], other)))]
+        assert served[-1].completion_tokens == 6
+        assert len(seq.tokens) == 1 and seq.written == 3  # prefilled (its first token), then no decode step
+        while not behind.queue.empty():  # the reader catches up
+            behind.queue.get_nowait()
+        events = [ev async for ev in events_of(behind, 1)]
+        assert events[-1].completion_tokens == 6 and len(seq.tokens) == 6
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.stop()

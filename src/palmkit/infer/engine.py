@@ -31,7 +31,6 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from typing import Any, Literal
 
 import torch
@@ -39,7 +38,14 @@ from torch import nn
 
 from palmkit.errors import PalmkitError
 from palmkit.infer.interface import LanguageModel
-from palmkit.infer.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+from palmkit.infer.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    sample_batch,
+    token_logprobs,
+)
 from palmkit.infer.scheduler import SlotState, StepPlan, plan_step
 from palmkit.infer.stop import StopRule
 from palmkit.model.checkpoint import load_checkpoint
@@ -58,6 +64,11 @@ PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are scored together
 # chunks between decode steps, so the running rows keep decoding and a short prompt is not kept waiting
 # (chunked prefill, Agrawal et al. 2023, "SARATHI").
 PREFILL_TOKENS = 128
+
+# A request whose reader leaves this many events unread stops decoding until it has read them (the engine looks
+# again every UNREAD_POLL seconds when nothing else runs): a client that does not read costs no decode steps and
+# holds no more than its events so far.
+UNREAD_EVENTS, UNREAD_POLL = 256, 0.01
 
 # The default batch: past 64 rows a CPU decode step's time grows in proportion to its rows (no throughput left to
 # gain, only latency to lose; benchmarks/README.md, "Serving against transformers serve"), and the KV cache may
@@ -81,6 +92,9 @@ class EngineOptions:
         fuse: multiply q, k, v, gate and up as one matrix (palmkit.model.fused; exact): three matrix products a
             layer instead of seven; off by default, as it gained a few percent in bfloat16 and nothing in float32
             (benchmarks/README.md, "Decode step kernels")
+        weight_layout: how each weight matrix is stored in memory (same values and shapes): rows (PyTorch's
+            own), columns (its transpose contiguous), or auto: columns for float32 on a CPU, where a decode step's
+            products with column-major weights are faster (benchmarks/README.md, "Weight layout")
     """
 
     device: str = "cpu"
@@ -90,10 +104,13 @@ class EngineOptions:
     prefill_tokens: int = PREFILL_TOKENS
     autotune: bool = True
     fuse: bool = False
+    weight_layout: Literal["auto", "rows", "columns"] = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise PalmkitError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.weight_layout not in ("auto", "rows", "columns"):
+            raise PalmkitError(f"weight_layout must be auto, rows or columns, got {self.weight_layout!r}")
         if (self.max_batch is not None and self.max_batch < 1) or self.max_queue < 0 or self.prefill_tokens < 1:
             raise PalmkitError(f"need max_batch >= 1, max_queue >= 0 and prefill_tokens >= 1, got {self.max_batch}, "
                                f"{self.max_queue} and {self.prefill_tokens}")
@@ -296,16 +313,13 @@ class Engine:
             calls = list(self._calls)
             self._calls.clear()
             plan = self._plan()
-            # retirement and admission under the lock: `submit` counts free slots from len(self._active); a retired
-            # sequence has had its last event (or, cancelled, needs none)
-            self._active = [self._active[i] for i in plan.keep]
-            self._active += [self._pending.popleft() for _ in range(plan.admit)]
-        for fn, future in calls:
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except Exception as exc:
-                    future.set_exception(exc)
+            idle = not (calls or plan.moves or plan.prefill or plan.decode or plan.admit
+                        or len(plan.keep) < len(self._active))
+            self._admit(plan)
+            if idle:  # every running sequence waits for its reader: look again shortly rather than spin
+                self._cond.wait(UNREAD_POLL)
+                return True
+        self._run_calls(calls)
         events: list[tuple[Sequence_, Event]] = []
         try:
             for src, dst in plan.moves:  # the sequence now in slot dst was in slot src
@@ -331,10 +345,30 @@ class Engine:
     def _plan(self) -> StepPlan:
         """This step's plan, from the running sequences and the first waiting ones (under the lock)."""
         running = [SlotState(max(0, len(s.prompt) - s.written), s.finish is not None or s.cancelled,
-                             s.params.max_new_tokens > 0) for s in self._active]
-        waiting = [SlotState(len(s.prompt), s.cancelled, s.params.max_new_tokens > 0)
-                   for s in islice(self._pending, self.max_batch)]
+                             s.params.max_new_tokens > 0, id(s.sink), s.sink.queue.qsize() >= UNREAD_EVENTS)
+                   for s in self._active]
+        # the whole queue (at most max_queue + max_batch): a request past its share lets those behind it in
+        waiting = [SlotState(len(s.prompt), s.cancelled, s.params.max_new_tokens > 0, id(s.sink),
+                             s.sink.queue.qsize() >= UNREAD_EVENTS) for s in self._pending]
         return plan_step(running, waiting, self.max_batch, self.prefill_tokens, self.step_rows)
+
+    @staticmethod
+    def _run_calls(calls: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+        for fn, future in calls:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+    def _admit(self, plan: StepPlan) -> None:
+        """Retire and admit as the plan says (under the lock: `submit` counts free slots from len(self._active); a
+        retired sequence has had its last event or, cancelled, needs none)."""
+        self._active = [self._active[i] for i in plan.keep]
+        if plan.admit:
+            self._active += [self._pending[i] for i in plan.admit]
+            admitted = set(plan.admit)
+            self._pending = deque(s for i, s in enumerate(self._pending) if i not in admitted)
 
     def _fail_all(self, events: list, exc: Exception) -> bool:
         log.exception("decode step failed")
@@ -424,13 +458,11 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
         logits = logits[:, : self.vocab]
-        # one argmax and one device sync for every greedy row, in fp32: a bfloat16 argmax is several times slower
-        # on CPUs (benchmarks/README.md, "Decode step kernels"), and exact ties are equally resolved
-        greedy = logits.float().argmax(-1).tolist()
-        for seq, row, best in zip(seqs, logits, greedy, strict=True):
-            token = best if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
+        # one batched choice and one device-to-host copy for every row
+        tokens = sample_batch(logits, SamplingBatch([s.params for s in seqs], [s.generator for s in seqs])).tolist()
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.params.logprobs is not None:
-                seq.logprobs += token_logprobs(row[None], [token], seq.params.logprobs)
+                seq.logprobs += token_logprobs(logits[i:i + 1], [token], seq.params.logprobs)
             self._accept(seq, token, events)
 
     def _accept(self, seq: Sequence_, token: int, events: list) -> None:
@@ -521,7 +553,29 @@ def load_engine(checkpoint: str | os.PathLike, options: EngineOptions | None = N
     """(engine, config dict) for a checkpoint folder; not started yet."""
     options = options or EngineOptions()
     model, tokenizer, config = load_checkpoint(checkpoint, device=options.device, dtype=DTYPES[options.dtype])
+    return Engine(runtime_layout(model, options), tokenizer, options), config
+
+
+def runtime_layout(model: nn.Module, options: EngineOptions) -> nn.Module:
+    """The model with the weight layouts `options` ask for (fused projections, column-major weights), in place."""
     if options.fuse and all(type(b.get_submodule(p)) is nn.Linear for b in model.layers if isinstance(b, Block)
                             for p in FUSED_PARTS):  # int8 and low-rank projections stay as they are
         fuse_projections(model)
-    return Engine(model, tokenizer, options), config
+    weight = model.embed_tokens.weight
+    if options.weight_layout == "columns" or (options.weight_layout == "auto" and weight.dtype == torch.float32
+                                              and weight.device.type == "cpu"):
+        column_major(model)
+    return model
+
+
+def column_major(model: nn.Module) -> nn.Module:
+    """Store every weight matrix of linear and embedding layers column-major, in place: the same tensor values and
+    shapes (state dicts and results keep them), each the transpose of a contiguous (in, out) matrix.
+
+    A decode step multiplies a few rows by every weight; on CPUs torch's float32 `x @ W.T` runs faster when W.T is
+    contiguous than when W is, the output layer most (benchmarks/README.md, "Weight layout").
+    """
+    for module in model.modules():
+        if type(module) in (nn.Linear, nn.Embedding) and module.weight.dim() == 2:
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
