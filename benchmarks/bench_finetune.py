@@ -63,7 +63,7 @@ def finetune_run(args, ckpt: Path, data: Path, out: Path, dtype: str, nproc: int
     opts = {"epochs": args.epochs, "batch_size": args.batch, "max_len": args.max_len, "lr": 1e-3,
             "dtype": dtype, "log_every": 1, "max_valid": 400, "dropout": 0.1}
     cmd = ["-m", "palmkit.cli", "finetune", "classify", "--checkpoint", str(ckpt), "--out", str(out),
-           "--train_file", str(data), "--text_field", "sentence", "--label_field", "animal", "--force",
+           "--data.train_file", str(data), "--data.text_field", "sentence", "--data.label_field", "animal", "--force",
            *(a for k, v in opts.items() for a in (f"--train.{k}", str(v)))]
     env = dict(os.environ)
     if args.threads:

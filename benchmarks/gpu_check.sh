@@ -189,8 +189,8 @@ finetune_ddp() {
     for dtype in float32 bfloat16; do
         out=$TMP/ft-$dtype
         "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" -m palmkit.cli finetune classify \
-            --checkpoint "$TMP/ft_ckpt" --out "$out" --train_file "$TMP/task.csv" --text_field sentence \
-            --label_field animal --device cuda --train.dtype "$dtype" --train.epochs 2 --train.batch_size 64 \
+            --checkpoint "$TMP/ft_ckpt" --out "$out" --data.train_file "$TMP/task.csv" --data.text_field sentence \
+            --data.label_field animal --device cuda --train.dtype "$dtype" --train.epochs 2 --train.batch_size 64 \
             --train.lr 1e-3 --train.log_every 1 > /dev/null || return 1
         "$PY" "$TMP/ft_report.py" "$out" "$dtype" "$n" || return 1
     done

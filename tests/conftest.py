@@ -112,12 +112,14 @@ def corpus(tmp_path_factory) -> Path:
 
 def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> Path:
     """`checkpoint` fine-tuned on the slice of a built-in task in fixtures/tasks (a step or two: fast, not good)."""
+    from palmkit.data.tasks import TaskFiles
     from palmkit.finetune.classify import finetune_classify
     from palmkit.finetune.fit import FinetuneConfig
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
-        finetune_classify(str(checkpoint), str(out), task=task, train=FinetuneConfig(epochs=1, **options))
+        finetune_classify(str(checkpoint), str(out), data=TaskFiles(task=task), train=FinetuneConfig(epochs=1,
+                          **options))
     return out
 
 

@@ -120,7 +120,7 @@ def test_config_file_gives_the_same_as_flags(tmp_path, capsys):
 
 
 def test_print_config_round_trips(tmp_path, capsys):
-    first = print_config(["finetune", "classify", "--checkpoint", "c", "--out", "o", "--task", "tweets-en",
+    first = print_config(["finetune", "classify", "--checkpoint", "c", "--out", "o", "--data.task", "tweets-en",
                           "--train.lora_rank", "8", "--train.lora_targets", "[q_proj, k_proj]", "--pooling", "mean"],
                          capsys)
     (tmp_path / "ft.yaml").write_text(first)

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay
 from tqdm import tqdm
 
-from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
+from palmkit.data.tasks import TaskData, TaskFiles, load_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ngrams, tfidf_baseline
 from palmkit.finetune.encode import chat_items, lm_batches
@@ -56,9 +56,7 @@ def _rebuild(config: dict, kind: str, seed: int) -> TaskData:
     """The fine-tuning task's splits, as the checkpoint's config.json describes them."""
     files = config.get("data_files") or {}
     if files.get("train"):
-        return load_user_task(kind, files["train"], files.get("valid", ""), files.get("test", ""),
-                              files.get("text_field", "text"), files.get("label_field", ""), seed,
-                              label_names=files.get("label_names", ""))
+        return TaskFiles.from_record(files).load(kind, seed)
     return load_task(config["data"], seed=seed)
 
 

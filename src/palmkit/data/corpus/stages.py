@@ -146,62 +146,81 @@ def segment(work: Path, t: int, lang: str) -> Path:
 # extract
 
 
+class _Extraction:
+    """The files one extraction unit writes: documents per language, batched for hashing, and its rejects."""
+
+    def __init__(self, folder: Path, dedup_parts: int, rejects):
+        self.folder, self.dedup_parts, self.rejects = folder, dedup_parts, rejects
+        self.stats: Counter = Counter()
+        self.writers: dict[str, DocWriter] = {}
+        self.batches: dict[str, list[str]] = defaultdict(list)
+        self.sizes: Counter = Counter()
+
+    def add(self, lang: str, doc: str) -> None:
+        self.batches[lang].append(doc)
+        self.sizes[lang] += len(doc)
+        if self.sizes[lang] >= HASH_BATCH_CHARS:
+            self.flush(lang)
+
+    def flush(self, lang: str) -> None:
+        if lang not in self.writers:
+            self.writers[lang] = DocWriter(self.folder / lang, self.dedup_parts)
+        self.writers[lang].add(self.batches.pop(lang, []))
+        self.sizes[lang] = 0
+
+    def reject(self, path: str, line: int, reason: str, key: str = "invalid") -> None:
+        self.stats[key] += 1
+        self.rejects.write(json.dumps({"file": path, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
+
+    def close(self) -> dict:
+        """Flush every language; the unit's stats."""
+        stats = self.stats
+        for lang in sorted(set(self.batches) | set(self.writers)):
+            self.flush(lang)
+            stats[f"bytes:{lang}"] = self.writers[lang].offset
+            stats[f"docs:{lang}"] = self.writers[lang].close()
+        stats["bytes"] = sum(w.offset for w in self.writers.values())
+        stats["docs"] = sum(stats[f"docs:{lang}"] for lang in self.writers)
+        return dict(stats)
+
+
+def _user_documents(task: ReadTask, plan: Plan, out: _Extraction) -> Iterator[tuple[str, str]]:
+    """(language, document) of the user's input pieces, cleaned; a document whose language is unclear or not
+    asked for is rejected."""
+    for piece in task.pieces:
+        for line, text in read_records(piece, task.text_field, out.reject):
+            doc = clean_document(text, task.lang, False, out.stats, as_given=not plan.normalize)
+            if doc is None:
+                continue
+            lang = task.lang
+            if lang == AUTO:
+                lang, p = identify(doc)
+                if p < MIN_CONFIDENCE:
+                    out.reject(piece.path, line, f"language unclear (at most {lang}, p = {p:.2f} < "
+                                                 f"{MIN_CONFIDENCE})", "language_unclear")
+                    continue
+                if plan.allowed and lang not in plan.allowed:
+                    out.reject(piece.path, line, f"language {lang} not in --langs", "language_other")
+                    continue
+            yield lang, doc
+
+
 def extract_unit(work: Path, plan: Plan, t: int) -> None:
     """Documents of read task t, cleaned, into work/extract/<t>/<lang>/ (texts, signatures, keys), with its stats
     and the records it could not use (rejected.jsonl: file, line, reason)."""
     task = plan.tasks[t]
     with staged_dir(work / "extract" / f"{t:05d}") as folder:
-        stats: Counter = Counter()
-        writers: dict[str, DocWriter] = {}
-        batches: dict[str, list[str]] = defaultdict(list)
-        sizes: Counter = Counter()
-
-        def add(lang: str, doc: str) -> None:
-            batches[lang].append(doc)
-            sizes[lang] += len(doc)
-            if sizes[lang] >= HASH_BATCH_CHARS:
-                flush(lang)
-
-        def flush(lang: str) -> None:
-            if lang not in writers:
-                writers[lang] = DocWriter(folder / lang, plan.dedup_parts)
-            writers[lang].add(batches.pop(lang, []))
-            sizes[lang] = 0
-
         with open(folder / "rejected.jsonl", "w", encoding="utf-8") as rejects:
-            def reject(path: str, line: int, reason: str, key: str = "invalid") -> None:
-                stats[key] += 1
-                rejects.write(json.dumps({"file": path, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
-
+            out = _Extraction(folder, plan.dedup_parts, rejects)
             if task.task is not None:
                 docs, found = extract(task.task)  # a chunk of a built-in source: a few hundred files at most
-                stats.update(found)
+                out.stats.update(found)
                 for doc in docs:
-                    add(task.lang, doc)
+                    out.add(task.lang, doc)
             else:
-                for piece in task.pieces:
-                    for line, text in read_records(piece, task.text_field, reject):
-                        doc = clean_document(text, task.lang, False, stats, as_given=not plan.normalize)
-                        if doc is None:
-                            continue
-                        lang = task.lang
-                        if lang == AUTO:
-                            lang, p = identify(doc)
-                            if p < MIN_CONFIDENCE:
-                                reject(piece.path, line, f"language unclear (at most {lang}, p = {p:.2f} < "
-                                                         f"{MIN_CONFIDENCE})", "language_unclear")
-                                continue
-                            if plan.allowed and lang not in plan.allowed:
-                                reject(piece.path, line, f"language {lang} not in --langs", "language_other")
-                                continue
-                        add(lang, doc)
-        for lang in sorted(set(batches) | set(writers)):
-            flush(lang)
-            stats[f"bytes:{lang}"] = writers[lang].offset
-            stats[f"docs:{lang}"] = writers[lang].close()
-        stats["bytes"] = sum(w.offset for w in writers.values())
-        stats["docs"] = sum(stats[f"docs:{lang}"] for lang in writers)
-        atomic_write_json(folder / "stats.json", dict(stats))
+                for lang, doc in _user_documents(task, plan, out):
+                    out.add(lang, doc)
+        atomic_write_json(folder / "stats.json", out.close())
 
 
 # --------------------------------------------------------------------------------------------------
