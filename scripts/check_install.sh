@@ -75,5 +75,5 @@ PY
 "$palmkit" pretrain --data corpus --out run --train.preset tiny --train.max_steps 3 --train.seq_len 64 \
   --train.batch_tokens 512 --train.eval_every 3 --train.save_every 3 --train.compile false > pretrain.log 2>&1 \
   || { tail -n 20 pretrain.log; exit 1; }
-"$palmkit" generate --checkpoint run/final --prompt "The" --max_new_tokens 8 | tail -n 2
+"$palmkit" generate --checkpoint run/final --prompt "The" --sampling.max_new_tokens 8 | tail -n 2
 echo "install check passed: wheel and sdist, transformers $users_transformers kept, pip check clean, smoke run done"

@@ -173,8 +173,8 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 def test_generate_and_export_commands(tmp_path, checkpoint):
-    r = run("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--max_new_tokens", "5",
-            "--temperature", "0")
+    r = run("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--sampling.max_new_tokens", "5",
+            "--sampling.temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello") and "finish_reason=" in r.stdout
     r = run("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"))

@@ -1,7 +1,7 @@
 """`palmkit <command>`: a thin layer on jsonargparse that turns functions of the Python API into subcommands.
 
 Each command is a typed function; nothing here describes its options. Its parameters become options spelled as
-in Python (`--max_new_tokens 50`) and its docstring the `--help`: the description, then for each option its entry
+in Python (`--prompt Hello`) and its docstring the `--help`: the description, then for each option its entry
 in the Google-style `Args:` section. A parameter typed with a dataclass becomes a group of options
 (`--train.lr 3e-4`) explained by the fields' docstrings. Positional-only parameters (before `/`) are positional
 arguments. Every command reads `--config FILE.yaml` (what `--print_config` writes; options given after it
