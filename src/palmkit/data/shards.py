@@ -23,18 +23,17 @@ import torch
 from tqdm import tqdm
 
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_json
+from palmkit.io import atomic_write_json, jsonl_rows
 from palmkit.model.tokenizer import Tokenizer
 
-SPLITS = ("train", "valid")
+SPLITS = ("train", "valid")  # a corpus's splits: text/<lang>/<split>.jsonl, shards/<lang>/<split>.bin
 
 
 def read_documents(path: Path) -> Iterator[str]:
     """Texts of a `text/<lang>/<split>.jsonl` file, one JSON object with a "text" field per line."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+        for _, row in jsonl_rows(f, path):
+            yield row["text"]
 
 
 def encode_document(tokenizer: Tokenizer, ids: list[int]) -> list[int]:

@@ -110,7 +110,7 @@ def saved_config(run: str | os.PathLike) -> TrainConfig | None:
     path = Path(run) / "train_config.json"
     if not path.is_file():
         return None
-    saved = load_json(path)
+    saved = load_json(path, "run options file")
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
         raise PalmkitError(f"corrupt run file {path}: no 'train' section")
     return TrainConfig.from_dict(saved["train"])

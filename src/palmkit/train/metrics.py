@@ -10,7 +10,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
-from palmkit.io import atomic_write_bytes
+from palmkit.io import atomic_write_bytes, jsonl_rows
 
 matplotlib.use("Agg")  # files only: never needs a display
 
@@ -47,14 +47,8 @@ class MetricsLog:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
-    out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+        return [row for _, row in jsonl_rows(f, path, skip_bad=True)]
 
 
 def plot_curves(series: dict[str, tuple[list[float], list[float]]], out: str | os.PathLike, title: str,

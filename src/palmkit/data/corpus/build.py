@@ -33,7 +33,6 @@ from palmkit.data.corpus.sources import DEFAULT_LANGS, fetch, select_sources
 from palmkit.data.corpus.stages import (
     AUTO,
     DEDUP_PART_BYTES,
-    SPLITS,
     Plan,
     ReadTask,
     extracted,
@@ -45,9 +44,9 @@ from palmkit.data.corpus.stages import (
     stats_rows,
 )
 from palmkit.data.fetch import is_fetched, package_path
-from palmkit.data.shards import encode_document, shard_index
+from palmkit.data.shards import SPLITS, encode_document, shard_index
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_bytes, atomic_write_json, split_list, warn
+from palmkit.io import atomic_write_bytes, atomic_write_json, jsonl_rows, split_list, warn
 from palmkit.model.tokenizer import Tokenizer, train_tokenizer
 
 MAX_FILES_PER_TASK = 50  # small input files share a read task
@@ -184,8 +183,7 @@ def _skipped(work: Path, plan: Plan, out: Path) -> list[tuple[str, int, str, str
     by_file: dict[str, list] = defaultdict(list)
     for path in files:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
+            for _, row in jsonl_rows(f, path):
                 by_file[row["file"]].append((row["line"], row["reason"]))
     (out / "rejected.jsonl").unlink(missing_ok=True)
     if by_file:

@@ -50,8 +50,8 @@ from palmkit.data.corpus.extract import Task, clean_document, extract
 from palmkit.data.corpus.inputs import Piece, read_records
 from palmkit.data.corpus.langid import MIN_CONFIDENCE, identify
 from palmkit.data.corpus.spill import DocReader, DocWriter, band_entries
-from palmkit.data.shards import mixture_weights, shard_dtype, write_tokens
-from palmkit.io import atomic_write_json, staged_dir
+from palmkit.data.shards import SPLITS, mixture_weights, shard_dtype, write_tokens
+from palmkit.io import atomic_write_json, jsonl_rows, staged_dir
 from palmkit.model.tokenizer import Tokenizer
 
 MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for a stable perplexity
@@ -67,9 +67,6 @@ DEDUP_PART_BYTES = 64_000_000  # input per dedup partition: its band keys sort i
 
 
 AUTO = "auto"  # the language of a read task whose documents are told apart one by one
-
-
-SPLITS = ("train", "valid")
 
 
 @dataclass(frozen=True)
@@ -500,8 +497,7 @@ def split_unit(work: Path, plan: Plan, lang: str, k: int) -> None:
 def read_jsonl_texts(path: Path) -> Iterator[tuple[str, str]]:
     """(text, source) of a text part."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
+        for _, row in jsonl_rows(f, path):
             yield row["text"], row["source"]
 
 
