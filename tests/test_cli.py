@@ -26,6 +26,16 @@ def pretrain(corpus, out, *args):
     return main(["pretrain", "--data", str(corpus), "--out", str(out), *TINY, *args])
 
 
+@pytest.mark.parametrize("command", ["info", "pretrain"])
+def test_preset_help_names_every_preset(command, capsys):
+    from palmkit.model.palm import PRESETS
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert [name for name in PRESETS if not re.search(rf"(?<![\w-]){re.escape(name)}\b", text)] == []
+
+
 def test_info_prints_paper_counts():
     r = run("info", "--preset", "palm-62b")
     assert r.returncode == 0 and "62,495,662,080" in r.stdout

@@ -37,7 +37,7 @@ def describe(preset: str = "small", vocab_size: int = 0, seq_len: int = 0) -> st
     The model is built on the meta device, so even palm-540b is counted in a moment without memory.
 
     Args:
-        preset: tiny, small, base, palm-8b, palm-62b or palm-540b
+        preset: tiny, mini, small, base, palm-8b, palm-62b or palm-540b
         vocab_size: vocabulary size; 0: the preset's
         seq_len: sequence length T of the FLOP count; 0: the preset's context
     """

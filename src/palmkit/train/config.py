@@ -29,7 +29,8 @@ class TrainConfig:
     """Everything that defines a pretraining run (saved in every checkpoint and in OUT/train_config.json)."""
 
     preset: str = "small"
-    """model size: tiny, small, base, or a paper size (palm-8b, palm-62b, palm-540b); `palmkit info` counts one"""
+    """model size: tiny, mini (the quickstart's), small, base, or a paper size (palm-8b, palm-62b, palm-540b);
+    `palmkit info` counts one"""
     seq_len: int = 256
     """tokens per training sequence (the model's context)"""
     batch_tokens: int = 16384
