@@ -96,7 +96,7 @@ def pretrain_tokens_per_s(cfg, shape: tuple[int, int], dtype: str, steps: int) -
 
 def make_corpus(root: Path, tok) -> Path:
     """A small built corpus (text, tokenizer, shards) from the test fixtures' sample text, as tests/conftest.py."""
-    from palmkit.data.shards import write_shards
+    from palmkit.data.corpus.build import shard_text
 
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()
     rng = random.Random(0)
@@ -109,9 +109,7 @@ def make_corpus(root: Path, tok) -> Path:
                 f.writelines(json.dumps({"text": d, "source": "sample"}, ensure_ascii=False) + "\n" for d in chunk)
     tok_path = root / "tokenizer.model"
     tok_path.write_bytes(Path(tok.path).read_bytes())
-    from palmkit.model.tokenizer import Tokenizer
-
-    write_shards(root, Tokenizer(tok_path))
+    shard_text(root)
     return root
 
 

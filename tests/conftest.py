@@ -88,7 +88,7 @@ def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> P
     import json
     import random
 
-    from palmkit.data.shards import write_shards
+    from palmkit.data.corpus.build import shard_text
 
     lines = (FIXTURES / "sample.txt").read_text(encoding="utf-8").splitlines()
     rng = random.Random(0)
@@ -100,8 +100,8 @@ def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> P
         for split, chunk in (("train", docs[:cut]), ("valid", docs[cut:])):
             with open(root / "text" / lang / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps({"text": d, "source": "sample"}, ensure_ascii=False) + "\n" for d in chunk)
-    tok = train_tokenizer(lines * 4, root / "tokenizer.model", vocab_size=vocab_size)
-    write_shards(root, tok)
+    train_tokenizer(lines * 4, root / "tokenizer.model", vocab_size=vocab_size)
+    shard_text(root)  # the corpus build's own encode stage and shard writer
     return root
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from palmkit.cli import main
-from palmkit.data.corpus.build import RunOptions, SplitOptions, TokenizerOptions, build
+from palmkit.data.corpus.build import RunOptions, SplitOptions, TokenizerOptions, build, shard_text
 from palmkit.data.corpus.dedup import normalise
 from palmkit.data.corpus.stages import sample_rates
 from palmkit.data.shards import mixture_weights
@@ -78,6 +78,22 @@ def same_files(a: Path, b: Path) -> None:
     for name in names:
         if name != "report.md":
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_shard_text_writes_the_shards_the_build_wrote(built, tmp_path):
+    """A corpus laid out by hand (text and tokenizer) gets the build's own shards: the tests' fixtures use it."""
+    import shutil
+
+    out, _ = built
+    shutil.copytree(out / "text", tmp_path / "text")
+    shutil.copyfile(out / "tokenizer.model", tmp_path / "tokenizer.model")
+    summary = shard_text(tmp_path)
+    assert sorted(summary) == sorted(p.name for p in (out / "shards").iterdir())
+    for lang in summary:
+        for name in ("train.bin", "valid.bin", "index.json"):
+            assert (tmp_path / "shards" / lang / name).read_bytes() == (out / "shards" / lang / name).read_bytes()
+    assert not (tmp_path / ".build").exists()
+    assert (tmp_path / "text/en/train.jsonl").read_bytes() == (out / "text/en/train.jsonl").read_bytes()
 
 
 def test_two_workers_and_two_machines_write_the_same_corpus(built, tmp_path):

@@ -35,6 +35,7 @@ from palmkit.data.corpus.stages import (
     DEDUP_PART_BYTES,
     Plan,
     ReadTask,
+    encode_unit,
     extracted,
     lang_plans,
     pair_units,
@@ -192,6 +193,51 @@ def _skipped(work: Path, plan: Plan, out: Path) -> list[tuple[str, int, str, str
              "; ".join(sorted({r for _, r in rows}))) for file, rows in sorted(by_file.items())]
 
 
+def _join_language(out: Path, work: Path, lang: str, parts: int, tokenizer: Tokenizer) -> tuple[dict, list, Counter]:
+    """Join a language's parts into text/<lang>/*.jsonl and shards/<lang>/*.bin with their index.json; (the
+    index, the report rows, the encode stage's stats)."""
+    names = [f"{k:04d}" for k in range(parts)]
+    stats: Counter = Counter()
+    for k in names:
+        stats.update(read_json(work / "encode" / lang / k / "stats.json"))
+    lang_rows = stats_rows(stats, lang)
+    index = shard_index(lang, tokenizer)
+    for split in SPLITS:
+        _concat([work / "split" / lang / k / f"{split}.jsonl" for k in names], out / "text" / lang / f"{split}.jsonl")
+        _concat([work / "encode" / lang / k / f"{split}.bin" for k in names], out / "shards" / lang / f"{split}.bin")
+        mine = [r for r in lang_rows if r["split"] == split]
+        index[split] = {key: sum(r[field] for r in mine)
+                        for key, field in (("tokens", "tokens"), ("documents", "docs"), ("bytes", "bytes"))}
+    atomic_write_json(out / "shards" / lang / "index.json", index)
+    return index, lang_rows, stats
+
+
+def shard_text(corpus: str | os.PathLike) -> dict[str, dict]:
+    """Token shards of a corpus laid out by hand: CORPUS/text/<lang>/{train,valid}.jsonl (records with "text" and
+    "source") and CORPUS/tokenizer.model, encoded by the build's own encode stage and joined as the build joins
+    them, each language one part. Returns each language's shard index (shards/<lang>/index.json)."""
+    out = Path(corpus)
+    langs = sorted(d.name for d in (out / "text").iterdir() if d.is_dir()) if (out / "text").is_dir() else []
+    if not langs:
+        raise PalmkitError(f"no languages under {out / 'text'}: build the corpus first")
+    work = out / ".build"
+    shutil.rmtree(work, ignore_errors=True)  # palmkit's own work folder, as `build` uses it
+    work.mkdir(parents=True)
+    shutil.copyfile(out / "tokenizer.model", work / "tokenizer.model")
+    tokenizer, summary = Tokenizer(work / "tokenizer.model"), {}
+    for lang in langs:
+        part = work / "split" / lang / "0000"
+        part.mkdir(parents=True)
+        for split in SPLITS:
+            if not (out / "text" / lang / f"{split}.jsonl").is_file():
+                raise PalmkitError(f"missing {out / 'text' / lang / f'{split}.jsonl'}: each language needs both splits")
+            shutil.copyfile(out / "text" / lang / f"{split}.jsonl", part / f"{split}.jsonl")
+        encode_unit(work, None, lang, 0)
+        summary[lang] = _join_language(out, work, lang, 1, tokenizer)[0]
+    shutil.rmtree(work)
+    return summary
+
+
 def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, int]], vocab_size: int) -> dict:
     """Join the parts into text/<lang>/*.jsonl and shards/<lang>/*.bin; write the tokenizer and the report."""
     plans = lang_plans(work, plan)
@@ -201,22 +247,7 @@ def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, 
     overhead = len(encode_document(tokenizer, []))  # BOS/EOS around each document's own tokens
     rows, fertility = [], {}
     for lang in langs:
-        parts = [f"{k:04d}" for k in range(plans[lang]["parts"])]
-        stats: Counter = Counter()
-        for k in parts:
-            stats.update(read_json(work / "split" / lang / k / "stats.json"))
-            stats.update(read_json(work / "encode" / lang / k / "stats.json"))
-        lang_rows = stats_rows(stats, lang)
-        index = shard_index(lang, tokenizer)
-        for split in SPLITS:
-            _concat([work / "split" / lang / k / f"{split}.jsonl" for k in parts],
-                    out / "text" / lang / f"{split}.jsonl")
-            _concat([work / "encode" / lang / k / f"{split}.bin" for k in parts],
-                    out / "shards" / lang / f"{split}.bin")
-            mine = [r for r in lang_rows if r["split"] == split]
-            index[split] = {key: sum(r[field] for r in mine)
-                            for key, field in (("tokens", "tokens"), ("documents", "docs"), ("bytes", "bytes"))}
-        atomic_write_json(out / "shards" / lang / "index.json", index)
+        index, lang_rows, stats = _join_language(out, work, lang, plans[lang]["parts"], tokenizer)
         valid = index["valid"]
         if valid["documents"]:
             fertility[lang] = {"docs": valid["documents"], "chars": stats["valid_chars"], "bytes": valid["bytes"],

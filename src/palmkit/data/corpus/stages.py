@@ -477,7 +477,6 @@ def split_unit(work: Path, plan: Plan, lang: str, k: int) -> None:
         r.close()
     picked.sort(key=lambda p: (p[0], p[1]))
     rng = np.random.default_rng([plan.seed, k, *lang.encode()])
-    stats: Counter = Counter()
     with staged_dir(work / "split" / lang / f"{k:04d}") as folder:
         files = {s: open(folder / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         with files["train"], files["valid"], open(folder / "sample.txt", "w", encoding="utf-8") as sample:
@@ -485,13 +484,10 @@ def split_unit(work: Path, plan: Plan, lang: str, k: int) -> None:
                 text, source = texts.pop((t, i)), plan.tasks[t].source
                 split = "valid" if valid < lp["cut"] or doc == lp["forced"] else "train"
                 files[split].write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-                stats[f"{split}\t{source}\tdocs"] += 1
-                stats[f"{split}\t{source}\tbytes"] += len(text.encode("utf-8"))
                 if split == "train":
                     for line in training_lines(text):
                         for _ in range(int(rate) + int(rng.random() < rate % 1)):
                             sample.write(line + "\n")
-        atomic_write_json(folder / "stats.json", dict(stats))
 
 
 def read_jsonl_texts(path: Path) -> Iterator[tuple[str, str]]:
@@ -505,8 +501,10 @@ def read_jsonl_texts(path: Path) -> Iterator[tuple[str, str]]:
 # encode
 
 
-def encode_unit(work: Path, plan: Plan, lang: str, k: int, batch_docs: int = 2048) -> None:
-    """Token files of part k of a language, with token counts per source and the validation split's fertility."""
+def encode_unit(work: Path, plan: Plan | None, lang: str, k: int, batch_docs: int = 2048) -> None:
+    """Token files of part k of a language (work/split/<lang>/<k>/{train,valid}.jsonl, records with "text" and
+    "source", encoded with work/tokenizer.model), with documents, bytes and tokens per source and the validation
+    split's characters and words (its fertility). The plan is not needed: the part's files say it all."""
     tokenizer = Tokenizer(work / "tokenizer.model")
     dtype = shard_dtype(tokenizer)
     src = work / "split" / lang / f"{k:04d}"
@@ -518,6 +516,8 @@ def encode_unit(work: Path, plan: Plan, lang: str, k: int, batch_docs: int = 204
                     counts = write_tokens(f, tokenizer, [t for t, _ in batch], dtype)
                     for (text, source), n in zip(batch, counts, strict=True):
                         stats[f"{split}\t{source}\ttokens"] += n
+                        stats[f"{split}\t{source}\tdocs"] += 1
+                        stats[f"{split}\t{source}\tbytes"] += len(text.encode("utf-8"))
                         if split == "valid":
                             stats["valid_chars"] += len(text)
                             stats["valid_words"] += len(text.split())
