@@ -118,8 +118,8 @@ def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> P
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
-        finetune_classify(str(checkpoint), str(out), data=TaskFiles(task=task), train=FinetuneConfig(epochs=1,
-                          **options))
+        finetune_classify(str(checkpoint), str(out), data=TaskFiles(task=task),
+                          train=FinetuneConfig(epochs=1, **options))
     return out
 
 

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models trai
 def test_classifier_learns_an_easy_task(checkpoint, tmp_path):
     data = easy_task(tmp_path, n=160)
     out = tmp_path / "clf"
-    best = finetune_classify(str(checkpoint), str(out), data=TaskFiles(train_file=str(data), text_field="sentence",
-                             label_field="animal"), train=FinetuneConfig(epochs=2, batch_size=16, lr=2e-3, max_len=32))
+    best = finetune_classify(str(checkpoint), str(out),
+                             data=TaskFiles(train_file=str(data), text_field="sentence", label_field="animal"),
+                             train=FinetuneConfig(epochs=2, batch_size=16, lr=2e-3, max_len=32))
     assert best["valid/accuracy"] >= 0.9, best  # chance is 0.5
     clf = load_classifier(out)
     rows = clf.predict(["the quick fox over lazy model", "many token dog from before", "model fox"])
@@ -74,8 +75,9 @@ def test_left_out_records_are_written_and_counted(checkpoint, tmp_path, capsys):
     other = "dog" if label == "fox" else "fox"
     data.write_text("\n".join([*lines, lines[1], lines[2], f"{text},{other}"]) + "\n")
     out = tmp_path / "clf"
-    finetune_classify(str(checkpoint), str(out), data=TaskFiles(train_file=str(data), text_field="sentence",
-                      label_field="animal"), train=FinetuneConfig(epochs=1, batch_size=16, max_len=24))
+    finetune_classify(str(checkpoint), str(out),
+                      data=TaskFiles(train_file=str(data), text_field="sentence", label_field="animal"),
+                      train=FinetuneConfig(epochs=1, batch_size=16, max_len=24))
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert sorted((r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejected) == [
         ("3", "conflict"), ("42", "duplicate"), ("43", "conflict"), ("44", "conflict")]

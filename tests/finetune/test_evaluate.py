@@ -88,8 +88,8 @@ def test_labels_the_classifier_lacks_are_refused(classifier):
 
 def test_tagger_report_and_baseline(checkpoint, tmp_path):
     out = tmp_path / "ner"
-    finetune_ner(str(checkpoint), str(out), data=TaskFiles(task="ner-zh"), train=FinetuneConfig(epochs=1, batch_size=8,
-                 max_len=48, max_train=20))
+    finetune_ner(str(checkpoint), str(out), data=TaskFiles(task="ner-zh"),
+                 train=FinetuneConfig(epochs=1, batch_size=8, max_len=48, max_train=20))
     result = evaluate(str(out), out=str(tmp_path / "r"))
     entry = result["tasks"]["ner-zh"]
     data = load_task("ner-zh")
@@ -104,8 +104,8 @@ def test_tagger_report_and_baseline(checkpoint, tmp_path):
 
 def test_chat_evaluation_scores_assistant_tokens(checkpoint, tmp_path, capsys):
     out = tmp_path / "chat"
-    finetune_chat(str(checkpoint), str(out), data=TaskFiles(task="dialogue-en"), train=FinetuneConfig(epochs=1,
-                  batch_size=4, max_len=64))
+    finetune_chat(str(checkpoint), str(out), data=TaskFiles(task="dialogue-en"),
+                  train=FinetuneConfig(epochs=1, batch_size=4, max_len=64))
     capsys.readouterr()
     entry = evaluate(str(out), out=str(tmp_path / "r"))["tasks"]["dialogue-en"]
     assert "evaluate dialogue-en" in capsys.readouterr().err  # a progress bar while it scores

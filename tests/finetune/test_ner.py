@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models trai
 def test_ner_tagger_and_cli(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     out = tmp_path / "ner"
-    best = finetune_ner(str(checkpoint), str(out), data=TaskFiles(task="ner-zh"), train=FinetuneConfig(epochs=1,
-                        batch_size=8, max_len=48, lora_rank=4,
+    best = finetune_ner(str(checkpoint), str(out), data=TaskFiles(task="ner-zh"),
+                        train=FinetuneConfig(epochs=1, batch_size=8, max_len=48, lora_rank=4,
                                              lora_targets=["q_proj,v_proj", "up_proj"]))
     assert {"valid/f1", "valid/precision", "valid/recall"} <= set(best)
     config = load_config(out)
