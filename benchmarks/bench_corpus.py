@@ -49,9 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = """
 import json, resource, sys, time
 sys.path[:0] = {paths!r}
-from {module} import build
+import {module} as corpus
+# today's build takes its tokenizer and run options as dataclasses; the in-memory build of an older commit, flat
+options = (dict(tokenizer=corpus.TokenizerOptions(vocab_size={vocab}), run=corpus.RunOptions(workers={workers}))
+           if hasattr(corpus, "RunOptions") else dict(vocab_size={vocab}, workers={workers}))
 t = time.perf_counter()
-build({out!r}, langs="en", subset="none", inputs={inputs!r}, lang="en", vocab_size={vocab}, workers={workers}{extra})
+corpus.build({out!r}, langs="en", subset="none", inputs={inputs!r}, lang="en", **options{extra})
 wall = time.perf_counter() - t
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
 cpu = me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime

@@ -63,7 +63,7 @@ def finetune_run(args, ckpt: Path, data: Path, out: Path, dtype: str, nproc: int
     opts = {"epochs": args.epochs, "batch_size": args.batch, "max_len": args.max_len, "lr": 1e-3,
             "dtype": dtype, "log_every": 1, "max_valid": 400, "dropout": 0.1}
     cmd = ["-m", "palmkit.cli", "finetune", "classify", "--checkpoint", str(ckpt), "--out", str(out),
-           "--train_file", str(data), "--text_field", "sentence", "--label_field", "animal", "--force",
+           "--data.train_file", str(data), "--data.text_field", "sentence", "--data.label_field", "animal", "--force",
            *(a for k, v in opts.items() for a in (f"--train.{k}", str(v)))]
     env = dict(os.environ)
     if args.threads:
@@ -96,7 +96,7 @@ def pretrain_tokens_per_s(cfg, shape: tuple[int, int], dtype: str, steps: int) -
 
 def make_corpus(root: Path, tok) -> Path:
     """A small built corpus (text, tokenizer, shards) from the test fixtures' sample text, as tests/conftest.py."""
-    from palmkit.data.shards import write_shards
+    from palmkit.data.corpus.build import shard_text
 
     lines = SAMPLE.read_text(encoding="utf-8").splitlines()
     rng = random.Random(0)
@@ -109,9 +109,7 @@ def make_corpus(root: Path, tok) -> Path:
                 f.writelines(json.dumps({"text": d, "source": "sample"}, ensure_ascii=False) + "\n" for d in chunk)
     tok_path = root / "tokenizer.model"
     tok_path.write_bytes(Path(tok.path).read_bytes())
-    from palmkit.model.tokenizer import Tokenizer
-
-    write_shards(root, Tokenizer(tok_path))
+    shard_text(root)
     return root
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
 from palmkit.apps.commands import compress_command, file_size, quantize_command
 from palmkit.infer.generate import generate_ids
@@ -45,7 +46,6 @@ from palmkit.model.quant import Int8Linear
 from palmkit.train.config import TrainConfig
 from palmkit.train.distributed import Dist
 from palmkit.train.lm_eval import evaluate_lm
-from palmkit.train.metrics import plt
 from palmkit.train.pretrain import pretrain
 from palmkit.train.step import compute_autocast, forward_backward, make_optimizer, optimizer_step
 
@@ -204,7 +204,8 @@ def markdown(options: list[Option], langs: list[str], header: str) -> str:
 
 def plot(options: list[Option], langs: list[str], path: Path) -> None:
     """Decode speed (best round, the closest to an idle machine) against perplexity, one marker per option."""
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig = Figure(figsize=(14, 5.5))
+    axes = fig.subplots(1, 2)
     markers = "osD^v<>pP*Xhd8"
     for ax, key, title in ((axes[0], "decode1", "decode, batch 1"), (axes[1], "decode8", "decode, batch 8")):
         for i, o in enumerate(options):
@@ -216,7 +217,6 @@ def plot(options: list[Option], langs: list[str], path: Path) -> None:
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from palmkit.data.shards import write_shards
+from palmkit.data.corpus.build import shard_text
 from palmkit.data.tasks import (
     CHATTERBOT,
     CHITCHAT,
@@ -107,8 +107,8 @@ def main() -> None:
                              for t in part)
         print(lang, len(texts), "documents", sum(len(t) for t in texts) // 1000, "k chars")
         lines += [line for t in texts[:20000] for line in t.splitlines()]
-    tok = train_tokenizer(lines, out / "tokenizer.model", vocab_size=args.vocab_size)
-    write_shards(out, tok)
+    train_tokenizer(lines, out / "tokenizer.model", vocab_size=args.vocab_size)
+    shard_text(out)
 
 
 if __name__ == "__main__":

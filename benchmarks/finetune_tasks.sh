@@ -31,21 +31,21 @@ import sys; from palmkit.model.checkpoint import load_checkpoint, save_checkpoin
 from palmkit.model.palm import build_model
 m, tok, _ = load_checkpoint(sys.argv[1]); save_checkpoint(sys.argv[2], build_model(m.config, seed=0), tok)" \
   "$PRE" "$OUT/scratch-init"
-run sentiment-en "$PRE" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}"
-run sentiment-en-lora "$PRE" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}" --train.lora_rank 8 \
+run sentiment-en "$PRE" classify --data.task sentiment-en --train.max_len 64 "${COMMON[@]}"
+run sentiment-en-lora "$PRE" classify --data.task sentiment-en --train.max_len 64 "${COMMON[@]}" --train.lora_rank 8 \
   --train.lora_targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-run sentiment-en-lora-qv "$PRE" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}" --train.lora_rank 8 \
+run sentiment-en-lora-qv "$PRE" classify --data.task sentiment-en --train.max_len 64 "${COMMON[@]}" --train.lora_rank 8 \
   --train.lora_targets q_proj,v_proj
-run sentiment-en-scratch "$OUT/scratch-init" classify --task sentiment-en --train.max_len 64 "${COMMON[@]}"
-run tweets-en "$PRE" classify --task tweets-en --train.max_len 64 --train.max_train 6000 "${COMMON[@]}" \
+run sentiment-en-scratch "$OUT/scratch-init" classify --data.task sentiment-en --train.max_len 64 "${COMMON[@]}"
+run tweets-en "$PRE" classify --data.task tweets-en --train.max_len 64 --train.max_train 6000 "${COMMON[@]}" \
   --train.epochs 3
-run sentiment-zh "$PRE" classify --task sentiment-zh --train.max_len 128 --train.max_train 5000 "${COMMON[@]}" \
+run sentiment-zh "$PRE" classify --data.task sentiment-zh --train.max_len 128 --train.max_train 5000 "${COMMON[@]}" \
   --train.epochs 3
 # Taggers need a larger step than the default 3e-4 on a model this small (valid F1 0.04 -> 0.16 on ner-en)
 NER=(--train.lr 2e-3 --train.batch_size 16 --train.patience 3)
-run ner-en "$PRE" ner --task ner-en --train.max_len 64 "${NER[@]}" --train.epochs 10
-run ner-en-echo "$PRE" ner --task ner-en --train.max_len 128 --context echo "${NER[@]}" --train.epochs 10
-run ner-zh "$PRE" ner --task ner-zh --train.max_len 96 --train.max_train 3000 "${NER[@]}" --train.epochs 4
+run ner-en "$PRE" ner --data.task ner-en --train.max_len 64 "${NER[@]}" --train.epochs 10
+run ner-en-echo "$PRE" ner --data.task ner-en --train.max_len 128 --context echo "${NER[@]}" --train.epochs 10
+run ner-zh "$PRE" ner --data.task ner-zh --train.max_len 96 --train.max_train 3000 "${NER[@]}" --train.epochs 4
 
 "$PK" evaluate --checkpoint "$OUT/sentiment-en" --eval_tasks sentiment-fr,sentiment-de,sentiment-zh > /dev/null
 for name in sentiment-en-lora sentiment-en-lora-qv sentiment-en-scratch tweets-en sentiment-zh ner-en ner-en-echo ner-zh; do

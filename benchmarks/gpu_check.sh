@@ -62,8 +62,8 @@ EOF
 CKPT=$TMP/ckpt
 
 seeded() {
-    "$PY" -m palmkit.cli generate --checkpoint "$CKPT" --prompt "The model" --max_new_tokens 24 --temperature 0.9 \
-        --seed 7 --device cuda
+    "$PY" -m palmkit.cli generate --checkpoint "$CKPT" --prompt "The model" --sampling.max_new_tokens 24 \
+        --sampling.temperature 0.9 --sampling.seed 7 --device cuda
 }
 sampled_twice() {
     local a b
@@ -189,8 +189,8 @@ finetune_ddp() {
     for dtype in float32 bfloat16; do
         out=$TMP/ft-$dtype
         "$PY" -m torch.distributed.run --standalone --nproc_per_node="$n" -m palmkit.cli finetune classify \
-            --checkpoint "$TMP/ft_ckpt" --out "$out" --train_file "$TMP/task.csv" --text_field sentence \
-            --label_field animal --device cuda --train.dtype "$dtype" --train.epochs 2 --train.batch_size 64 \
+            --checkpoint "$TMP/ft_ckpt" --out "$out" --data.train_file "$TMP/task.csv" --data.text_field sentence \
+            --data.label_field animal --device cuda --train.dtype "$dtype" --train.epochs 2 --train.batch_size 64 \
             --train.lr 1e-3 --train.log_every 1 > /dev/null || return 1
         "$PY" "$TMP/ft_report.py" "$out" "$dtype" "$n" || return 1
     done
@@ -226,7 +226,8 @@ step "tensor-parallel generation on one GPU" 120 "$PY" -m torch.distributed.run 
 
 if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     tp_two() {
-        local one two args=(generate --checkpoint "$CKPT" --prompt "The model" --max_new_tokens 24 --temperature 0)
+        local one two args=(generate --checkpoint "$CKPT" --prompt "The model" --sampling.max_new_tokens 24
+                                   --sampling.temperature 0)
         one=$("$PY" -m palmkit.cli "${args[@]}" --device cuda) &&
         two=$("$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m palmkit.cli "${args[@]}" --tp 2) &&
         echo "$two" && [ "$one" = "$two" ] && echo "TP=2 over NCCL gives the one-GPU text"

@@ -70,10 +70,10 @@ for name in ("email", "http.server", "json", "logging", "pathlib", "statistics",
             seen.add(doc)
             print(json.dumps({"text": doc}))
 PY
-"$palmkit" corpus build --out corpus --subset none --inputs texts.jsonl --lang en --vocab_size 1000 --workers 1 > corpus.log 2>&1 \
+"$palmkit" corpus build --out corpus --subset none --inputs texts.jsonl --lang en --tokenizer.vocab_size 1000 --run.workers 1 > corpus.log 2>&1 \
   || { tail -n 20 corpus.log; exit 1; }
 "$palmkit" pretrain --data corpus --out run --train.preset tiny --train.max_steps 3 --train.seq_len 64 \
   --train.batch_tokens 512 --train.eval_every 3 --train.save_every 3 --train.compile false > pretrain.log 2>&1 \
   || { tail -n 20 pretrain.log; exit 1; }
-"$palmkit" generate --checkpoint run/final --prompt "The" --max_new_tokens 8 | tail -n 2
+"$palmkit" generate --checkpoint run/final --prompt "The" --sampling.max_new_tokens 8 | tail -n 2
 echo "install check passed: wheel and sdist, transformers $users_transformers kept, pip check clean, smoke run done"

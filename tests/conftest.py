@@ -88,7 +88,7 @@ def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> P
     import json
     import random
 
-    from palmkit.data.shards import write_shards
+    from palmkit.data.corpus.build import shard_text
 
     lines = (FIXTURES / "sample.txt").read_text(encoding="utf-8").splitlines()
     rng = random.Random(0)
@@ -100,8 +100,8 @@ def make_corpus(root: Path, vocab_size: int = 500, docs_per_lang: int = 60) -> P
         for split, chunk in (("train", docs[:cut]), ("valid", docs[cut:])):
             with open(root / "text" / lang / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps({"text": d, "source": "sample"}, ensure_ascii=False) + "\n" for d in chunk)
-    tok = train_tokenizer(lines * 4, root / "tokenizer.model", vocab_size=vocab_size)
-    write_shards(root, tok)
+    train_tokenizer(lines * 4, root / "tokenizer.model", vocab_size=vocab_size)
+    shard_text(root)  # the corpus build's own encode stage and shard writer
     return root
 
 
@@ -112,12 +112,14 @@ def corpus(tmp_path_factory) -> Path:
 
 def finetuned_classifier(checkpoint: Path, out: Path, task: str, **options) -> Path:
     """`checkpoint` fine-tuned on the slice of a built-in task in fixtures/tasks (a step or two: fast, not good)."""
+    from palmkit.data.tasks import TaskFiles
     from palmkit.finetune.classify import finetune_classify
     from palmkit.finetune.fit import FinetuneConfig
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
-        finetune_classify(str(checkpoint), str(out), task=task, train=FinetuneConfig(epochs=1, **options))
+        finetune_classify(str(checkpoint), str(out), data=TaskFiles(task=task),
+                          train=FinetuneConfig(epochs=1, **options))
     return out
 
 

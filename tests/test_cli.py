@@ -26,6 +26,16 @@ def pretrain(corpus, out, *args):
     return main(["pretrain", "--data", str(corpus), "--out", str(out), *TINY, *args])
 
 
+@pytest.mark.parametrize("command", ["info", "pretrain"])
+def test_preset_help_names_every_preset(command, capsys):
+    from palmkit.model.palm import PRESETS
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert [name for name in PRESETS if not re.search(rf"(?<![\w-]){re.escape(name)}\b", text)] == []
+
+
 def test_info_prints_paper_counts():
     r = run("info", "--preset", "palm-62b")
     assert r.returncode == 0 and "62,495,662,080" in r.stdout
@@ -120,7 +130,7 @@ def test_config_file_gives_the_same_as_flags(tmp_path, capsys):
 
 
 def test_print_config_round_trips(tmp_path, capsys):
-    first = print_config(["finetune", "classify", "--checkpoint", "c", "--out", "o", "--task", "tweets-en",
+    first = print_config(["finetune", "classify", "--checkpoint", "c", "--out", "o", "--data.task", "tweets-en",
                           "--train.lora_rank", "8", "--train.lora_targets", "[q_proj, k_proj]", "--pooling", "mean"],
                          capsys)
     (tmp_path / "ft.yaml").write_text(first)
@@ -173,8 +183,8 @@ def test_bugs_keep_their_traceback(monkeypatch):
 
 
 def test_generate_and_export_commands(tmp_path, checkpoint):
-    r = run("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--max_new_tokens", "5",
-            "--temperature", "0")
+    r = run("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--sampling.max_new_tokens", "5",
+            "--sampling.temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello") and "finish_reason=" in r.stdout
     r = run("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"))

@@ -230,6 +230,30 @@ def test_jsonl_rows_number_lines_skip_blanks_and_name_a_bad_line():
         list(jsonl_rows('1\n\n{oops\n', name="f.jsonl"))
 
 
+def test_jsonl_rows_streams_a_file_and_can_pass_over_a_torn_line(tmp_path):
+    from palmkit.io import jsonl_rows
+
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b'{"step": 1}\n\n{"step": 2}\n{"ste')  # the last line torn by a crash
+    with open(path, encoding="utf-8") as f:
+        assert list(jsonl_rows(f, path, skip_bad=True)) == [(1, {"step": 1}), (3, {"step": 2})]
+    with open(path, "rb") as f, pytest.raises(PalmkitError, match=r"log\.jsonl: line 4 is not JSON"):
+        list(jsonl_rows(f, path))
+
+
+def test_load_json_names_what_the_file_is(tmp_path):
+    from palmkit.errors import CheckpointError
+    from palmkit.io import load_json
+
+    with pytest.raises(CheckpointError, match=r"^missing run options file: .*train_config\.json$"):
+        load_json(tmp_path / "train_config.json", "run options file")
+    (tmp_path / "latest.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"^corrupt latest-checkpoint pointer .*latest\.json: not JSON \("):
+        load_json(tmp_path / "latest.json", "latest-checkpoint pointer")
+    (tmp_path / "ok.json").write_text('{"a": [1]}')
+    assert load_json(tmp_path / "ok.json", "test file") == {"a": [1]}
+
+
 def test_load_tensors_maps_the_file_instead_of_reading_it_whole(tmp_path):
     import tracemalloc
 

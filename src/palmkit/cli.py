@@ -1,11 +1,13 @@
 """`palmkit <command>`: a thin layer on jsonargparse that turns functions of the Python API into subcommands.
 
 Each command is a typed function; nothing here describes its options. Its parameters become options spelled as
-in Python (`--max_new_tokens 50`) and its docstring the `--help`: the description, then for each option its entry
+in Python (`--prompt Hello`) and its docstring the `--help`: the description, then for each option its entry
 in the Google-style `Args:` section. A parameter typed with a dataclass becomes a group of options
 (`--train.lr 3e-4`) explained by the fields' docstrings. Positional-only parameters (before `/`) are positional
 arguments. Every command reads `--config FILE.yaml` (what `--print_config` writes; options given after it
-override it). A bool option alone means true (`--resume`; `--baseline false` to turn one off). Lists are YAML
+override it). A command may take defaults from what its options point at, through a function `saved_defaults`
+set on it (pretrain's: `--resume` continues with the options the run was saved with). A bool option alone means
+true (`--resume`; `--baseline false` to turn one off). Lists are YAML
 (`--eval_tasks '[sentiment-fr,sentiment-de]'`, or `--eval_tasks+ X` to append); where a function accepts a
 comma-separated string too, its help says so.
 
@@ -17,7 +19,6 @@ raises them instead. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import inspect
 import json
@@ -118,17 +119,13 @@ def command_parser(words: list[str], fn: Callable) -> ArgumentParser:
     return parser
 
 
-def _resume_defaults(parser: ArgumentParser, argv: list[str]) -> None:
-    """`palmkit pretrain --resume`: options not given take the values saved with the run (train_config.json).
-
-    Only the options typed again (or read from --config) can then differ from the saved ones; pretrain prints
-    those and refuses the ones that would not continue the same run.
-    """
+def _saved_defaults(parser: ArgumentParser, argv: list[str], defaults: Callable[..., dict]) -> None:
+    """Defaults that a command reads from what its options point at (`fn.saved_defaults`), such as the options
+    a resumed run was saved with: `defaults` takes some of the command's options by name and returns the
+    defaults to set. Only the options typed again (or read from --config) can then differ from them."""
     from jsonargparse import ArgumentError
 
-    from palmkit.train.config import saved_config
-
-    # A first look at --out and --resume, without printing or exiting: the real parse below does that.
+    # A first look at the options, without printing or exiting: the real parse in `run` does that.
     quiet = [a for a in argv if a not in HELP and not a.startswith("--print_config")]
     parser.exit_on_error = False
     try:
@@ -137,9 +134,9 @@ def _resume_defaults(parser: ArgumentParser, argv: list[str]) -> None:
         return
     finally:
         parser.exit_on_error = True
-    saved = first.resume and saved_config(first.out)
-    if saved:
-        parser.set_defaults(train=dataclasses.asdict(saved))
+    found = defaults(**{name: first[name] for name in inspect.signature(defaults).parameters})
+    if found:
+        parser.set_defaults(**found)
 
 
 def _text(result) -> str | None:
@@ -155,8 +152,8 @@ def run(words: list[str], argv: list[str]) -> int:
     target = COMMANDS[" ".join(words)][0]
     fn = _load(target)
     parser = command_parser(words, fn)
-    if target == "palmkit.train.pretrain:pretrain":
-        _resume_defaults(parser, argv)
+    if hasattr(fn, "saved_defaults"):
+        _saved_defaults(parser, argv, fn.saved_defaults)
     cfg = parser.instantiate(parser.parse_args(argv))
     params = inspect.signature(fn).parameters.values()
     positional = [p.name for p in params if p.kind == p.POSITIONAL_ONLY]

@@ -18,7 +18,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -133,14 +133,16 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: tensors[k] for k in sorted(tensors)}
 
 
-def load_json(path: str | os.PathLike) -> Any:
+def load_json(path: str | os.PathLike, what: str) -> Any:
+    """A JSON file palmkit wrote; a missing or unreadable one raises CheckpointError naming the file and `what`
+    it is ("checkpoint file", "run options file", ...), so that the message says which saved state is broken."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"missing checkpoint file: {path}")
+        raise CheckpointError(f"missing {what}: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"corrupt checkpoint file {path}: {exc}") from None
+        raise CheckpointError(f"corrupt {what} {path}: not JSON ({exc})") from None
 
 
 # ---- folders palmkit writes whole (checkpoints, exports, fine-tuned models)
@@ -369,16 +371,19 @@ def decode_text(raw: bytes, fallback: str | None = None, name: str | os.PathLike
     return "".join(_decode_line(line, fallback) for line in raw.splitlines(keepends=True))
 
 
-def jsonl_rows(text: str, name: str | os.PathLike = "") -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each non-blank line of JSONL text; a line that is not JSON is an error
-    naming `name` and the line."""
-    for n, line in enumerate(text.splitlines(), 1):
+def jsonl_rows(lines: str | Iterable[str | bytes], name: str | os.PathLike = "",
+               skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line of JSON Lines: a whole text, or lines as they come
+    (an open file: read as it goes, so a file of any size streams). A line that is not JSON is an error naming
+    `name` and the line, or with `skip_bad` passed over (a log whose last line a crash tore)."""
+    for n, line in enumerate(lines.splitlines() if isinstance(lines, str) else lines, 1):
         if not line.strip():
             continue
         try:
             yield n, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PalmkitError(f"{name}: line {n} is not JSON ({exc.msg})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            if not skip_bad:
+                raise PalmkitError(f"{name}: line {n} is not JSON ({getattr(exc, 'msg', exc)})") from None
 
 
 def _decode_line(line: bytes, fallback: str) -> str:

@@ -57,7 +57,7 @@ class Terminal:
 @pytest.fixture
 def terminal(checkpoint):
     term = Terminal([sys.executable, "-m", "palmkit.cli", "chat", "--checkpoint", str(checkpoint),
-                     "--temperature", "0", "--max_new_tokens", str(GREEDY.max_new_tokens)])
+                     "--sampling.temperature", "0", "--sampling.max_new_tokens", str(GREEDY.max_new_tokens)])
     yield term
     if term.proc.poll() is None:
         term.proc.kill()

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from palmkit.data.shards import MixtureLoader, TokenStream, mixture_weights, validation_batches, write_shards
+from palmkit.data.corpus.build import shard_text
+from palmkit.data.shards import MixtureLoader, TokenStream, mixture_weights, validation_batches
 from palmkit.errors import PalmkitError
 
 
@@ -101,7 +102,7 @@ def test_errors_are_clear(tmp_path, corpus):
     with pytest.raises(PalmkitError, match="no shards for language"):
         MixtureLoader(corpus, 16, 4, langs=["xx"])
     with pytest.raises(PalmkitError, match="build the corpus first"):
-        write_shards(tmp_path, None)
+        shard_text(tmp_path)
 
 
 def test_unigram_perplexity_matches_hand_computation(corpus):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from palmkit.apps.chat import reply
+from palmkit.data.tasks import TaskFiles
 from palmkit.finetune.chat import finetune_chat
 from palmkit.finetune.fit import ADAPTER_DIR, FinetuneConfig
 from palmkit.finetune.heads import HEAD_FILE
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models trai
 def test_chat_result_is_a_plain_checkpoint(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     out = tmp_path / "chat"
-    best = finetune_chat(str(checkpoint), str(out), task="dialogue-en",
+    best = finetune_chat(str(checkpoint), str(out), data=TaskFiles(task="dialogue-en"),
                          train=FinetuneConfig(epochs=1, batch_size=4, max_len=64))
     assert best["valid/loss"] > 0
     assert not (out / HEAD_FILE).exists()
@@ -54,7 +55,7 @@ def lora_chat(checkpoint, tmp_path_factory):
     """The tiny checkpoint tuned for 30 LoRA steps on the greetings, and the exports of it and of its base."""
     root = tmp_path_factory.mktemp("lora-chat")
     torch.manual_seed(0)
-    finetune_chat(str(checkpoint), str(root / "chat"), train_file=str(greetings_file(root)),
+    finetune_chat(str(checkpoint), str(root / "chat"), data=TaskFiles(train_file=str(greetings_file(root))),
                   train=FinetuneConfig(epochs=6, batch_size=8, lr=3e-3, lora_rank=4, dropout=0.0, lora_dropout=0.0,
                                        lora_targets="q_proj,v_proj,o_proj,down_proj", patience=0))
     export_hf(root / "chat", root / "chat-hf")

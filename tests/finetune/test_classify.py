@@ -5,6 +5,7 @@ import json
 import pytest
 
 from palmkit.cli import main
+from palmkit.data.tasks import TaskFiles
 from palmkit.finetune.classify import finetune_classify
 from palmkit.finetune.fit import FinetuneConfig
 from palmkit.finetune.heads import HEAD_FILE
@@ -21,8 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models trai
 def test_classifier_learns_an_easy_task(checkpoint, tmp_path):
     data = easy_task(tmp_path, n=160)
     out = tmp_path / "clf"
-    best = finetune_classify(str(checkpoint), str(out), train_file=str(data), text_field="sentence",
-                             label_field="animal", train=FinetuneConfig(epochs=2, batch_size=16, lr=2e-3, max_len=32))
+    best = finetune_classify(str(checkpoint), str(out),
+                             data=TaskFiles(train_file=str(data), text_field="sentence", label_field="animal"),
+                             train=FinetuneConfig(epochs=2, batch_size=16, lr=2e-3, max_len=32))
     assert best["valid/accuracy"] >= 0.9, best  # chance is 0.5
     clf = load_classifier(out)
     rows = clf.predict(["the quick fox over lazy model", "many token dog from before", "model fox"])
@@ -40,8 +42,8 @@ def test_classifier_learns_an_easy_task(checkpoint, tmp_path):
 def test_classify_cli_takes_texts_and_comma_lists(checkpoint, tmp_path, capsys):
     data = easy_task(tmp_path, n=40)
     out = tmp_path / "c"
-    assert main(["finetune", "classify", "--checkpoint", str(checkpoint), "--out", str(out), "--train_file",
-                 str(data), "--text_field", "sentence", "--label_field", "animal", "--train.epochs", "1",
+    assert main(["finetune", "classify", "--checkpoint", str(checkpoint), "--out", str(out), "--data.train_file",
+                 str(data), "--data.text_field", "sentence", "--data.label_field", "animal", "--train.epochs", "1",
                  "--train.max_len", "24", "--train.lora_rank", "2",
                  "--train.lora_targets", "q_proj,k_proj,v_proj"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -60,7 +62,7 @@ def test_classify_cli_takes_texts_and_comma_lists(checkpoint, tmp_path, capsys):
 def test_bad_inputs_are_user_errors(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="unknown LoRA target"):
         add_lora(random_model(64), 2, 4, ["qq_proj"])
-    with pytest.raises(Exception, match="either --task"):
+    with pytest.raises(Exception, match=r"either --data\.task"):
         finetune_classify(str(checkpoint), str(tmp_path / "x"))
     with pytest.raises(Exception, match="not a classify checkpoint"):
         load_classifier(checkpoint)
@@ -73,7 +75,8 @@ def test_left_out_records_are_written_and_counted(checkpoint, tmp_path, capsys):
     other = "dog" if label == "fox" else "fox"
     data.write_text("\n".join([*lines, lines[1], lines[2], f"{text},{other}"]) + "\n")
     out = tmp_path / "clf"
-    finetune_classify(str(checkpoint), str(out), train_file=str(data), text_field="sentence", label_field="animal",
+    finetune_classify(str(checkpoint), str(out),
+                      data=TaskFiles(train_file=str(data), text_field="sentence", label_field="animal"),
                       train=FinetuneConfig(epochs=1, batch_size=16, max_len=24))
     rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
     assert sorted((r["where"].rsplit(":", 1)[1], r["reason"]) for r in rejected) == [

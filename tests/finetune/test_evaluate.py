@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
 from palmkit.cli import main
-from palmkit.data.tasks import load_task, subsample
+from palmkit.data.tasks import TaskFiles, load_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ngrams, tfidf_baseline
 from palmkit.finetune.chat import finetune_chat
@@ -88,7 +88,7 @@ def test_labels_the_classifier_lacks_are_refused(classifier):
 
 def test_tagger_report_and_baseline(checkpoint, tmp_path):
     out = tmp_path / "ner"
-    finetune_ner(str(checkpoint), str(out), task="ner-zh",
+    finetune_ner(str(checkpoint), str(out), data=TaskFiles(task="ner-zh"),
                  train=FinetuneConfig(epochs=1, batch_size=8, max_len=48, max_train=20))
     result = evaluate(str(out), out=str(tmp_path / "r"))
     entry = result["tasks"]["ner-zh"]
@@ -104,7 +104,7 @@ def test_tagger_report_and_baseline(checkpoint, tmp_path):
 
 def test_chat_evaluation_scores_assistant_tokens(checkpoint, tmp_path, capsys):
     out = tmp_path / "chat"
-    finetune_chat(str(checkpoint), str(out), task="dialogue-en",
+    finetune_chat(str(checkpoint), str(out), data=TaskFiles(task="dialogue-en"),
                   train=FinetuneConfig(epochs=1, batch_size=4, max_len=64))
     capsys.readouterr()
     entry = evaluate(str(out), out=str(tmp_path / "r"))["tasks"]["dialogue-en"]

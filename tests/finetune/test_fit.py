@@ -14,7 +14,7 @@ import torch
 from palmkit.cli import main
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item
-from palmkit.finetune.fit import MODULE_FILE, FinetuneConfig, fit
+from palmkit.finetune.fit import MODULE_FILE, FinetuneConfig, Objective, fit
 from palmkit.finetune.heads import HEAD_FILE, SequenceClassifier
 from palmkit.io import load_tensors
 from palmkit.model.checkpoint import load_config
@@ -22,6 +22,12 @@ from palmkit.train.metrics import read_metrics
 from tests.conftest import TASK_ROOT, easy_task, random_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models train fastest on one thread
+
+
+def objective(items, validate) -> Objective:
+    """A two-class classification objective on `items`, judged by accuracy."""
+    return Objective(items, lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y), validate,
+                     "accuracy", {"task": "classify", "labels": ["a", "b"], "pooling": "last"})
 
 
 def test_early_stopping_stops_and_keeps_the_best(tokenizer, tmp_path):
@@ -36,9 +42,7 @@ def test_early_stopping_stops_and_keeps_the_best(tokenizer, tmp_path):
         return {"loss": 1.0, "accuracy": next(scores)}
 
     cfg = FinetuneConfig(epochs=10, batch_size=4, eval_every=1, patience=2, lr=1e-2)
-    best = fit(module, model, tokenizer, items, validate,
-               lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y), cfg, tmp_path / "run",
-               "accuracy", {"task": "classify", "labels": ["a", "b"], "pooling": "last"})
+    best = fit(module, model, tokenizer, objective(items, validate), cfg, tmp_path / "run")
     assert best["step"] == 2 and best["valid/accuracy"] == 0.8 and best["steps"] == 4  # 0.7, 0.6: stop
     saved = load_tensors(tmp_path / "run" / HEAD_FILE)
     torch.testing.assert_close(saved["weight"], heads[1], rtol=0, atol=0)
@@ -57,10 +61,9 @@ def test_finetune_never_replaces_a_folder_with_the_users_files(tokenizer, tmp_pa
     validated = []
 
     def run(**kw):
-        return fit(module, model, tokenizer, items, lambda: validated.append(1) or {"loss": 1.0, "accuracy": 0.5},
-                   lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y),
-                   FinetuneConfig(epochs=1, batch_size=4), out, "accuracy",
-                   {"task": "classify", "labels": ["a", "b"], "pooling": "last"}, **kw)
+        return fit(module, model, tokenizer,
+                   objective(items, lambda: validated.append(1) or {"loss": 1.0, "accuracy": 0.5}),
+                   FinetuneConfig(epochs=1, batch_size=4), out, **kw)
 
     with pytest.raises(PalmkitError, match=r"not a palmkit folder .*data\.csv.*--force"):
         run()
@@ -83,10 +86,8 @@ def test_force_never_deletes_user_files_that_carry_palmkits_names(tokenizer, tmp
     (out / "tensorboard" / "events.mine").write_text("my runs")
     for force in (False, True):
         with pytest.raises(PalmkitError, match="eval, tensorboard"):
-            fit(module, model, tokenizer, items, lambda: {"loss": 1.0, "accuracy": 0.5},
-                lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y),
-                FinetuneConfig(epochs=1, batch_size=4), out, "accuracy",
-                {"task": "classify", "labels": ["a", "b"], "pooling": "last"}, force=force)
+            fit(module, model, tokenizer, objective(items, lambda: {"loss": 1.0, "accuracy": 0.5}),
+                FinetuneConfig(epochs=1, batch_size=4), out, force=force)
     assert (out / "eval" / "gold.jsonl").read_text() == '{"label": "a"}\n'
     assert (out / "tensorboard" / "events.mine").read_text() == "my runs"
     assert sorted(p.name for p in out.iterdir()) == ["eval", "tensorboard"]
@@ -99,9 +100,9 @@ TINY = {"epochs": 1, "batch_size": 8, "max_train": 24, "max_valid": 16, "max_len
 
 def finetune_args(kind: str, data_dir, out, lora: bool = False, **opts) -> list[str]:
     """`palmkit finetune KIND` arguments on a small task of that kind, with FinetuneConfig options `opts`."""
-    task = {"classify": ["--train_file", str(easy_task(data_dir, n=60)), "--text_field", "sentence",
-                         "--label_field", "animal"],
-            "ner": ["--task", "ner-zh"], "chat": ["--task", "dialogue-en"]}[kind]
+    task = {"classify": ["--data.train_file", str(easy_task(data_dir, n=60)), "--data.text_field", "sentence",
+                         "--data.label_field", "animal"],
+            "ner": ["--data.task", "ner-zh"], "chat": ["--data.task", "dialogue-en"]}[kind]
     opts = {**opts, **({"lora_rank": 2, "lora_targets": "q_proj,v_proj"} if lora else {})}
     return ["finetune", kind, "--out", str(out), *task, *(a for k, v in opts.items() for a in (f"--train.{k}", str(v)))]
 

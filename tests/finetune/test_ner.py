@@ -3,6 +3,7 @@
 import pytest
 
 from palmkit.cli import main
+from palmkit.data.tasks import TaskFiles
 from palmkit.errors import PalmkitError
 from palmkit.finetune.fit import FinetuneConfig
 from palmkit.finetune.ner import finetune_ner
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models trai
 def test_ner_tagger_and_cli(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PALMKIT_TASK_DATA", str(TASK_ROOT))
     out = tmp_path / "ner"
-    best = finetune_ner(str(checkpoint), str(out), task="ner-zh",
+    best = finetune_ner(str(checkpoint), str(out), data=TaskFiles(task="ner-zh"),
                         train=FinetuneConfig(epochs=1, batch_size=8, max_len=48, lora_rank=4,
                                              lora_targets=["q_proj,v_proj", "up_proj"]))
     assert {"valid/f1", "valid/precision", "valid/recall"} <= set(best)
@@ -31,4 +32,5 @@ def test_ner_tagger_and_cli(checkpoint, tmp_path, monkeypatch, capsys):
     assert main(["tag", "--checkpoint", str(out), "我爱北京", "江泽民"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2
     with pytest.raises(PalmkitError, match="0 validation examples"):  # ner-en's slice has no valid sentence
-        finetune_ner(str(checkpoint), str(tmp_path / "en"), task="ner-en", train=FinetuneConfig(epochs=1))
+        finetune_ner(str(checkpoint), str(tmp_path / "en"), data=TaskFiles(task="ner-en"),
+                     train=FinetuneConfig(epochs=1))

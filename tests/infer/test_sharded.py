@@ -154,9 +154,10 @@ def test_generate_input_file_equals_generate(checkpoint, tmp_path):
     src = tmp_path / "prompts.jsonl"
     src.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    generate_command(str(checkpoint), input=str(src), output=str(out), temperature=0, max_new_tokens=6, batch_size=2)
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    generate_command(str(checkpoint), input=str(src), output=str(out), sampling=greedy, batch_size=2)
     model, tok, _ = load_checkpoint(checkpoint)
-    want = generate(model, tok, prompts, SamplingParams(max_new_tokens=6, temperature=0))
+    want = generate(model, tok, prompts, greedy)
     got = read(out)
     assert [(r["prompt"], r["completion"], r["completion_tokens"]) for r in got] == [
         (p, c.text, len(c.token_ids)) for p, c in zip(prompts, want, strict=True)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from palmkit.finetune.encode import Item
-from palmkit.finetune.fit import FinetuneConfig, fit
+from palmkit.finetune.fit import FinetuneConfig, Objective, fit
 from palmkit.finetune.heads import SequenceClassifier
 from palmkit.io import load_tensors
 from palmkit.model.lora import LoRALinear, add_lora, merge_lora, merged_state_dict
@@ -48,9 +48,10 @@ def test_lora_trains_only_the_adapters_and_the_head(tokenizer, tmp_path):
              enumerate(["the fox", "the dog", "a fox runs", "a dog sleeps"] * 4)]
     cfg = FinetuneConfig(lora_rank=2, epochs=2, batch_size=4, patience=0)
     rising = iter([0.5, 0.6])  # the last model is the best, so the folder holds the final weights
-    fit(module, model, tokenizer, items, lambda: {"loss": 0.0, "accuracy": next(rising)},
-        lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y), cfg, tmp_path / "out", "accuracy",
-        {"task": "classify", "labels": ["a", "b"], "pooling": "last"})
+    objective = Objective(items, lambda m, ids, n, y: torch.nn.functional.cross_entropy(m(ids, n), y),
+                          lambda: {"loss": 0.0, "accuracy": next(rising)}, "accuracy",
+                          {"task": "classify", "labels": ["a", "b"], "pooling": "last"})
+    fit(module, model, tokenizer, objective, cfg, tmp_path / "out")
     after = merged_state_dict(model)
     lora = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     for name, weight in before.items():

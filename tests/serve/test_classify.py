@@ -6,6 +6,7 @@ import time
 import httpx
 import pytest
 
+from palmkit.data.tasks import TaskFiles
 from palmkit.finetune.classify import finetune_classify
 from palmkit.finetune.fit import FinetuneConfig
 from palmkit.finetune.predict import load_classifier
@@ -23,8 +24,9 @@ def served(checkpoint, tmp_path_factory):
     """A `finetune classify` folder (one quick epoch on an easy task)."""
     tmp = tmp_path_factory.mktemp("classify")
     out = tmp / "served"
-    finetune_classify(str(checkpoint), str(out), train_file=str(easy_task(tmp, n=40)), text_field="sentence",
-                      label_field="animal", train=FinetuneConfig(epochs=1, batch_size=16, lr=2e-3, max_len=32))
+    finetune_classify(str(checkpoint), str(out),
+                      data=TaskFiles(train_file=str(easy_task(tmp, n=40)), text_field="sentence", label_field="animal"),
+                      train=FinetuneConfig(epochs=1, batch_size=16, lr=2e-3, max_len=32))
     return out
 
 

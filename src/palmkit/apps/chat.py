@@ -9,6 +9,7 @@ and an answer ends at the template's `<|end|>`, at EOS or after `max_new_tokens`
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from typing import TextIO
@@ -22,6 +23,8 @@ from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
 
 COMMANDS_HELP = "/reset starts over, /exit (or Ctrl-D) quits"
+# SamplingParams' defaults but for the length: an answer of a chat runs longer than SamplingParams' 64 tokens
+SAMPLING = SamplingParams(max_new_tokens=256)
 
 
 def fit_context(tokenizer: Tokenizer, messages: list[dict], context: int, room: int,
@@ -56,8 +59,7 @@ def _show(out: TextIO | None, text: str) -> None:
         out.flush()
 
 
-def chat_command(checkpoint: str, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_k: int = 0, top_p: float = 0.95, seed: int | None = None, device: str = "cpu") -> None:
+def chat_command(checkpoint: str, system: str = "", sampling: SamplingParams = SAMPLING, device: str = "cpu") -> None:
     """Chat with the model in CHECKPOINT in the terminal; answers stream as they are generated.
 
     Commands: /reset starts the conversation over (keeping SYSTEM), /exit or Ctrl-D quits. When the conversation
@@ -66,17 +68,14 @@ def chat_command(checkpoint: str, system: str = "", max_new_tokens: int = 256, t
     Args:
         checkpoint: a checkpoint folder (a `palmkit finetune chat` result answers best)
         system: a system message that opens every conversation
-        max_new_tokens: most tokens of one answer
-        temperature: sampling temperature; 0: greedy decoding
-        top_k: sample among the k most likely tokens only; 0: no limit
-        top_p: sample among the most likely tokens that together hold this probability (nucleus sampling)
-        seed: seed of the sampling, for repeatable answers; none: a fresh one
+        sampling: how each token of an answer is picked, SamplingParams' fields: --sampling.max_new_tokens (most
+            tokens of one answer), --sampling.temperature (0: greedy decoding), --sampling.top_k (the k most likely
+            tokens only; 0: no cut), --sampling.top_p (nucleus sampling; 1: no cut), --sampling.seed (repeatable
+            answers; none: a fresh one), --sampling.stop (strings that end an answer, a list)
         device: cpu, cuda, cuda:1, ...
     """
     model, tokenizer, config = load_checkpoint(checkpoint, device=device)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed)
-    chat_loop(model, tokenizer, params, system, chat_template(config.get("chat_template")))
+    chat_loop(model, tokenizer, dataclasses.replace(sampling), system, chat_template(config.get("chat_template")))
 
 
 def chat_loop(model: PaLM, tokenizer: Tokenizer, params: SamplingParams, system: str = "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -26,6 +27,8 @@ from palmkit.model.quant import quantize_int8
 from palmkit.train.heal import heal
 
 _preset = preset  # `describe` takes a parameter of that name
+# generate's sampling: SamplingParams' own defaults, read from one instance that is copied before any change
+SAMPLING = SamplingParams()
 
 
 def describe(preset: str = "small", vocab_size: int = 0, seq_len: int = 0) -> str:
@@ -34,7 +37,7 @@ def describe(preset: str = "small", vocab_size: int = 0, seq_len: int = 0) -> st
     The model is built on the meta device, so even palm-540b is counted in a moment without memory.
 
     Args:
-        preset: tiny, small, base, palm-8b, palm-62b or palm-540b
+        preset: tiny, mini, small, base, palm-8b, palm-62b or palm-540b
         vocab_size: vocabulary size; 0: the preset's
         seq_len: sequence length T of the FLOP count; 0: the preset's context
     """
@@ -218,11 +221,9 @@ def evaluate_command(checkpoint: str, task: str = "", eval_tasks: list[str] | st
     return render_markdown(result) + f"\n\n(written to {Path(out) if out else Path(checkpoint) / 'eval'})"
 
 
-def generate_command(checkpoint: str, prompt: str = "", max_new_tokens: int = 128, temperature: float = 0.8,
-                     top_k: int = 0, top_p: float = 0.95, seed: int | None = None,
-                     stop: list[str] | str | None = None, device: str = "cpu", tp: int = 1,
-                     vocab_parallel: bool = True, input: str = "", output: str = "", field: str = "prompt",
-                     batch_size: int = 8) -> str | None:
+def generate_command(checkpoint: str, prompt: str = "", sampling: SamplingParams = SAMPLING, device: str = "cpu",
+                     tp: int = 1, vocab_parallel: bool = True, input: str = "", output: str = "",
+                     field: str = "prompt", batch_size: int = 8) -> str | None:
     """Complete PROMPT with the model in CHECKPOINT, streaming the text to the terminal.
 
     `torchrun --nproc_per_node=N -m palmkit.cli generate --tp N ...` splits the model over N processes
@@ -232,12 +233,11 @@ def generate_command(checkpoint: str, prompt: str = "", max_new_tokens: int = 12
     Args:
         checkpoint: a checkpoint folder
         prompt: the text to continue
-        max_new_tokens: stop after this many tokens
-        temperature: sampling temperature; 0: greedy decoding
-        top_k: sample among the k most likely tokens only; 0: no limit
-        top_p: sample among the most likely tokens that together hold this probability (nucleus sampling)
-        seed: seed of the sampling, for a repeatable text; none: a fresh one
-        stop: stop when the text ends with this string (one string, or a list of them)
+        sampling: how each token is picked, SamplingParams' fields: --sampling.max_new_tokens (most new tokens),
+            --sampling.temperature (0: greedy decoding), --sampling.top_k (the k most likely tokens only; 0: no
+            cut), --sampling.top_p (nucleus sampling: the most likely tokens that hold this probability; 1: no
+            cut), --sampling.seed (a repeatable text; none: a fresh one), --sampling.stop (strings that end the
+            text: a list, '[".", "###"]', or one more with --sampling.stop+ '###'); logprobs change nothing here
         device: cpu, cuda, cuda:1, ... (under torchrun each rank takes the GPU of its local rank, or the CPU)
         tp: tensor-parallel processes (torchrun's --nproc_per_node); 1: one process
         vocab_parallel: with --tp, split the shared embedding by vocabulary (false: keep it whole on every
@@ -247,9 +247,7 @@ def generate_command(checkpoint: str, prompt: str = "", max_new_tokens: int = 12
         field: the field of each INPUT record that holds its prompt
         batch_size: prompts generated together with --input
     """
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            seed=seed, stop=stops)
+    params = dataclasses.replace(sampling)  # a copy: the seed may be set below
     if _batch_job([prompt] if prompt else None, input, output):
         if tp > 1:
             raise PalmkitError("--input splits the records over the ranks (each holds the whole model): drop --tp")

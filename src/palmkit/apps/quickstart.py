@@ -6,7 +6,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from palmkit.data.corpus.build import build
+from palmkit.data.corpus.build import RunOptions, TokenizerOptions, build
 from palmkit.data.corpus.sources import fetch
 from palmkit.data.shards import unigram_perplexity
 from palmkit.infer.generate import generate
@@ -92,8 +92,8 @@ def quickstart(out: str = "runs/quickstart", minutes: float = 10.0, preset: str 
     fetch_kwargs = {"cache": cache} if cache else {}
     fetch(langs=langs, subset="small", **fetch_kwargs)
     if not (corpus_dir / "shards").is_dir():
-        build(out=str(corpus_dir), langs=langs, subset="small", vocab_size=vocab_size, seed=seed,
-                         **fetch_kwargs)
+        build(out=str(corpus_dir), langs=langs, subset="small",
+              tokenizer=TokenizerOptions(vocab_size=vocab_size, seed=seed), run=RunOptions(**fetch_kwargs))
     prep = time.perf_counter() - started
     # A timed run: the cosine decays over MINUTES of training, however fast this machine turns out to be.
     # The mini preset at lr 3e-3 (pretrain's default is 2e-3), the embedding at 10x: of the recipes compared at

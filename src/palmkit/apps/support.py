@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from palmkit.apps.recipes import base_checkpoint
-from palmkit.data.tasks import CHATTERBOT, chatterbot_examples, load_task, package_dir, subsample
+from palmkit.data.tasks import CHATTERBOT, TaskFiles, chatterbot_examples, load_task, package_dir, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.chat import finetune_chat
 from palmkit.finetune.fit import FinetuneConfig
@@ -171,7 +171,7 @@ def recipe(checkpoint: str = "", faq: str = "", out: str = "runs/support", serve
     # batches of 8: examples run from 30 to 190 tokens and a batch is padded to its longest
     options = FinetuneConfig(max_train=max_train, epochs=epochs, lr=lr, batch_size=8, max_len=min(max_len, context),
                              max_valid=100, seed=seed)
-    best = finetune_chat(str(base), str(out_dir / "model"), train_file=counts["path"], train=options)
+    best = finetune_chat(str(base), str(out_dir / "model"), data=TaskFiles(train_file=counts["path"]), train=options)
     tune_s = time.perf_counter() - t0
     model_dir = out_dir / "model"
     torch.manual_seed(seed)

@@ -20,21 +20,11 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_json
 from palmkit.model.tokenizer import Tokenizer
 
-SPLITS = ("train", "valid")
-
-
-def read_documents(path: Path) -> Iterator[str]:
-    """Texts of a `text/<lang>/<split>.jsonl` file, one JSON object with a "text" field per line."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+SPLITS = ("train", "valid")  # a corpus's splits: text/<lang>/<split>.jsonl, shards/<lang>/<split>.bin
 
 
 def encode_document(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
@@ -63,45 +53,6 @@ def write_tokens(f: BinaryIO, tokenizer: Tokenizer, texts: list[str], dtype: typ
         f.write(np.asarray(ids, dtype=dtype).tobytes())
         counts.append(len(ids))
     return counts
-
-
-def write_shards(corpus_dir: str | os.PathLike, tokenizer: Tokenizer, batch_docs: int = 2048) -> dict:
-    """Encode `corpus_dir/text/<lang>/{train,valid}.jsonl` into `corpus_dir/shards/<lang>/`."""
-    corpus_dir = Path(corpus_dir)
-    langs = sorted(p.name for p in (corpus_dir / "text").iterdir() if p.is_dir()) \
-        if (corpus_dir / "text").is_dir() else []
-    if not langs:
-        raise PalmkitError(f"no languages under {corpus_dir / 'text'}: build the corpus first")
-    dtype = shard_dtype(tokenizer)
-    summary = {}
-    for lang in langs:
-        out = corpus_dir / "shards" / lang
-        out.mkdir(parents=True, exist_ok=True)
-        index = shard_index(lang, tokenizer)
-        for split in SPLITS:
-            src = corpus_dir / "text" / lang / f"{split}.jsonl"
-            if not src.is_file():
-                continue
-            tokens = docs = nbytes = 0
-            tmp = out / f".{split}.bin.tmp"
-            with open(tmp, "wb") as f:
-                batch: list[str] = []
-                for text in tqdm([*read_documents(src), None], desc=f"shards {lang}/{split}", unit="doc",
-                                 leave=False, mininterval=1.0):
-                    if text is not None:
-                        batch.append(text)
-                    if batch and (text is None or len(batch) >= batch_docs):
-                        tokens += sum(write_tokens(f, tokenizer, batch, dtype))
-                        docs += len(batch)
-                        nbytes += sum(len(t.encode("utf-8")) for t in batch)
-                        batch = []
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out / f"{split}.bin")
-            index[split] = {"tokens": tokens, "documents": docs, "bytes": nbytes}
-        atomic_write_json(out / "index.json", index)
-        summary[lang] = index
-    return summary
 
 
 class TokenStream:

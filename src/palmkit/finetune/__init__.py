@@ -1,8 +1,8 @@
 """Fine-tuning a pretrained PaLM: sequence classification, token classification (NER) and chat.
 
-    palmkit finetune classify --checkpoint PRE --task sentiment-en --out runs/sst
-    palmkit finetune ner --checkpoint PRE --task ner-zh --out runs/ner-zh --train.lora_rank 8
-    palmkit finetune chat --checkpoint PRE --task dialogue-en --out runs/chat
+    palmkit finetune classify --checkpoint PRE --data.task sentiment-en --out runs/sst
+    palmkit finetune ner --checkpoint PRE --data.task ner-zh --out runs/ner-zh --train.lora_rank 8
+    palmkit finetune chat --checkpoint PRE --data.task dialogue-en --out runs/chat
 
 Full fine-tuning or LoRA (model/lora.py). Every result is a plain checkpoint folder (`model.safetensors`,
 `config.json`, `tokenizer.model`) that generate, export and serve load as usual; a classifier or tagger adds

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
+from palmkit.data.tasks import TaskFiles
 from palmkit.finetune.encode import chat_items, lm_batches
-from palmkit.finetune.fit import FinetuneConfig, encode_splits, fit, metric_name, start
+from palmkit.finetune.fit import FinetuneConfig, Objective, encode_splits, fit, metric_name, start
 from palmkit.train.lm_eval import mean_lm_loss
 
 
@@ -13,8 +14,7 @@ def _lm_loss(module, ids, lengths, targets):
     return module(ids, targets=targets)[0]  # through forward, which DDP wraps: the loss with the model's z-loss
 
 
-def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
-                  train: FinetuneConfig = FinetuneConfig(),
+def finetune_chat(checkpoint: str, out: str, data: TaskFiles = TaskFiles(), train: FinetuneConfig = FinetuneConfig(),
                   force: bool = False, resume: bool = False, device: str = "") -> dict:
     """Supervised fine-tuning on conversations; returns the best validation scores.
 
@@ -24,10 +24,8 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
     Args:
         checkpoint: pretrained checkpoint folder to start from
         out: folder of the tuned model
-        task: a built-in task (dialogue-en), or give train_file instead
-        train_file: your own conversations, JSONL or a JSON array of {"messages": [{"role": ..., "content": ...},
-            ...]} or of TRL's {"prompt": ..., "completion": ...} (strings, or lists of messages)
-        valid_file: validation conversations (default: a seeded 10% of train_file)
+        data: the conversations: a built-in task (--data.task dialogue-en) or your own files (--data.train_file,
+            --data.valid_file)
         train: training options
         force: write into OUT even when it holds other files: the model's files are replaced, the others kept
             (without it such a folder is refused before training, never deleted)
@@ -37,7 +35,7 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
             is one
     """
     cfg = train
-    job = start("chat", checkpoint, cfg, task, {"train": train_file, "valid": valid_file}, device)
+    job = start("chat", checkpoint, cfg, data, device)
     model, tokenizer, template = job.model, job.tokenizer, job.config.get("chat_template")
     items, valid, _ = encode_splits(job.data, cfg, lambda ex: chat_items(tokenizer, ex, cfg.max_len, template))
 
@@ -49,5 +47,5 @@ def finetune_chat(checkpoint: str, out: str, task: str = "", train_file: str = "
     extra = {"task": "chat", "max_len": cfg.max_len, **job.source}
     if template:
         extra["chat_template"] = template
-    return fit(model, model, tokenizer, items, validate, _lm_loss, cfg, out, metric_name(cfg, "chat"), extra, force,
-               resume, device, job.data.rejected)
+    objective = Objective(items, _lm_loss, validate, metric_name(cfg, "chat"), extra, job.data.rejected)
+    return fit(model, model, tokenizer, objective, cfg, out, force, resume, device)

@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from palmkit.data.tasks import LabelledText, TaskData
+from palmkit.data.tasks import LabelledText, TaskData, TaskFiles
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, encode_text
-from palmkit.finetune.fit import FinetuneConfig, encode_splits, fit, metric_name, start
+from palmkit.finetune.fit import FinetuneConfig, Objective, encode_splits, fit, metric_name, start
 from palmkit.finetune.heads import SequenceClassifier
 from palmkit.finetune.predict import predict_logits
 from palmkit.finetune.scores import classification_scores
@@ -35,10 +35,8 @@ def _classify_loss(module, ids, lengths, targets):
     return F.cross_entropy(module(ids, lengths), targets)
 
 
-def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
-                      test_file: str = "", text_field: str = "text", label_field: str = "label",
-                      label_names: list[str] | str = "", pooling: Literal["last", "mean"] = "last",
-                      train: FinetuneConfig = FinetuneConfig(),
+def finetune_classify(checkpoint: str, out: str, data: TaskFiles = TaskFiles(),
+                      pooling: Literal["last", "mean"] = "last", train: FinetuneConfig = FinetuneConfig(),
                       force: bool = False, resume: bool = False, device: str = "") -> dict:
     """Fine-tune a text classifier (a linear head on the pretrained model); returns the best validation scores.
 
@@ -48,15 +46,8 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
     Args:
         checkpoint: pretrained checkpoint folder to start from
         out: folder of the fine-tuned classifier
-        task: a built-in task (sentiment-en, sentiment-fr, sentiment-de, sentiment-zh, tweets-en), or give
-            train_file instead
-        train_file: your own examples: CSV, JSONL or a JSON array of records with a text and a label
-        valid_file: validation examples (default: a seeded 10% of train_file)
-        test_file: test examples for `palmkit evaluate` (default: a seeded 10% of train_file)
-        text_field: the CSV column or JSON key of the text
-        label_field: the CSV column or JSON key of the label
-        label_names: where labels are class numbers (0, 1, ...), the name of each, in order (a list, or one
-            comma-separated string): the classes get these names and this order
+        data: the examples: a built-in task (--data.task sentiment-en) or your own files (--data.train_file, a
+            text and a label per record)
         pooling: what the head reads: the hidden state of the last token, or the mean over the tokens
         train: training options
         force: write into OUT even when it holds other files: the model's files are replaced, the others kept
@@ -67,20 +58,18 @@ def finetune_classify(checkpoint: str, out: str, task: str = "", train_file: str
             is one
     """
     cfg = train
-    job = start("classify", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
-                                                    "text_field": text_field, "label_field": label_field,
-                                                    "label_names": label_names}, device)
-    data, model, tokenizer = job.data, job.model, job.tokenizer
-    _check_labels(data, data.train + data.valid)
-    module = SequenceClassifier(model, len(data.labels), pooling, cfg.dropout)
-    items, valid, _ = encode_splits(data, cfg, lambda ex: classify_items(tokenizer, ex, data.labels, cfg.max_len))
+    job = start("classify", checkpoint, cfg, data, device)
+    task, model, tokenizer = job.data, job.model, job.tokenizer
+    _check_labels(task, task.train + task.valid)
+    module = SequenceClassifier(model, len(task.labels), pooling, cfg.dropout)
+    items, valid, _ = encode_splits(task, cfg, lambda ex: classify_items(tokenizer, ex, task.labels, cfg.max_len))
 
     def validate() -> dict[str, float]:
         logits = torch.stack(predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2))
         y = torch.tensor([it.target for it in valid])
         return {"loss": F.cross_entropy(logits, y).item(),
-                **classification_scores(y.tolist(), logits.argmax(-1).tolist(), len(data.labels))}
+                **classification_scores(y.tolist(), logits.argmax(-1).tolist(), len(task.labels))}
 
-    extra = {"task": "classify", "labels": data.labels, "pooling": pooling, "max_len": cfg.max_len, **job.source}
-    return fit(module, model, tokenizer, items, validate, _classify_loss, cfg, out, metric_name(cfg, "classify"), extra,
-               force, resume, device, job.data.rejected)
+    extra = {"task": "classify", "labels": task.labels, "pooling": pooling, "max_len": cfg.max_len, **job.source}
+    objective = Objective(items, _classify_loss, validate, metric_name(cfg, "classify"), extra, task.rejected)
+    return fit(module, model, tokenizer, objective, cfg, out, force, resume, device)

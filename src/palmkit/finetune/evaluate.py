@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 from tqdm import tqdm
 
-from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
+from palmkit.data.tasks import TaskData, TaskFiles, load_task, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.baselines import most_frequent_tag_baseline, needs_char_ngrams, tfidf_baseline
 from palmkit.finetune.encode import chat_items, lm_batches
@@ -21,19 +22,18 @@ from palmkit.finetune.scores import classification_report, entity_scores
 from palmkit.io import atomic_write_bytes, atomic_write_json, claim_names, split_list
 from palmkit.model.checkpoint import load_checkpoint, load_config
 from palmkit.train.lm_eval import mean_lm_loss
-from palmkit.train.metrics import plt
 
 
 def confusion_png(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> Path:
     """The confusion matrix as an annotated heat map (rows: true class, columns: predicted)."""
     size = max(4.0, 1.0 + 0.9 * len(labels))
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=list(labels)).plot(ax=ax, colorbar=False,
                                                                                  cmap="Blues", values_format="d")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -56,9 +56,7 @@ def _rebuild(config: dict, kind: str, seed: int) -> TaskData:
     """The fine-tuning task's splits, as the checkpoint's config.json describes them."""
     files = config.get("data_files") or {}
     if files.get("train"):
-        return load_user_task(kind, files["train"], files.get("valid", ""), files.get("test", ""),
-                              files.get("text_field", "text"), files.get("label_field", ""), seed,
-                              label_names=files.get("label_names", ""))
+        return TaskFiles.from_record(files).load(kind, seed)
     return load_task(config["data"], seed=seed)
 
 

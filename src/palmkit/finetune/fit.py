@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm import tqdm
 
-from palmkit.data.tasks import TaskData, load_task, load_user_task, subsample
+from palmkit.data.tasks import TaskData, TaskFiles, subsample
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, batches, collate
 from palmkit.finetune.heads import HEAD_FILE
@@ -277,6 +277,18 @@ def _module_reader(aliases: dict[str, str]) -> Callable[[Path, nn.Module], dict]
 
 
 @dataclass
+class Objective:
+    """What a fine-tune trains on and how it is judged."""
+
+    items: list[Item]  # the encoded training examples
+    loss: Callable  # loss(module, ids, lengths, targets) -> scalar tensor
+    validate: Callable[[], dict[str, float]]  # the validation scores, the metric among them
+    metric: str  # the score that picks the best model and stops early
+    extra: dict  # what the tuned checkpoint's config.json records about the task
+    rejected: list[dict] = field(default_factory=list)  # the user's records left out (OUT/rejected.jsonl)
+
+
+@dataclass
 class _Progress:
     """The loop's state that a resume restores: steps done, the best validation record, early stopping."""
 
@@ -291,13 +303,14 @@ class _FineTune:
     """One fine-tuning run on the training engine (palmkit.train.engine): setup, then `run` repeats `step` with
     periodic log, validation (the best model saved to OUT, early stopping) and training checkpoints."""
 
-    def __init__(self, module: nn.Module, model: PaLM, tokenizer: Tokenizer, items: list[Item],
-                 validate: Callable[[], dict[str, float]], loss_fn: Callable, cfg: FinetuneConfig, out: Path,
-                 metric: str, extra: dict, force: bool, resume: bool, device: str, rejected: list[dict]):
+    def __init__(self, module: nn.Module, model: PaLM, tokenizer: Tokenizer, objective: Objective,
+                 cfg: FinetuneConfig, out: Path, force: bool, resume: bool, device: str):
         self.d = d = init_distributed(device)
-        self.module, self.model, self.tokenizer, self.items = module, model, tokenizer, items
-        self.validate, self.cfg, self.out, self.metric, self.extra = validate, cfg, out, metric, extra
-        self.loss_fn = lambda m, batch: loss_fn(m, *batch)
+        self.module, self.model, self.tokenizer, self.items = module, model, tokenizer, objective.items
+        self.validate, self.cfg, self.out = objective.validate, cfg, out
+        self.metric, self.extra = objective.metric, objective.extra
+        self.loss_fn = lambda m, batch: objective.loss(m, *batch)
+        items, rejected = objective.items, objective.rejected
         self.steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
         self.total = self.steps_per_epoch * cfg.epochs
         # Sharded weights are gathered for saving the best model into a twin on the main rank, built now on the
@@ -308,7 +321,7 @@ class _FineTune:
         self.sharded = sharded
         self.engine = Engine(module, engine_config(cfg), d, cfg.peak_lr,
                              LRSchedule(round(cfg.warmup * self.total), self.total), cfg.weight_decay)
-        self.sign = 1 if _higher_is_better(metric) else -1
+        self.sign = 1 if _higher_is_better(self.metric) else -1
         self.progress = _Progress()
         if d.is_main:
             check_destination(out, FINETUNE_FILES, force)
@@ -458,21 +471,18 @@ class _FineTune:
         return {**p.best, "seconds": seconds, "steps": p.step, "trainable_params": self.trainable}
 
 
-def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, train_items: list[Item],
-        validate: Callable[[], dict[str, float]], loss_fn: Callable, cfg: FinetuneConfig, out: str | Path,
-        metric: str, extra: dict, force: bool = False, resume: bool = False, device: str = "",
-        rejected: list[dict] = ()) -> dict:  # type: ignore[assignment]
-    """Train `module` with AdamW, warm-up then cosine decay, validation with early stopping; the best
-    model is saved to `out` each time the validation metric improves. Returns the best validation record.
+def fit(module: nn.Module, model: PaLM, tokenizer: Tokenizer, objective: Objective, cfg: FinetuneConfig,
+        out: str | Path, force: bool = False, resume: bool = False, device: str = "") -> dict:
+    """Train `module` on `objective` with AdamW, warm-up then cosine decay, validation with early stopping; the
+    best model is saved to `out` each time the validation metric improves. Returns the best validation record.
 
     Runs on the training engine: on `device`, in cfg.dtype, over the processes torchrun started (each takes its
     share of every batch; the main one writes). Training checkpoints in OUT/checkpoints let `resume` continue
     exactly where a stopped run was. An `out` that holds files palmkit does not write there is refused before
     training, or with `force` updated in place: palmkit's files replaced, the others kept
-    (palmkit.io.staged_dir). `rejected`: records of the user's data left out, written to OUT/rejected.jsonl
-    and counted in the log and metrics."""
-    return _FineTune(module, model, tokenizer, train_items, validate, loss_fn, cfg, Path(out), metric, extra, force,
-                     resume, device, list(rejected)).run()
+    (palmkit.io.staged_dir). The objective's rejected records are written to OUT/rejected.jsonl and counted in
+    the log and metrics."""
+    return _FineTune(module, model, tokenizer, objective, cfg, Path(out), force, resume, device).run()
 
 
 class Job(NamedTuple):
@@ -485,14 +495,12 @@ class Job(NamedTuple):
     source: dict  # what the tuned checkpoint's config.json records about the data
 
 
-def start(kind: str, checkpoint: str, cfg: FinetuneConfig, task: str, files: dict[str, str], device: str = "") -> Job:
-    """The task's data (a built-in `task`, or the user's `files`: train, valid, test, text_field, label_field,
-    label_names) and the pretrained model prepared for fine-tuning, on `device` ("": cuda when there is one)."""
-    data = task_data(kind, task, files.get("train", ""), files.get("valid", ""), files.get("test", ""),
-                     files.get("text_field", "text"), files.get("label_field", "label"), cfg.seed,
-                     files.get("label_names", ""))
+def start(kind: str, checkpoint: str, cfg: FinetuneConfig, files: TaskFiles, device: str = "") -> Job:
+    """The task's data (a built-in task or the user's files) and the pretrained model prepared for fine-tuning,
+    on `device` ("": cuda when there is one)."""
+    data = files.load(kind, cfg.seed)
     model, tokenizer, config = prepare(checkpoint, cfg, device)
-    return Job(data, model, tokenizer, config, data_source(data, files))
+    return Job(data, model, tokenizer, config, {"data": data.name, "lang": data.lang, "data_files": files.record()})
 
 
 def encode_splits(data: TaskData, cfg: FinetuneConfig, encode: Callable[[list], list[Item]]
@@ -519,21 +527,3 @@ def prepare(checkpoint: str, cfg: FinetuneConfig, device: str = "") -> tuple[PaL
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     return model, tokenizer, config
-
-
-def task_data(kind: str, task: str, train_file: str, valid_file: str, test_file: str, text_field: str,
-               label_field: str, seed: int, label_names: list[str] | str = "") -> TaskData:
-    if bool(task) == bool(train_file):
-        raise PalmkitError("give either --task (a built-in task) or --train_file (your own data)")
-    data = load_task(task, seed=seed) if task else load_user_task(kind, train_file, valid_file, test_file,
-                                                                  text_field, label_field, seed,
-                                                                  label_names=label_names)
-    if data.kind != kind:
-        raise PalmkitError(f"task {data.name} is a {data.kind} task, not {kind}")
-    return data
-
-
-def data_source(data: TaskData, files: dict) -> dict:
-    """What config.json records about the data, so that evaluate can rebuild the same splits."""
-    paths = {k: str(Path(v).resolve()) if k in ("train", "valid", "test") else v for k, v in files.items() if v}
-    return {"data": data.name, "lang": data.lang, "data_files": paths}

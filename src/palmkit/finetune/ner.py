@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from palmkit.data.tasks import TaggedSentence
+from palmkit.data.tasks import TaggedSentence, TaskFiles
 from palmkit.finetune.encode import Item, align_words
-from palmkit.finetune.fit import FinetuneConfig, encode_splits, fit, metric_name, start
+from palmkit.finetune.fit import FinetuneConfig, Objective, encode_splits, fit, metric_name, start
 from palmkit.finetune.heads import TokenClassifier
 from palmkit.finetune.predict import predict_logits, word_tags
 from palmkit.finetune.scores import entity_scores
@@ -30,9 +30,7 @@ def _token_loss(module, ids, lengths, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
 
 
-def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = "", valid_file: str = "",
-                 test_file: str = "", label_field: str = "tags", label_names: list[str] | str = "",
-                 char_level: bool = False,
+def finetune_ner(checkpoint: str, out: str, data: TaskFiles = TaskFiles(), char_level: bool = False,
                  context: Literal["causal", "echo"] = "causal", train: FinetuneConfig = FinetuneConfig(),
                  force: bool = False, resume: bool = False, device: str = "") -> dict:
     """Fine-tune a named-entity tagger (BIO tags, a linear head on every token); returns the best validation scores.
@@ -43,14 +41,9 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
     Args:
         checkpoint: pretrained checkpoint folder to start from
         out: folder of the fine-tuned tagger
-        task: a built-in task (ner-en, ner-zh, ner-ja), or give train_file instead
-        train_file: your own sentences: CoNLL (word and tag columns), or JSONL or a JSON array of
-            {"tokens": [...], "tags": [...]}
-        valid_file: validation sentences (default: a seeded 10% of train_file)
-        test_file: test sentences for `palmkit evaluate` (default: a seeded 10% of train_file)
-        label_field: the JSON key of the tags (ner_tags in Hugging Face datasets)
-        label_names: where tags are numbers, the tag of each (O,B-PER,I-PER,...: a list, or one comma-separated
-            string)
+        data: the sentences: a built-in task (--data.task ner-zh) or your own files (--data.train_file: CoNLL, or
+            {"tokens": [...], "tags": [...]} records; numbered tags: --data.label_field ner_tags
+            --data.label_names O,B-PER,I-PER,...)
         char_level: one token per character, for scripts written without spaces
         context: causal: each token's tag sees only the words before it; echo: the sentence is fed twice and
             the tags read the second copy, so that every tag sees the whole sentence
@@ -63,24 +56,23 @@ def finetune_ner(checkpoint: str, out: str, task: str = "", train_file: str = ""
             is one
     """
     cfg = train
-    job = start("ner", checkpoint, cfg, task, {"train": train_file, "valid": valid_file, "test": test_file,
-                                               "label_field": label_field, "label_names": label_names}, device)
-    data, model, tokenizer = job.data, job.model, job.tokenizer
-    char_level = data.char_level or char_level
+    job = start("ner", checkpoint, cfg, data, device)
+    task, model, tokenizer = job.data, job.model, job.tokenizer
+    char_level = task.char_level or char_level
     echo = context == "echo"
-    module = TokenClassifier(model, len(data.labels), cfg.dropout)
-    items, valid, valid_ex = encode_splits(data, cfg, lambda ex: ner_items(tokenizer, ex, data.labels, cfg.max_len,
+    module = TokenClassifier(model, len(task.labels), cfg.dropout)
+    items, valid, valid_ex = encode_splits(task, cfg, lambda ex: ner_items(tokenizer, ex, task.labels, cfg.max_len,
                                                                            char_level, echo))
 
     def validate() -> dict[str, float]:
         logits = predict_logits(module, valid, tokenizer.pad_id, cfg.batch_size * 2)
         flat = torch.cat(logits)
         targets = torch.tensor([t for it in valid for t in it.target])
-        scores = entity_scores([s.tags for s in valid_ex], word_tags(logits, valid, data.labels))["micro"]
+        scores = entity_scores([s.tags for s in valid_ex], word_tags(logits, valid, task.labels))["micro"]
         return {"loss": F.cross_entropy(flat, targets, ignore_index=-100).item(), "f1": scores["f1"],
                 "precision": scores["precision"], "recall": scores["recall"]}
 
-    extra = {"task": "ner", "labels": data.labels, "char_level": char_level, "context": context,
+    extra = {"task": "ner", "labels": task.labels, "char_level": char_level, "context": context,
              "max_len": cfg.max_len, **job.source}
-    return fit(module, model, tokenizer, items, validate, _token_loss, cfg, out, metric_name(cfg, "ner"), extra, force,
-               resume, device, job.data.rejected)
+    objective = Objective(items, _token_loss, validate, metric_name(cfg, "ner"), extra, task.rejected)
+    return fit(module, model, tokenizer, objective, cfg, out, force, resume, device)

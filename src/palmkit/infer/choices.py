@@ -21,7 +21,7 @@ from tqdm import tqdm
 from palmkit.data.tasks import load_task
 from palmkit.errors import PalmkitError
 from palmkit.infer.sampling import token_logprobs
-from palmkit.io import atomic_open
+from palmkit.io import atomic_open, jsonl_rows
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.model.palm import PaLM
 from palmkit.model.tokenizer import Tokenizer
@@ -58,18 +58,15 @@ def write_choice_items(task: str, out: str = "palmkit_choices.jsonl", split: str
 def read_choice_items(path: str | Path) -> list[dict]:
     """The items of a JSONL file as `write_choice_items` writes them, checked."""
     items = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, item in jsonl_rows(Path(path).read_text(encoding="utf-8"), path):
         try:
-            item = json.loads(line)
             ok = isinstance(item["prompt"], str) and item["prompt"] and len(item["choices"]) >= 2 and \
                 0 <= item["label"] < len(item["choices"])
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             ok = False
         if not ok:
             raise PalmkitError(f"{path}:{n}: expected {{\"prompt\": text, \"choices\": [two or more], \"label\": "
-                               f"index}}, got {line[:200]}")
+                               f"index}}, got {json.dumps(item, ensure_ascii=False)[:200]}")
         items.append(item)
     return items
 

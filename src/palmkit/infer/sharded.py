@@ -137,7 +137,7 @@ def run_sharded(input: str, output: str, predict: Predict, field: str, job: dict
     starts, digest = scan_records(input, field)
     parts = parts_dir(output)
     manifest = {"input": str(Path(input).resolve()), "input_sha256": digest, "records": len(starts), "job": job}
-    if (parts / MANIFEST).exists() and load_json(parts / MANIFEST) != manifest:
+    if (parts / MANIFEST).exists() and load_json(parts / MANIFEST, "job manifest") != manifest:
         raise PalmkitError(f"{parts} holds the results of another job or input (see its {MANIFEST}): remove it, "
                            "or choose another --output")
     group = control_group() if d.world_size > 1 else None

@@ -51,7 +51,7 @@ def load_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {path}")
-    config = load_json(path / CONFIG_FILE)
+    config = load_json(path / CONFIG_FILE, "checkpoint file")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise CheckpointError(f"corrupt checkpoint file {path / CONFIG_FILE}: no 'model' section")
     return config

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from palmkit.data.recommend import FeedbackSplit, Movie
 from palmkit.io import atomic_write_bytes, atomic_write_json
@@ -25,7 +26,6 @@ from palmkit.recommend.metrics import ranking_metrics, top_k
 from palmkit.recommend.recommender import SYSTEMS, Recommender
 from palmkit.recommend.retriever import Retriever, RetrieverConfig
 from palmkit.recommend.scorer import TextScorer
-from palmkit.train.metrics import plt
 
 LABELS = {"popularity": "popularity", "retriever": "retriever (ALS)", "lm": "language model",
           "combination": "combination"}
@@ -92,7 +92,8 @@ def chart_png(result: dict, path: Path) -> Path:
     k = result["k"]
     metrics = [(f"recall@{k}", "systems"), (f"ndcg@{k}", "systems"), (f"hr@{k}", "systems"), (f"recall@{k}", "cold")]
     systems = list(result["systems"])
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig = Figure(figsize=(8, 4.2))
+    ax = fig.subplots()
     width = 0.8 / len(systems)
     for j, system in enumerate(systems):
         values = [result[part][system][m] for m, part in metrics]
@@ -105,7 +106,6 @@ def chart_png(result: dict, path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

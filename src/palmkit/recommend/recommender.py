@@ -160,7 +160,7 @@ def load_recommender(path: str | Path, device: str = "cpu", model: PaLM | None =
     if not (path / RECOMMENDER_JSON).is_file():
         raise PalmkitError(f"{path}: not a recommender folder (no {RECOMMENDER_JSON}): "
                            "`palmkit recipe recommend` writes one")
-    meta = load_json(path / RECOMMENDER_JSON)
+    meta = load_json(path / RECOMMENDER_JSON, "recommender file")
     tensors = load_tensors(path / RECOMMENDER_TENSORS)
     movies = [Movie(i, title, year, tuple(genres)) for i, title, year, genres in meta["items"]]
     retriever = Retriever(tensors["item_factors"].numpy(), **meta["retriever"])

@@ -26,7 +26,7 @@ from torch import nn
 from palmkit.data.recommend import FeedbackSplit, Movie
 from palmkit.errors import PalmkitError
 from palmkit.finetune.encode import Item, encode_text
-from palmkit.finetune.fit import FinetuneConfig, fit, prepare
+from palmkit.finetune.fit import FinetuneConfig, Objective, fit, prepare
 from palmkit.finetune.heads import SequenceClassifier
 from palmkit.finetune.predict import load_head, predict_logits
 from palmkit.model.palm import PaLM
@@ -185,8 +185,8 @@ def finetune_scorer(checkpoint: str, out: str, split: FeedbackSplit, movies: dic
 
     extra = {"task": TASK, "scorer": asdict(scorer), "max_len": scorer.history_len + scorer.item_len,
              "data": "movielens-100k", "train_pairs": len(pairs)}
-    return fit(module, model, tokenizer, [encoder.pair(*p) for p in pairs], validate, _pair_loss, train, out,
-               "auc", extra, resume=resume, device=device)
+    objective = Objective([encoder.pair(*p) for p in pairs], _pair_loss, validate, "auc", extra)
+    return fit(module, model, tokenizer, objective, train, out, resume=resume, device=device)
 
 
 class TextScorer:

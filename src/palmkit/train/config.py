@@ -29,7 +29,8 @@ class TrainConfig:
     """Everything that defines a pretraining run (saved in every checkpoint and in OUT/train_config.json)."""
 
     preset: str = "small"
-    """model size: tiny, small, base, or a paper size (palm-8b, palm-62b, palm-540b); `palmkit info` counts one"""
+    """model size: tiny, mini (the quickstart's), small, base, or a paper size (palm-8b, palm-62b, palm-540b);
+    `palmkit info` counts one"""
     seq_len: int = 256
     """tokens per training sequence (the model's context)"""
     batch_tokens: int = 16384
@@ -110,7 +111,7 @@ def saved_config(run: str | os.PathLike) -> TrainConfig | None:
     path = Path(run) / "train_config.json"
     if not path.is_file():
         return None
-    saved = load_json(path)
+    saved = load_json(path, "run options file")
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
         raise PalmkitError(f"corrupt run file {path}: no 'train' section")
     return TrainConfig.from_dict(saved["train"])

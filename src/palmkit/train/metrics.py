@@ -6,13 +6,10 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from torch.utils.tensorboard import SummaryWriter
 
-from palmkit.io import atomic_write_bytes
-
-matplotlib.use("Agg")  # files only: never needs a display
+from palmkit.io import atomic_write_bytes, jsonl_rows
 
 
 class MetricsLog:
@@ -47,20 +44,16 @@ class MetricsLog:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """Records of a metrics.jsonl file (a torn last line from a crash is ignored)."""
-    out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+        return [row for _, row in jsonl_rows(f, path, skip_bad=True)]
 
 
 def plot_curves(series: dict[str, tuple[list[float], list[float]]], out: str | os.PathLike, title: str,
                 ylabel: str = "loss", xlabel: str = "step") -> Path:
     """Line plot of named (x, y) series into a PNG."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # a bare Figure draws without pyplot's global state or a display backend, as every palmkit plot does
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, label=name, marker="o" if len(xs) < 30 else None, markersize=3)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -70,7 +63,6 @@ def plot_curves(series: dict[str, tuple[list[float], list[float]]], out: str | o
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

@@ -247,3 +247,14 @@ def pretrain(data: str, out: str = "runs/pretrain", train: TrainConfig = TrainCo
             is one
     """
     return Pretraining(train, data, out, resume, init_from, device).run()
+
+
+def resumed_options(out: str, resume: bool) -> dict:
+    """`palmkit pretrain --resume`: the options not typed again take the values the run in OUT was saved with
+    (train_config.json); pretrain then prints the ones that differ and refuses those that would not continue
+    the same run."""
+    saved = resume and saved_config(out)
+    return {"train": asdict(saved)} if saved else {}
+
+
+pretrain.saved_defaults = resumed_options  # read by the CLI before it parses the options

@@ -140,7 +140,7 @@ def checkpoint_candidates(run: Path) -> list[Path]:
     latest, first = run / "latest.json", []
     if latest.is_file():
         try:
-            path = run / "checkpoints" / str(load_json(latest)["path"])
+            path = run / "checkpoints" / str(load_json(latest, "latest-checkpoint pointer")["path"])
             if not (path / TRAINER_FILE).is_file():
                 raise CheckpointError(f"{latest} names {path.name}, which is missing or incomplete")
             first = [path]
@@ -176,7 +176,7 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
 
     Every file is read and checked before anything is restored, so a damaged checkpoint (CheckpointError) leaves
     the model and optimiser as they were. A rank that the saving run did not have takes rank 0's RNG."""
-    state = load_json(path / TRAINER_FILE)
+    state = load_json(path / TRAINER_FILE, "training state file")
     tensors = load_tensors(path / OPTIMIZER_FILE)
     weights = read_weights(path, model)
     rng = {kind: tensors.get(f"rng.{kind}.{d.rank}", tensors.get(f"rng.{kind}.0", tensors.get(f"rng.{kind}")))

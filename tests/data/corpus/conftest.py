@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from palmkit.data.corpus.build import build
+from palmkit.data.corpus.build import RunOptions, TokenizerOptions, build
 from palmkit.data.corpus.sources import select_sources
 from palmkit.data.fetch import is_fetched, mark_fetched, package_path
 from tests.data.conftest import FIX
@@ -30,7 +30,8 @@ def fixture_cache(root: Path, langs: tuple[str, ...]) -> Path:
 def built(tmp_path_factory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("built")
     cache = fixture_cache(tmp / "cache", ("en", "de", "zh"))
-    summary = build(str(tmp / "out"), langs=["en,de", "zh"], cache=str(cache), vocab_size=1000, workers=1)
+    summary = build(str(tmp / "out"), langs=["en,de", "zh"], tokenizer=TokenizerOptions(vocab_size=1000),
+                    run=RunOptions(cache=str(cache), workers=1))
     return tmp / "out", summary
 
 

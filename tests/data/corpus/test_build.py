@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from palmkit.cli import main
-from palmkit.data.corpus.build import build
+from palmkit.data.corpus.build import RunOptions, SplitOptions, TokenizerOptions, build, shard_text
 from palmkit.data.corpus.dedup import normalise
 from palmkit.data.corpus.stages import sample_rates
 from palmkit.data.shards import mixture_weights
@@ -63,7 +63,8 @@ def test_splits_are_disjoint_deduplicated_and_deterministic(built, tmp_path):
     assert len(bz) == 1  # bzcat.1 is a copy of bzip2.1
     # The same build with two worker processes writes the very same files.
     cache = fixture_cache(tmp_path / "cache", ("de", "zh"))
-    build(str(tmp_path / "again"), langs=["de", "zh"], cache=str(cache), vocab_size=1000, workers=2)
+    build(str(tmp_path / "again"), langs=["de", "zh"], tokenizer=TokenizerOptions(vocab_size=1000),
+          run=RunOptions(cache=str(cache), workers=2))
     for lang in ("de", "zh"):
         for split in ("train.jsonl", "valid.jsonl"):
             assert (tmp_path / "again/text" / lang / split).read_bytes() == (out / "text" / lang / split).read_bytes()
@@ -79,16 +80,34 @@ def same_files(a: Path, b: Path) -> None:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def test_shard_text_writes_the_shards_the_build_wrote(built, tmp_path):
+    """A corpus laid out by hand (text and tokenizer) gets the build's own shards: the tests' fixtures use it."""
+    import shutil
+
+    out, _ = built
+    shutil.copytree(out / "text", tmp_path / "text")
+    shutil.copyfile(out / "tokenizer.model", tmp_path / "tokenizer.model")
+    summary = shard_text(tmp_path)
+    assert sorted(summary) == sorted(p.name for p in (out / "shards").iterdir())
+    for lang in summary:
+        for name in ("train.bin", "valid.bin", "index.json"):
+            assert (tmp_path / "shards" / lang / name).read_bytes() == (out / "shards" / lang / name).read_bytes()
+    assert not (tmp_path / ".build").exists()
+    assert (tmp_path / "text/en/train.jsonl").read_bytes() == (out / "text/en/train.jsonl").read_bytes()
+
+
 def test_two_workers_and_two_machines_write_the_same_corpus(built, tmp_path):
     out, _ = built
     cache = fixture_cache(tmp_path / "cache", ("en", "de", "zh"))
-    build(str(tmp_path / "two"), langs=["en,de", "zh"], cache=str(cache), vocab_size=1000, workers=2)
+    build(str(tmp_path / "two"), langs=["en,de", "zh"], tokenizer=TokenizerOptions(vocab_size=1000),
+          run=RunOptions(cache=str(cache), workers=2))
     same_files(out, tmp_path / "two")
     # two machines sharing the folder: each runs its half of every stage, machine 0 writes the corpus
     cmd = [sys.executable, "-m", "palmkit.cli", "corpus", "build", "--out", str(tmp_path / "nodes"), "--langs",
-           "en,de,zh", "--cache", str(cache), "--vocab_size", "1000", "--workers", "1", "--nodes", "2"]
+           "en,de,zh", "--run.cache", str(cache), "--tokenizer.vocab_size", "1000", "--run.workers", "1",
+           "--run.nodes", "2"]
     logs = [open(tmp_path / f"node{r}.log", "w") for r in (0, 1)]
-    runs = [subprocess.Popen([*cmd, "--node_rank", str(r)], stderr=logs[r]) for r in (1, 0)]
+    runs = [subprocess.Popen([*cmd, "--run.node_rank", str(r)], stderr=logs[r]) for r in (1, 0)]
     try:
         codes = [r.wait(timeout=600) for r in runs]
     finally:
@@ -107,9 +126,9 @@ def test_two_workers_share_the_dedup_partitions_and_write_the_same_corpus(tmp_pa
     monkeypatch.setattr(build_module, "DEDUP_PART_BYTES", 10_000)
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in perturbed_articles(seed=4)), encoding="utf-8")
-    args = dict(langs="en", subset="none", inputs=str(data), lang="en", vocab_size=400, unit_mb=0.02)
-    build(str(tmp_path / "one"), workers=1, **args)
-    build(str(tmp_path / "two"), workers=2, **args)
+    args = dict(langs="en", subset="none", inputs=str(data), lang="en", tokenizer=TokenizerOptions(vocab_size=400))
+    build(str(tmp_path / "one"), **args, run=RunOptions(workers=1, unit_mb=0.02))
+    build(str(tmp_path / "two"), **args, run=RunOptions(workers=2, unit_mb=0.02))
     same_files(tmp_path / "one", tmp_path / "two")
     near = re.search(r"^\| en \| [\d.]+ \| \d+ \| [\d,]+ \| \d+ \| [\d.]+ \| (\d+) \| (\d+) \|",
                      (tmp_path / "two/report.md").read_text(), re.M)
@@ -120,7 +139,7 @@ DIE_AT = """
 import os, signal, sys
 import palmkit.data.corpus.build as build_module
 import palmkit.data.corpus.stages as stages
-from palmkit.data.corpus.build import build
+from palmkit.data.corpus.build import RunOptions, TokenizerOptions, build
 stage, n = sys.argv[1], int(sys.argv[2])
 build_module.DEDUP_PART_BYTES = int(sys.argv[5])
 real, calls = getattr(stages, stage), []
@@ -130,8 +149,8 @@ def dying(*args):
         os.killpg(0, signal.SIGKILL)  # the build and its helper processes, no clean-up: as when a machine goes down
     return real(*args)
 setattr(stages, stage, dying)
-build(sys.argv[3], langs="en", subset="none", inputs=sys.argv[4], lang="en", vocab_size=400, workers=1,
-      unit_mb=0.004)
+build(sys.argv[3], langs="en", subset="none", inputs=sys.argv[4], lang="en", tokenizer=TokenizerOptions(vocab_size=400),
+      run=RunOptions(workers=1, unit_mb=0.004))
 """
 
 
@@ -147,7 +166,8 @@ def test_a_killed_build_resumes_without_redoing_and_writes_the_same_files(tmp_pa
     monkeypatch.setattr(build_module, "DEDUP_PART_BYTES", 10_000)  # several dedup partitions
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in perturbed_articles(seed=3)), encoding="utf-8")
-    args = dict(langs="en", subset="none", inputs=str(data), lang="en", vocab_size=400, workers=1, unit_mb=0.004)
+    args = dict(langs="en", subset="none", inputs=str(data), lang="en", tokenizer=TokenizerOptions(vocab_size=400),
+                run=RunOptions(workers=1, unit_mb=0.004))
     calls: Counter = Counter()
     for name in UNITS:
         real = getattr(stages, name)
@@ -172,7 +192,8 @@ def test_a_killed_build_resumes_without_redoing_and_writes_the_same_files(tmp_pa
 
 def test_max_mb_per_lang_caps_a_language(tmp_path):
     cache = fixture_cache(tmp_path / "cache", ("de",))
-    build(str(tmp_path / "out"), langs=["de"], cache=str(cache), max_mb_per_lang=0.01, vocab_size=400, workers=1)
+    build(str(tmp_path / "out"), langs=["de"], tokenizer=TokenizerOptions(vocab_size=400),
+          run=RunOptions(cache=str(cache), workers=1), split=SplitOptions(max_mb_per_lang=0.01))
     docs = [r["text"] for s in ("train", "valid") for r in read_jsonl(tmp_path / "out/text/de" / f"{s}.jsonl")]
     size = sum(len(d.encode()) for d in docs)
     assert 10_000 <= size <= 10_000 + max(len(d.encode()) for d in docs)  # stops at the first document past 10 kB
@@ -204,7 +225,8 @@ def test_user_inputs_txt_jsonl_csv_with_invalid_utf8(tmp_path, capsys):
                                          b'2,"Noch eine CSV-Zeile, lang genug."\n3,"bad \xc3\x28 bytes here ok"\n')
     (data / "ignored.bin").write_bytes(b"\x00\x01")
     out = tmp_path / "out"
-    build(str(out), subset="none", inputs=[str(data)], lang="de", text_field="body", vocab_size=400, workers=1)
+    build(str(out), subset="none", inputs=[str(data)], lang="de", text_field="body",
+          tokenizer=TokenizerOptions(vocab_size=400), run=RunOptions(workers=1))
     texts = {r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/de" / f"{s}.jsonl")}
     assert texts == {"Erster Absatz mit genug Text darin.\nZweite Zeile.", "Zweiter Absatz, auch lang genug.",
                      "Ein Dokument aus einer JSONL-Datei.", "Eine Zeile aus CSV, mit Komma.",
@@ -231,7 +253,8 @@ def test_lang_auto_labels_the_documents_of_a_file_of_seven_languages(tmp_path, c
     data.write_text("".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")
     out = tmp_path / "out"
-    build(str(out), subset="none", inputs=str(data), lang="auto", vocab_size=1000, workers=1)
+    build(str(out), subset="none", inputs=str(data), lang="auto", tokenizer=TokenizerOptions(vocab_size=1000),
+          run=RunOptions(workers=1))
     got = {r["text"]: d.name for d in (out / "text").iterdir()
            for split in ("train", "valid") for r in read_jsonl(d / f"{split}.jsonl")}
     right = sum(got.get(r["text"]) == r["lang"] for r in rows)
@@ -250,14 +273,15 @@ def test_langs_keeps_the_languages_asked_for(tmp_path):
     data.write_text("".join(json.dumps({"text": r["text"]}, ensure_ascii=False) + "\n" for r in rows),
                     encoding="utf-8")
     out = tmp_path / "out"
-    build(str(out), langs="de,ru", subset="none", inputs=str(data), lang="auto", vocab_size=600, workers=1)
+    build(str(out), langs="de,ru", subset="none", inputs=str(data), lang="auto",
+          tokenizer=TokenizerOptions(vocab_size=600), run=RunOptions(workers=1))
     assert sorted(p.name for p in (out / "text").iterdir()) == ["de", "ru"]
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
     others = [r for r in rejected if r["reason"] == "language fr not in --langs"]
     assert len(others) >= 0.95 * sum(r["lang"] == "fr" for r in rows)
     assert {r["line"] for r in others} <= {i + 1 for i, r in enumerate(rows) if r["lang"] == "fr"}
     with pytest.raises(PalmkitError, match="--langs xx: not a language --lang auto knows"):
-        build(str(out), langs="de,xx", subset="none", inputs=str(data), lang="auto", workers=1)
+        build(str(out), langs="de,xx", subset="none", inputs=str(data), lang="auto", run=RunOptions(workers=1))
 
 
 def _documents(shards: Path, tokenizer: Tokenizer) -> list[str]:
@@ -286,12 +310,14 @@ def test_code_and_markdown_come_back_byte_for_byte(tmp_path):
     data = tmp_path / "code.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     out = tmp_path / "out"
-    build(str(out), subset="none", inputs=str(data), lang="en", vocab_size=2000, workers=1)
+    build(str(out), subset="none", inputs=str(data), lang="en", tokenizer=TokenizerOptions(vocab_size=2000),
+          run=RunOptions(workers=1))
     texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/en" / f"{s}.jsonl")]
     assert sorted(texts) == sorted(docs)
     decoded = _documents(out / "shards/en", Tokenizer(out / "tokenizer.model"))
     assert sorted(decoded) == sorted(docs)
-    build(str(out), subset="none", inputs=str(data), lang="en", vocab_size=2000, workers=1, normalize=True)
+    build(str(out), subset="none", inputs=str(data), lang="en", normalize=True,
+          tokenizer=TokenizerOptions(vocab_size=2000), run=RunOptions(workers=1))
     texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/en" / f"{s}.jsonl")]
     assert not any("\n    " in t for t in texts)  # the old cleaning strips each line
 
@@ -301,7 +327,8 @@ def test_user_text_loses_only_control_characters(tmp_path, capsys):
     data.write_text(json.dumps({"text": "keep\tthis  text\x00 as \x1b[31mgiven\x1b[0m\x07, \ud800 ok.\n\n\n  end"})
                     + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    build(str(out), subset="none", inputs=str(data), lang="en", vocab_size=300, workers=1)
+    build(str(out), subset="none", inputs=str(data), lang="en", tokenizer=TokenizerOptions(vocab_size=300),
+          run=RunOptions(workers=1))
     texts = [r["text"] for s in ("train", "valid") for r in read_jsonl(out / "text/en" / f"{s}.jsonl")]
     assert texts == ["keep\tthis  text as given, \ufffd ok.\n\n\n  end"]
     assert "took out 4 control character(s) or escape sequence(s) and replaced 1 invalid" in capsys.readouterr().err
@@ -311,13 +338,13 @@ def test_user_input_errors_are_clear(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n')
     with pytest.raises(PalmkitError, match=r"no documents in --inputs .*empty\.jsonl"):
-        build(str(tmp_path / "o"), subset="none", inputs=[str(empty)], lang="de", workers=1)
+        build(str(tmp_path / "o"), subset="none", inputs=[str(empty)], lang="de", run=RunOptions(workers=1))
     with pytest.raises(PalmkitError, match="--inputs needs --lang"):
         build(str(tmp_path / "o"), subset="none", inputs=[str(empty)])
     bad = tmp_path / "t.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(PalmkitError, match="no column 'text'"):
-        build(str(tmp_path / "o"), subset="none", inputs=[str(bad)], lang="de", workers=1)
+        build(str(tmp_path / "o"), subset="none", inputs=[str(bad)], lang="de", run=RunOptions(workers=1))
     r = subprocess.run([sys.executable, "-m", "palmkit.cli", "corpus", "build", "--out", str(tmp_path / "o"),
                         "--subset", "none", "--inputs", str(empty), "--lang", "de"],
                        capture_output=True, text=True, timeout=120)
@@ -333,8 +360,8 @@ def test_cli_commands_are_registered(capsys):
     with pytest.raises(SystemExit):
         main(["corpus", "build", "--help"])
     help_text = capsys.readouterr().out
-    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--max_mb_per_lang", "--alpha",
-                   "--normalize"):
+    for option in ("--out", "--langs", "--inputs", "--text_field", "--subset", "--split.max_mb_per_lang",
+                   "--tokenizer.alpha", "--tokenizer.vocab_size", "--run.workers", "--run.cache", "--normalize"):
         assert option in help_text
     # each option is explained by build's docstring
     assert "share of each language's documents held out for validation" in " ".join(help_text.split())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palmkit.data.corpus.build import build
+from palmkit.data.corpus.build import RunOptions, TokenizerOptions, build
 from palmkit.data.corpus.sources import SOURCES, fetch
 from palmkit.data.fetch import MARKER, package_path
 from tests.data.conftest import fail_downloads
@@ -18,5 +18,6 @@ def test_fetch_reports_a_source_that_cannot_be_fetched(tmp_path, monkeypatch, ca
     summary = fetch(["de"], cache=str(cache))
     assert "2 of 3 sources ready" in summary and "FAILED fortunes-de=0.35-1" in summary
     assert "could not fetch fortunes-de=0.35-1 (sources fortunes-de)" in capsys.readouterr().err
-    out = build(str(tmp_path / "out"), langs=["de"], cache=str(cache), vocab_size=400, workers=1)
+    out = build(str(tmp_path / "out"), langs=["de"], tokenizer=TokenizerOptions(vocab_size=400),
+                run=RunOptions(cache=str(cache), workers=1))
     assert "| de |" in out  # the other sources still build

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from palmkit.data.corpus import stages
-from palmkit.data.corpus.build import build
+from palmkit.data.corpus.build import RunOptions, SplitOptions, TokenizerOptions, build
 from palmkit.data.corpus.clean import clean_text
 from palmkit.data.corpus.dedup import deduplicate, doc_hash
 from palmkit.data.corpus.stages import MIN_VALID_BYTES
@@ -56,8 +56,9 @@ def test_streaming_split_matches_the_in_memory_reference(tmp_path, monkeypatch, 
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     # parts of ~4 kB: documents are spread over many parts and read tasks, and the cap falls inside a part
-    build(str(tmp_path / "out"), langs="en", subset="none", inputs=[str(data)], lang="en", vocab_size=400, workers=1,
-          unit_mb=0.004, max_mb_per_lang=max_mb)
+    build(str(tmp_path / "out"), langs="en", subset="none", inputs=[str(data)], lang="en",
+          split=SplitOptions(max_mb_per_lang=max_mb), tokenizer=TokenizerOptions(vocab_size=400),
+          run=RunOptions(workers=1, unit_mb=0.004))
     train, valid = reference_split(docs, 0.02, max_mb)
     assert texts(tmp_path / "out/text/en/train.jsonl") == train
     assert texts(tmp_path / "out/text/en/valid.jsonl") == valid

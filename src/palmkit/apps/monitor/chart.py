@@ -11,11 +11,11 @@ import io
 from datetime import datetime
 from pathlib import Path
 
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from palmkit.apps.monitor.rule import Rule, Topic
 from palmkit.io import atomic_write_bytes
-from palmkit.train.metrics import plt
 
 CHART_FILE = "sentiment.png"
 MAX_PANELS = 12
@@ -45,8 +45,8 @@ def plot_topics(topics: dict[str, Topic], alerts: list[dict], path: Path, rule: 
 
     names = shown_topics(topics, alerts)
     left_out = len([t for t in topics if topics[t].points] or topics) - len(names)
-    fig, axes = plt.subplots(max(1, len(names)), 1, figsize=(10, 1.9 * max(1, len(names)) + 0.8), sharex=True,
-                             squeeze=False)
+    fig = Figure(figsize=(10, 1.9 * max(1, len(names)) + 0.8))
+    axes = fig.subplots(max(1, len(names)), 1, sharex=True, squeeze=False)
     for ax, name in zip(axes[:, 0], names or [""], strict=True):
         pts = topics[name].points if name else []
         when = [datetime.fromisoformat(p[0]) for p in pts]
@@ -75,6 +75,5 @@ def plot_topics(topics: dict[str, Topic], alerts: list[dict], path: Path, rule: 
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path

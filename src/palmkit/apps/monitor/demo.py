@@ -21,6 +21,7 @@ from palmkit.apps.recipes import base_checkpoint
 from palmkit.data.corpus.readers import read_bbc
 from palmkit.data.corpus.sources import SOURCES
 from palmkit.data.fetch import cache_dir, fetch_package, is_fetched
+from palmkit.data.tasks import TaskFiles
 from palmkit.finetune.classify import finetune_classify
 from palmkit.finetune.evaluate import evaluate
 from palmkit.finetune.fit import FinetuneConfig
@@ -112,7 +113,7 @@ def train_classifier(base: Path, out: Path, max_train: int, epochs: int, seed: i
     steps = max(1, max_train * epochs // 16)
     options = FinetuneConfig(max_train=max_train, epochs=epochs, seed=seed, batch_size=16, max_valid=300,
                              eval_every=max(1, steps // 2), patience=0, max_len=64)
-    scores = finetune_classify(str(base), str(out), task="tweets-en", train=options)
+    scores = finetune_classify(str(base), str(out), data=TaskFiles(task="tweets-en"), train=options)
     atomic_write_json(done, {"settings": settings, "valid": scores})
     return out, True
 

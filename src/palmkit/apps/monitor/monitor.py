@@ -52,7 +52,7 @@ from palmkit.apps.monitor.state import (
 )
 from palmkit.errors import PalmkitError
 from palmkit.finetune.predict import load_classifier
-from palmkit.io import warn
+from palmkit.io import jsonl_rows, warn
 
 MAX_WARNINGS = 20  # bad lines beyond this are counted, not printed
 
@@ -251,7 +251,7 @@ class Monitor:
         """Every committed alert (of this run and earlier ones)."""
         if not self.alerts_path.exists():
             return []
-        return [json.loads(line) for line in self.alerts_path.read_bytes().splitlines() if line.strip()]
+        return [row for _, row in jsonl_rows(self.alerts_path.read_text(encoding="utf-8"), self.alerts_path)]
 
     def chart(self, path: str | os.PathLike = "") -> Path:
         """PNG of each topic's negative share over time with its baseline and alerts; written atomically."""

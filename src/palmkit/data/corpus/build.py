@@ -17,7 +17,8 @@ import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +33,9 @@ from palmkit.data.corpus.sources import DEFAULT_LANGS, fetch, select_sources
 from palmkit.data.corpus.stages import (
     AUTO,
     DEDUP_PART_BYTES,
-    SPLITS,
     Plan,
     ReadTask,
+    encode_unit,
     extracted,
     lang_plans,
     pair_units,
@@ -44,9 +45,9 @@ from palmkit.data.corpus.stages import (
     stats_rows,
 )
 from palmkit.data.fetch import is_fetched, package_path
-from palmkit.data.shards import encode_document, shard_index
+from palmkit.data.shards import SPLITS, encode_document, shard_index
 from palmkit.errors import PalmkitError
-from palmkit.io import atomic_write_bytes, atomic_write_json, split_list, warn
+from palmkit.io import atomic_write_bytes, atomic_write_json, jsonl_rows, split_list, warn
 from palmkit.model.tokenizer import Tokenizer, train_tokenizer
 
 MAX_FILES_PER_TASK = 50  # small input files share a read task
@@ -183,14 +184,58 @@ def _skipped(work: Path, plan: Plan, out: Path) -> list[tuple[str, int, str, str
     by_file: dict[str, list] = defaultdict(list)
     for path in files:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                row = json.loads(line)
+            for _, row in jsonl_rows(f, path):
                 by_file[row["file"]].append((row["line"], row["reason"]))
     (out / "rejected.jsonl").unlink(missing_ok=True)
     if by_file:
         _concat(files, out / "rejected.jsonl")
     return [(file, len(rows), ", ".join(str(n) for n, _ in rows[:5]) + (", ..." if len(rows) > 5 else ""),
              "; ".join(sorted({r for _, r in rows}))) for file, rows in sorted(by_file.items())]
+
+
+def _join_language(out: Path, work: Path, lang: str, parts: int, tokenizer: Tokenizer) -> tuple[dict, list, Counter]:
+    """Join a language's parts into text/<lang>/*.jsonl and shards/<lang>/*.bin with their index.json; (the
+    index, the report rows, the encode stage's stats)."""
+    names = [f"{k:04d}" for k in range(parts)]
+    stats: Counter = Counter()
+    for k in names:
+        stats.update(read_json(work / "encode" / lang / k / "stats.json"))
+    lang_rows = stats_rows(stats, lang)
+    index = shard_index(lang, tokenizer)
+    for split in SPLITS:
+        _concat([work / "split" / lang / k / f"{split}.jsonl" for k in names], out / "text" / lang / f"{split}.jsonl")
+        _concat([work / "encode" / lang / k / f"{split}.bin" for k in names], out / "shards" / lang / f"{split}.bin")
+        mine = [r for r in lang_rows if r["split"] == split]
+        index[split] = {key: sum(r[field] for r in mine)
+                        for key, field in (("tokens", "tokens"), ("documents", "docs"), ("bytes", "bytes"))}
+    atomic_write_json(out / "shards" / lang / "index.json", index)
+    return index, lang_rows, stats
+
+
+def shard_text(corpus: str | os.PathLike) -> dict[str, dict]:
+    """Token shards of a corpus laid out by hand: CORPUS/text/<lang>/{train,valid}.jsonl (records with "text" and
+    "source") and CORPUS/tokenizer.model, encoded by the build's own encode stage and joined as the build joins
+    them, each language one part. Returns each language's shard index (shards/<lang>/index.json)."""
+    out = Path(corpus)
+    langs = sorted(d.name for d in (out / "text").iterdir() if d.is_dir()) if (out / "text").is_dir() else []
+    if not langs:
+        raise PalmkitError(f"no languages under {out / 'text'}: build the corpus first")
+    work = out / ".build"
+    shutil.rmtree(work, ignore_errors=True)  # palmkit's own work folder, as `build` uses it
+    work.mkdir(parents=True)
+    shutil.copyfile(out / "tokenizer.model", work / "tokenizer.model")
+    tokenizer, summary = Tokenizer(work / "tokenizer.model"), {}
+    for lang in langs:
+        part = work / "split" / lang / "0000"
+        part.mkdir(parents=True)
+        for split in SPLITS:
+            if not (out / "text" / lang / f"{split}.jsonl").is_file():
+                raise PalmkitError(f"missing {out / 'text' / lang / f'{split}.jsonl'}: each language needs both splits")
+            shutil.copyfile(out / "text" / lang / f"{split}.jsonl", part / f"{split}.jsonl")
+        encode_unit(work, None, lang, 0)
+        summary[lang] = _join_language(out, work, lang, 1, tokenizer)[0]
+    shutil.rmtree(work)
+    return summary
 
 
 def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, int]], vocab_size: int) -> dict:
@@ -202,22 +247,7 @@ def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, 
     overhead = len(encode_document(tokenizer, []))  # BOS/EOS around each document's own tokens
     rows, fertility = [], {}
     for lang in langs:
-        parts = [f"{k:04d}" for k in range(plans[lang]["parts"])]
-        stats: Counter = Counter()
-        for k in parts:
-            stats.update(read_json(work / "split" / lang / k / "stats.json"))
-            stats.update(read_json(work / "encode" / lang / k / "stats.json"))
-        lang_rows = stats_rows(stats, lang)
-        index = shard_index(lang, tokenizer)
-        for split in SPLITS:
-            _concat([work / "split" / lang / k / f"{split}.jsonl" for k in parts],
-                    out / "text" / lang / f"{split}.jsonl")
-            _concat([work / "encode" / lang / k / f"{split}.bin" for k in parts],
-                    out / "shards" / lang / f"{split}.bin")
-            mine = [r for r in lang_rows if r["split"] == split]
-            index[split] = {key: sum(r[field] for r in mine)
-                            for key, field in (("tokens", "tokens"), ("documents", "docs"), ("bytes", "bytes"))}
-        atomic_write_json(out / "shards" / lang / "index.json", index)
+        index, lang_rows, stats = _join_language(out, work, lang, plans[lang]["parts"], tokenizer)
         valid = index["valid"]
         if valid["documents"]:
             fertility[lang] = {"docs": valid["documents"], "chars": stats["valid_chars"], "bytes": valid["bytes"],
@@ -242,11 +272,142 @@ def _finalize(out: Path, work: Path, plan: Plan, stages: dict[str, tuple[float, 
     return {"rows": rows}
 
 
-def build(out: str, langs: Sequence[str] | str = "", cache: str = "",
-          subset: Literal["full", "small", "none"] = "full", inputs: Sequence[str] | str = (), lang: str = "",
-          text_field: str = "text", normalize: bool = False, valid_fraction: float = 0.02, max_mb_per_lang: float = 0.0,
-          vocab_size: int = 32000, alpha: float = 0.3, seed: int = 0, workers: int = 0, unit_mb: float = 32.0,
-          work_dir: str = "", nodes: int = 1, node_rank: int = 0) -> str:
+@dataclass(frozen=True)
+class SplitOptions:
+    """How much of each language is kept and held out."""
+
+    valid_fraction: float = 0.02
+    """share of each language's documents held out for validation (at least ~100 kB where the language has it,
+    at most 10%)"""
+    max_mb_per_lang: float = 0.0
+    """cap on each language's text in MB; 0: no cap"""
+
+
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """The SentencePiece tokenizer the build trains."""
+
+    vocab_size: int = 32000
+    """pieces of the SentencePiece tokenizer"""
+    alpha: float = 0.3
+    """the tokenizer sample draws language l in proportion to n_l ** alpha, so that small languages get pieces of
+    their own"""
+    seed: int = 0
+    """seed of the tokenizer sample"""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the build reads and writes its working files, and on how many processes and machines it runs."""
+
+    cache: str = ""
+    """folder of the downloaded sources (default: $PALMKIT_CACHE, else ~/.cache/palmkit/corpus)"""
+    workers: int = 0
+    """worker processes on this machine; 0: one per CPU"""
+    unit_mb: float = 32.0
+    """MB of text per unit of work (a piece of input, a part of a language): memory per worker grows with it"""
+    work_dir: str = ""
+    """folder for the build's intermediate files (default: OUT); they go in its .build/ and are removed when the
+    build is finished"""
+    nodes: int = 1
+    """machines that share OUT and run this same command, each with its own NODE_RANK"""
+    node_rank: int = 0
+    """this machine's number, 0 to NODES - 1; machine 0 trains the tokenizer and writes the report"""
+
+
+class _Stages:
+    """Runs the build's stages on the executors and times each one (for the report)."""
+
+    def __init__(self, work: Path, plan: Plan, run: RunOptions):
+        self.work, self.plan, self.run = work, plan, run
+        self.workers = run.workers or os.cpu_count() or 1
+        self.times: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, name: str, sizes: list[int]) -> None:
+        """The units of stage `name` (sizes: the bytes each one reads, to balance the workers)."""
+        self.timed(name, lambda: run_stage(StageStep(run_unit, self.work, name), sizes, self.workers, self.run.nodes,
+                                           self.run.node_rank), sum(sizes))
+
+    def timed(self, name: str, step: Callable[[], None], nbytes: int = 0) -> None:
+        t0 = time.perf_counter()
+        step()
+        self.times[name] = (time.perf_counter() - t0, nbytes)
+
+
+def _languages(langs: Sequence[str] | str, subset: str, inputs: list[str], lang: str,
+               split: SplitOptions, run: RunOptions) -> tuple[list[str], list[str], list[str]]:
+    """(languages asked for, languages to build, languages the build warns about when they get no text), once
+    the options are checked."""
+    asked = split_list(langs)
+    if inputs and not lang:
+        raise PalmkitError("--inputs needs --lang (the language of your files, e.g. --lang de, or --lang auto)")
+    if lang == AUTO:
+        unknown = sorted(set(asked) - known_languages() - set(DEFAULT_LANGS))
+        if unknown:
+            raise PalmkitError(f"--langs {', '.join(unknown)}: not a language --lang auto knows (it knows "
+                               f"{', '.join(sorted(known_languages()))})")
+    if subset == "none" and not inputs:
+        raise PalmkitError("--subset none needs --inputs: there would be no text at all")
+    if not 0 < split.valid_fraction < 1:
+        raise PalmkitError(f"--split.valid_fraction must be in (0, 1), got {split.valid_fraction}")
+    if not 0 <= run.node_rank < run.nodes:
+        raise PalmkitError(f"--run.node_rank must be in [0, {run.nodes}), got {run.node_rank}")
+    chosen = asked or (list(DEFAULT_LANGS) if subset != "none" else [])  # the built-in sources' languages
+    expected = list(chosen)
+    if lang and lang != AUTO and lang not in chosen:
+        chosen.append(lang)
+        expected.append(lang)
+    return asked, chosen, expected
+
+
+def _check_extracted(work: Path, plan: Plan, inputs: list[str]) -> None:
+    """Warn about what extraction took out of the user's inputs; refuse inputs that gave no document."""
+    user_docs, cleaned = 0, Counter()
+    for t, task in enumerate(plan.tasks):
+        if task.task is None:
+            found = read_json(work / "extract" / f"{t:05d}" / "stats.json")
+            user_docs += found["docs"]
+            cleaned.update({k: found.get(k, 0) for k in ("control_chars", "invalid_utf8")})
+    if cleaned["control_chars"] or cleaned["invalid_utf8"]:
+        warn(f"--inputs: took out {cleaned['control_chars']} control character(s) or escape sequence(s) and "
+             f"replaced {cleaned['invalid_utf8']} invalid UTF-8 character(s) with U+FFFD")
+    if inputs and not user_docs:
+        raise PalmkitError(f"no documents in --inputs {' '.join(inputs)}: no records with text "
+                           f"(at least {MIN_DOC_CHARS} characters)")
+
+
+def _deduplicate(stage: _Stages, langs: list[str], expected: list[str]) -> dict:
+    """The pairs, verify and dedup stages; the plan of each language's split."""
+    work, plan = stage.work, stage.plan
+    found = extracted(work, plan)
+    lang_bytes = {code: sum(b for _, b in tasks.values()) for code, tasks in found.items()}
+    stage("pairs", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
+    stage("verify", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
+    stage("dedup", [lang_bytes[code] for code in found])
+    plans = lang_plans(work, plan)
+    for code, p in plans.items():
+        if p["docs"] and not p["parts"]:
+            warn(f"language {code}: no training documents after cleaning; left out")
+    if not any(p["parts"] for p in plans.values()):
+        raise PalmkitError(f"the corpus is empty: no documents for {', '.join(found) or ', '.join(langs)}")
+    missing = sorted(set(expected) - {code for code, p in plans.items() if p["parts"]})
+    if missing:
+        warn(f"no text for language(s) {', '.join(missing)}")
+    return plans
+
+
+def _plan(tasks: list[ReadTask], split: SplitOptions, tokenizer: TokenizerOptions, unit_mb: float,
+          allowed: tuple[str, ...], normalize: bool) -> Plan:
+    """The build plan: what every unit of work reads, and the options that decide its output."""
+    parts = min(256, max(1, math.ceil(sum(t.nbytes for t in tasks) / DEDUP_PART_BYTES)))
+    return Plan(tuple(tasks), split.valid_fraction, split.max_mb_per_lang, unit_mb, tokenizer.alpha, tokenizer.seed,
+                allowed, normalize, parts)
+
+
+def build(out: str, langs: Sequence[str] | str = "", subset: Literal["full", "small", "none"] = "full",
+          inputs: Sequence[str] | str = (), lang: str = "", text_field: str = "text", normalize: bool = False,
+          split: SplitOptions = SplitOptions(), tokenizer: TokenizerOptions = TokenizerOptions(),
+          run: RunOptions = RunOptions()) -> str:
     """Build a corpus in OUT: cleaned, filtered, deduplicated text, a tokenizer and token shards.
 
     OUT gets text/<lang>/{train,valid}.jsonl, tokenizer.model (trained on a language-balanced sample),
@@ -262,7 +423,6 @@ def build(out: str, langs: Sequence[str] | str = "", cache: str = "",
         langs: languages to build: a list, or one comma-separated string (default: the seven built-in languages
             with the built-in sources; with --subset none, whatever languages INPUTS have); with --lang auto, the
             languages INPUTS' documents may have (any that --lang auto knows), the others listed in rejected.jsonl
-        cache: folder of the downloaded sources (default: $PALMKIT_CACHE, else ~/.cache/palmkit/corpus)
         subset: full: every built-in source; small: a few quick ones; none: only your INPUTS
         inputs: your own files or folders of them: .jsonl, .jsonl.gz, .parquet (the TEXT_FIELD key or column),
             .arrow (a Hugging Face dataset saved with save_to_disk), .csv (the TEXT_FIELD column), .txt (documents
@@ -272,98 +432,34 @@ def build(out: str, langs: Sequence[str] | str = "", cache: str = "",
         text_field: the JSON key or column of the text in INPUTS
         normalize: clean INPUTS like the built-in sources (spaces and blank lines tidied, each line's leading
             and trailing whitespace removed) instead of keeping them as given
-        valid_fraction: share of each language's documents held out for validation (at least ~100 kB where
-            the language has it, at most 10%)
-        max_mb_per_lang: cap on each language's text in MB; 0: no cap
-        vocab_size: pieces of the SentencePiece tokenizer
-        alpha: the tokenizer sample draws language l in proportion to n_l ** alpha, so that small languages
-            get pieces of their own
-        seed: seed of the tokenizer sample
-        workers: worker processes on this machine; 0: one per CPU
-        unit_mb: MB of text per unit of work (a piece of input, a part of a language): memory per worker
-            grows with it
-        work_dir: folder for the build's intermediate files (default: OUT); they go in its .build/ and are
-            removed when the build is finished
-        nodes: machines that share OUT and run this same command, each with its own NODE_RANK
-        node_rank: this machine's number, 0 to NODES - 1; machine 0 trains the tokenizer and writes the report
+        split: how much of each language is kept and held out for validation
+        tokenizer: the tokenizer's vocabulary and sample
+        run: the download cache, work folder, worker processes and machines
     """
     started = time.perf_counter()
-    out_dir = Path(out)
-    asked, inputs = split_list(langs), split_list(inputs)
-    if inputs and not lang:
-        raise PalmkitError("--inputs needs --lang (the language of your files, e.g. --lang de, or --lang auto)")
-    if lang == AUTO:
-        unknown = sorted(set(asked) - known_languages() - set(DEFAULT_LANGS))
-        if unknown:
-            raise PalmkitError(f"--langs {', '.join(unknown)}: not a language --lang auto knows (it knows "
-                               f"{', '.join(sorted(known_languages()))})")
-    langs = asked or (list(DEFAULT_LANGS) if subset != "none" else [])  # the built-in sources' languages
-    expected = list(langs)  # the languages the build warns about when they get no text
-    if lang and lang != AUTO and lang not in langs:
-        langs.append(lang)
-        expected.append(lang)
-    if subset == "none" and not inputs:
-        raise PalmkitError("--subset none needs --inputs: there would be no text at all")
-    if not 0 < valid_fraction < 1:
-        raise PalmkitError(f"--valid_fraction must be in (0, 1), got {valid_fraction}")
-    if not 0 <= node_rank < nodes:
-        raise PalmkitError(f"--node_rank must be in [0, {nodes}), got {node_rank}")
-    tasks = _source_tasks(langs, cache, subset) + _input_tasks(inputs, lang, text_field, int(unit_mb * 1e6))
+    out_dir, inputs = Path(out), split_list(inputs)
+    asked, langs, expected = _languages(langs, subset, inputs, lang, split, run)
+    tasks = _source_tasks(langs, run.cache, subset) + _input_tasks(inputs, lang, text_field, int(run.unit_mb * 1e6))
     if not tasks:
         raise PalmkitError(f"the corpus is empty: no sources for {', '.join(langs)}")
-    parts = min(256, max(1, math.ceil(sum(t.nbytes for t in tasks) / DEDUP_PART_BYTES)))
-    plan = Plan(tuple(tasks), valid_fraction, max_mb_per_lang, unit_mb, alpha, seed,
-                tuple(asked) if lang == AUTO else (), normalize, parts)
-    work = Path(work_dir or out_dir) / ".build"
-    if _start(work, plan, vocab_size, node_rank):
+    plan = _plan(tasks, split, tokenizer, run.unit_mb, tuple(asked) if lang == AUTO else (), normalize)
+    work = Path(run.work_dir or out_dir) / ".build"
+    if _start(work, plan, tokenizer.vocab_size, run.node_rank):
         tqdm.write(f"continuing the build in {work}", file=sys.stderr)
-    workers = workers or os.cpu_count() or 1
-    stages: dict[str, tuple[float, int]] = {}
-
-    def stage(name: str, sizes: list[int]) -> None:
-        t0 = time.perf_counter()
-        run_stage(StageStep(run_unit, work, name), sizes, workers, nodes, node_rank)
-        stages[name] = (time.perf_counter() - t0, sum(sizes))
-
+    stage = _Stages(work, plan, run)
     stage("extract", [t.nbytes for t in plan.tasks])
-    user_docs, cleaned = 0, Counter()
-    for t, task in enumerate(plan.tasks):
-        found = read_json(work / "extract" / f"{t:05d}" / "stats.json")
-        user_docs += found["docs"] if task.task is None else 0
-        cleaned.update({k: found.get(k, 0) for k in ("control_chars", "invalid_utf8")} if task.task is None else {})
-    if cleaned["control_chars"] or cleaned["invalid_utf8"]:
-        warn(f"--inputs: took out {cleaned['control_chars']} control character(s) or escape sequence(s) and "
-             f"replaced {cleaned['invalid_utf8']} invalid UTF-8 character(s) with U+FFFD")
-    if inputs and not user_docs:
-        raise PalmkitError(f"no documents in --inputs {' '.join(inputs)}: no records with text "
-                           f"(at least {MIN_DOC_CHARS} characters)")
-    found = extracted(work, plan)
-    lang_bytes = {code: sum(b for _, b in tasks.values()) for code, tasks in found.items()}
-    stage("pairs", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
-    stage("verify", [lang_bytes[code] // plan.dedup_parts for code, _ in pair_units(work, plan)])
-    stage("dedup", [lang_bytes[code] for code in found])
-    plans = lang_plans(work, plan)
-    for code, p in plans.items():
-        if p["docs"] and not p["parts"]:
-            warn(f"language {code}: no training documents after cleaning; left out")
-    if not any(p["parts"] for p in plans.values()):
-        raise PalmkitError(f"the corpus is empty: no documents for {', '.join(found) or ', '.join(langs)}")
-    missing = sorted(set(expected) - {code for code, p in plans.items() if p["parts"]})
-    if missing:
-        warn(f"no text for language(s) {', '.join(missing)}")
+    _check_extracted(work, plan, inputs)
+    plans = _deduplicate(stage, langs, expected)
     part_sizes = [plans[code]["part_bytes"][k] for code, k in part_units(work, plan)]
     stage("split", part_sizes)
-    t0 = time.perf_counter()
-    _train_tokenizer(work, plan, vocab_size, seed, node_rank)
-    stages["tokenizer"] = (time.perf_counter() - t0, 0)
+    stage.timed("tokenizer", lambda: _train_tokenizer(work, plan, tokenizer.vocab_size, tokenizer.seed, run.node_rank))
     stage("encode", part_sizes)
-    if node_rank > 0:
-        return f"machine {node_rank} of {nodes}: its units of {out_dir} are done; machine 0 writes the corpus"
-    result = _finalize(out_dir, work, plan, stages, vocab_size)
+    if run.node_rank > 0:
+        return f"machine {run.node_rank} of {run.nodes}: its units of {out_dir} are done; machine 0 writes the corpus"
+    result = _finalize(out_dir, work, plan, stage.times, tokenizer.vocab_size)
     shutil.rmtree(work, ignore_errors=True)
     totals = sum_by(result["rows"])
     return "\n".join([f"corpus built in {out_dir} ({time.perf_counter() - started:.0f} s)",
                       markdown_table(("language", "MB", "documents", "tokens"),
                                      [(k, mb(v["bytes"]), v["docs"], v["tokens"]) for k, v in sorted(totals.items())]),
                       f"report: {out_dir / 'report.md'}"])
-

@@ -50,8 +50,8 @@ from palmkit.data.corpus.extract import Task, clean_document, extract
 from palmkit.data.corpus.inputs import Piece, read_records
 from palmkit.data.corpus.langid import MIN_CONFIDENCE, identify
 from palmkit.data.corpus.spill import DocReader, DocWriter, band_entries
-from palmkit.data.shards import mixture_weights, shard_dtype, write_tokens
-from palmkit.io import atomic_write_json, staged_dir
+from palmkit.data.shards import SPLITS, mixture_weights, shard_dtype, write_tokens
+from palmkit.io import atomic_write_json, jsonl_rows, staged_dir
 from palmkit.model.tokenizer import Tokenizer
 
 MIN_VALID_BYTES = 100_000  # small languages still get enough held-out text for a stable perplexity
@@ -67,9 +67,6 @@ DEDUP_PART_BYTES = 64_000_000  # input per dedup partition: its band keys sort i
 
 
 AUTO = "auto"  # the language of a read task whose documents are told apart one by one
-
-
-SPLITS = ("train", "valid")
 
 
 @dataclass(frozen=True)
@@ -146,62 +143,81 @@ def segment(work: Path, t: int, lang: str) -> Path:
 # extract
 
 
+class _Extraction:
+    """The files one extraction unit writes: documents per language, batched for hashing, and its rejects."""
+
+    def __init__(self, folder: Path, dedup_parts: int, rejects):
+        self.folder, self.dedup_parts, self.rejects = folder, dedup_parts, rejects
+        self.stats: Counter = Counter()
+        self.writers: dict[str, DocWriter] = {}
+        self.batches: dict[str, list[str]] = defaultdict(list)
+        self.sizes: Counter = Counter()
+
+    def add(self, lang: str, doc: str) -> None:
+        self.batches[lang].append(doc)
+        self.sizes[lang] += len(doc)
+        if self.sizes[lang] >= HASH_BATCH_CHARS:
+            self.flush(lang)
+
+    def flush(self, lang: str) -> None:
+        if lang not in self.writers:
+            self.writers[lang] = DocWriter(self.folder / lang, self.dedup_parts)
+        self.writers[lang].add(self.batches.pop(lang, []))
+        self.sizes[lang] = 0
+
+    def reject(self, path: str, line: int, reason: str, key: str = "invalid") -> None:
+        self.stats[key] += 1
+        self.rejects.write(json.dumps({"file": path, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
+
+    def close(self) -> dict:
+        """Flush every language; the unit's stats."""
+        stats = self.stats
+        for lang in sorted(set(self.batches) | set(self.writers)):
+            self.flush(lang)
+            stats[f"bytes:{lang}"] = self.writers[lang].offset
+            stats[f"docs:{lang}"] = self.writers[lang].close()
+        stats["bytes"] = sum(w.offset for w in self.writers.values())
+        stats["docs"] = sum(stats[f"docs:{lang}"] for lang in self.writers)
+        return dict(stats)
+
+
+def _user_documents(task: ReadTask, plan: Plan, out: _Extraction) -> Iterator[tuple[str, str]]:
+    """(language, document) of the user's input pieces, cleaned; a document whose language is unclear or not
+    asked for is rejected."""
+    for piece in task.pieces:
+        for line, text in read_records(piece, task.text_field, out.reject):
+            doc = clean_document(text, task.lang, False, out.stats, as_given=not plan.normalize)
+            if doc is None:
+                continue
+            lang = task.lang
+            if lang == AUTO:
+                lang, p = identify(doc)
+                if p < MIN_CONFIDENCE:
+                    out.reject(piece.path, line, f"language unclear (at most {lang}, p = {p:.2f} < "
+                                                 f"{MIN_CONFIDENCE})", "language_unclear")
+                    continue
+                if plan.allowed and lang not in plan.allowed:
+                    out.reject(piece.path, line, f"language {lang} not in --langs", "language_other")
+                    continue
+            yield lang, doc
+
+
 def extract_unit(work: Path, plan: Plan, t: int) -> None:
     """Documents of read task t, cleaned, into work/extract/<t>/<lang>/ (texts, signatures, keys), with its stats
     and the records it could not use (rejected.jsonl: file, line, reason)."""
     task = plan.tasks[t]
     with staged_dir(work / "extract" / f"{t:05d}") as folder:
-        stats: Counter = Counter()
-        writers: dict[str, DocWriter] = {}
-        batches: dict[str, list[str]] = defaultdict(list)
-        sizes: Counter = Counter()
-
-        def add(lang: str, doc: str) -> None:
-            batches[lang].append(doc)
-            sizes[lang] += len(doc)
-            if sizes[lang] >= HASH_BATCH_CHARS:
-                flush(lang)
-
-        def flush(lang: str) -> None:
-            if lang not in writers:
-                writers[lang] = DocWriter(folder / lang, plan.dedup_parts)
-            writers[lang].add(batches.pop(lang, []))
-            sizes[lang] = 0
-
         with open(folder / "rejected.jsonl", "w", encoding="utf-8") as rejects:
-            def reject(path: str, line: int, reason: str, key: str = "invalid") -> None:
-                stats[key] += 1
-                rejects.write(json.dumps({"file": path, "line": line, "reason": reason}, ensure_ascii=False) + "\n")
-
+            out = _Extraction(folder, plan.dedup_parts, rejects)
             if task.task is not None:
                 docs, found = extract(task.task)  # a chunk of a built-in source: a few hundred files at most
-                stats.update(found)
+                out.stats.update(found)
                 for doc in docs:
-                    add(task.lang, doc)
+                    out.add(task.lang, doc)
             else:
-                for piece in task.pieces:
-                    for line, text in read_records(piece, task.text_field, reject):
-                        doc = clean_document(text, task.lang, False, stats, as_given=not plan.normalize)
-                        if doc is None:
-                            continue
-                        lang = task.lang
-                        if lang == AUTO:
-                            lang, p = identify(doc)
-                            if p < MIN_CONFIDENCE:
-                                reject(piece.path, line, f"language unclear (at most {lang}, p = {p:.2f} < "
-                                                         f"{MIN_CONFIDENCE})", "language_unclear")
-                                continue
-                            if plan.allowed and lang not in plan.allowed:
-                                reject(piece.path, line, f"language {lang} not in --langs", "language_other")
-                                continue
-                        add(lang, doc)
-        for lang in sorted(set(batches) | set(writers)):
-            flush(lang)
-            stats[f"bytes:{lang}"] = writers[lang].offset
-            stats[f"docs:{lang}"] = writers[lang].close()
-        stats["bytes"] = sum(w.offset for w in writers.values())
-        stats["docs"] = sum(stats[f"docs:{lang}"] for lang in writers)
-        atomic_write_json(folder / "stats.json", dict(stats))
+                for lang, doc in _user_documents(task, plan, out):
+                    out.add(lang, doc)
+        atomic_write_json(folder / "stats.json", out.close())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,7 +477,6 @@ def split_unit(work: Path, plan: Plan, lang: str, k: int) -> None:
         r.close()
     picked.sort(key=lambda p: (p[0], p[1]))
     rng = np.random.default_rng([plan.seed, k, *lang.encode()])
-    stats: Counter = Counter()
     with staged_dir(work / "split" / lang / f"{k:04d}") as folder:
         files = {s: open(folder / f"{s}.jsonl", "w", encoding="utf-8") for s in SPLITS}
         with files["train"], files["valid"], open(folder / "sample.txt", "w", encoding="utf-8") as sample:
@@ -469,20 +484,16 @@ def split_unit(work: Path, plan: Plan, lang: str, k: int) -> None:
                 text, source = texts.pop((t, i)), plan.tasks[t].source
                 split = "valid" if valid < lp["cut"] or doc == lp["forced"] else "train"
                 files[split].write(json.dumps({"text": text, "source": source}, ensure_ascii=False) + "\n")
-                stats[f"{split}\t{source}\tdocs"] += 1
-                stats[f"{split}\t{source}\tbytes"] += len(text.encode("utf-8"))
                 if split == "train":
                     for line in training_lines(text):
                         for _ in range(int(rate) + int(rng.random() < rate % 1)):
                             sample.write(line + "\n")
-        atomic_write_json(folder / "stats.json", dict(stats))
 
 
 def read_jsonl_texts(path: Path) -> Iterator[tuple[str, str]]:
     """(text, source) of a text part."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
+        for _, row in jsonl_rows(f, path):
             yield row["text"], row["source"]
 
 
@@ -490,8 +501,10 @@ def read_jsonl_texts(path: Path) -> Iterator[tuple[str, str]]:
 # encode
 
 
-def encode_unit(work: Path, plan: Plan, lang: str, k: int, batch_docs: int = 2048) -> None:
-    """Token files of part k of a language, with token counts per source and the validation split's fertility."""
+def encode_unit(work: Path, plan: Plan | None, lang: str, k: int, batch_docs: int = 2048) -> None:
+    """Token files of part k of a language (work/split/<lang>/<k>/{train,valid}.jsonl, records with "text" and
+    "source", encoded with work/tokenizer.model), with documents, bytes and tokens per source and the validation
+    split's characters and words (its fertility). The plan is not needed: the part's files say it all."""
     tokenizer = Tokenizer(work / "tokenizer.model")
     dtype = shard_dtype(tokenizer)
     src = work / "split" / lang / f"{k:04d}"
@@ -503,6 +516,8 @@ def encode_unit(work: Path, plan: Plan, lang: str, k: int, batch_docs: int = 204
                     counts = write_tokens(f, tokenizer, [t for t, _ in batch], dtype)
                     for (text, source), n in zip(batch, counts, strict=True):
                         stats[f"{split}\t{source}\ttokens"] += n
+                        stats[f"{split}\t{source}\tdocs"] += 1
+                        stats[f"{split}\t{source}\tbytes"] += len(text.encode("utf-8"))
                         if split == "valid":
                             stats["valid_chars"] += len(text)
                             stats["valid_words"] += len(text.split())

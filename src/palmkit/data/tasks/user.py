@@ -24,7 +24,7 @@ from palmkit.data.tasks.examples import Conversation, LabelledText, TaggedSenten
 from palmkit.data.tasks.readers import clean, conll_examples, read_text
 from palmkit.data.tasks.splits import TaskData, split_examples
 from palmkit.errors import PalmkitError
-from palmkit.io import split_list
+from palmkit.io import jsonl_rows, split_list
 
 ROLES = ("system", "user", "assistant")
 
@@ -152,14 +152,7 @@ def read_records(path: Path) -> list[tuple[int, Any]]:
         return [(reader.line_num, row) for row in reader]  # line_num: where the row just read ends
     if text.lstrip().startswith("["):
         return _json_array(path, text)
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise PalmkitError(f"{path}:{n}: not JSON: {exc}") from None
-    return rows
+    return list(jsonl_rows(text, path))
 
 
 def _json_array(path: Path, text: str) -> list[tuple[int, Any]]:
