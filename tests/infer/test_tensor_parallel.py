@@ -145,7 +145,7 @@ def test_leader_engine_equals_one_process(checkpoint):
 
 def test_generate_command_tp_equals_one_process(checkpoint):
     args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The quick brown fox", "--max_new_tokens", "12",
-            "--temperature", "0.8", "--seed", "3"]
+            "--temperature", "0.8", "--seed", "4"]
     one = subprocess.run([sys.executable, "-m", "palmkit.cli", *args], capture_output=True, text=True, timeout=120)
     two = torchrun(*args, "--tp", "2", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = two.communicate(timeout=240)

@@ -39,7 +39,14 @@ from torch import nn
 
 from palmkit.errors import PalmkitError
 from palmkit.infer.interface import LanguageModel
-from palmkit.infer.sampling import SamplingParams, TokenLogprob, make_generator, sample, token_logprobs
+from palmkit.infer.sampling import (
+    SamplingBatch,
+    SamplingParams,
+    TokenLogprob,
+    make_generator,
+    sample_batch,
+    token_logprobs,
+)
 from palmkit.infer.scheduler import SlotState, StepPlan, plan_step
 from palmkit.infer.stop import StopRule
 from palmkit.model.checkpoint import load_checkpoint
@@ -424,13 +431,11 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
         logits = logits[:, : self.vocab]
-        # one argmax and one device sync for every greedy row, in fp32: a bfloat16 argmax is several times slower
-        # on CPUs (benchmarks/README.md, "Decode step kernels"), and exact ties are equally resolved
-        greedy = logits.float().argmax(-1).tolist()
-        for seq, row, best in zip(seqs, logits, greedy, strict=True):
-            token = best if seq.params.temperature == 0 else sample(row, seq.params, seq.generator)
+        # one batched choice and one device-to-host copy for every row
+        tokens = sample_batch(logits, SamplingBatch([s.params for s in seqs], [s.generator for s in seqs])).tolist()
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.params.logprobs is not None:
-                seq.logprobs += token_logprobs(row[None], [token], seq.params.logprobs)
+                seq.logprobs += token_logprobs(logits[i:i + 1], [token], seq.params.logprobs)
             self._accept(seq, token, events)
 
     def _accept(self, seq: Sequence_, token: int, events: list) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from palmkit.errors import PalmkitError
-from palmkit.infer.sampling import SamplingParams, make_generator, sample
+from palmkit.infer.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
 from palmkit.infer.stop import StopRule
 from palmkit.model.palm import KVCache, PaLM
 from palmkit.model.tokenizer import Tokenizer
@@ -65,16 +65,15 @@ def generate_ids(model: PaLM, prompts: Sequence[Sequence[int]], params: Sampling
     logits = model.logits(h[torch.arange(len(prompts), device=device), last_index])
     # Positions live on the host: reading them from a device tensor would sync once per row per step.
     pos = [len(p) for p in prompts]
-    any_greedy = any(p.temperature == 0 for p in per_row)
+    batch = SamplingBatch(per_row, [r.generator for r in rows])
     while True:
-        # Greedy rows share one argmax and one device-to-host copy (the same ids as sample() row by row).
-        greedy = logits.argmax(-1).tolist() if any_greedy else None
+        # one batched choice and one device-to-host copy for every row (finished rows' draws are not used)
+        chosen = sample_batch(logits, batch).tolist()
         step: list[int | None] = []
-        for i, row in enumerate(rows):
+        for row, tok in zip(rows, chosen, strict=True):
             if row.done:
                 step.append(None)
                 continue
-            tok = greedy[i] if row.params.temperature == 0 else sample(logits[i], row.params, row.generator)
             row.tokens.append(tok)
             row.rule.push(tok)
             row.done = row.rule.finish is not None

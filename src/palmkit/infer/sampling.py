@@ -1,5 +1,5 @@
-"""Sampling parameters and drawing one token: greedy, temperature, top-k, top-p, seeded generators; the
-log-probabilities of tokens and their most likely alternatives."""
+"""Sampling parameters and drawing the next token of every row of a batch at once: greedy, temperature, top-k,
+top-p, a seeded generator per request; the log-probabilities of tokens and their most likely alternatives."""
 
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ class SamplingParams:
 def make_generator(seed: int | None, device: str | torch.device) -> torch.Generator | None:
     """A private RNG per request, so that a seeded request gives the same text whatever else runs.
 
-    `device` has no default: torch.multinomial draws only with a generator of the logits' device, and a CPU
-    default once made every seeded request fail on a GPU.
+    `device` has no default: a draw takes a generator of the logits' device, and a CPU default once made every
+    seeded request fail on a GPU.
     """
     if seed is None:
         return None
@@ -57,22 +57,83 @@ def make_generator(seed: int | None, device: str | torch.device) -> torch.Genera
     return g
 
 
+@dataclass
+class SamplingBatch:
+    """The sampling rules of a batch: row i of the logits is drawn by `params[i]` with `generators[i]`.
+
+    `process` is the one place where each row's logits are changed before any choice (greedy or sampled) is made:
+    per-row logits processors and [B, V] additive masks belong there.
+    """
+
+    params: Sequence[SamplingParams]
+    generators: Sequence[torch.Generator | None]
+
+    def __post_init__(self) -> None:
+        if len(self.params) != len(self.generators):
+            raise PalmkitError(f"{len(self.params)} rows of parameters for {len(self.generators)} generators")
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits (B, V) each row's choice is made from."""
+        return logits
+
+    def uniforms(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
+        """One draw in [0, 1) for each of `rows`, from that row's own generator (the global one if it has none)."""
+        return torch.cat([torch.rand(1, generator=self.generators[i], device=device) for i in rows])
+
+
+def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The next token id (B,) of every row of logits (B, V): greedy rows by argmax, the others drawn.
+
+    A sampled row takes one uniform u from its own generator and picks, by inverse CDF, the first token whose
+    cumulative probability (in vocabulary order, after temperature, top-k and top-p) exceeds u: a row's token
+    depends on its logits, its parameters and its own generator only, never on the other rows of the batch.
+    """
+    logits = batch.process(logits.float())  # fp32: a bfloat16 argmax is several times slower on CPUs
+    tokens = logits.argmax(-1)
+    drawn = [i for i, p in enumerate(batch.params) if p.temperature > 0]
+    if not drawn:
+        return tokens
+    device = logits.device
+    index = torch.tensor(drawn, device=device)
+    temperature = torch.tensor([batch.params[i].temperature for i in drawn], device=device)
+    scaled = logits[index] / temperature[:, None]
+    cut = [r for r, i in enumerate(drawn) if batch.params[i].top_k or batch.params[i].top_p < 1]
+    if cut:
+        scaled[cut] = _cut(scaled[cut], [batch.params[drawn[r]] for r in cut])
+    probs = torch.softmax(scaled, dim=-1)
+    # float64: a 32k-token float32 running sum drifts by up to ~1e-3, which would bias the draw
+    cdf = probs.double().cumsum(-1)
+    u = batch.uniforms(drawn, device).double() * cdf[:, -1]
+    picked = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
+    # u * total can round up to the total itself: take the most likely token then (probability ~1e-16)
+    picked = torch.where(picked < probs.shape[-1], picked, probs.argmax(-1))
+    return tokens.index_copy(0, index, picked)
+
+
+def _cut(scaled: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Rows of temperature-scaled logits with the tokens outside top-k and then top-p set to -inf.
+
+    Each row keeps the tokens at least as likely as its cut-off token (ties at the cut-off are all kept): top-k's
+    k-th most likely, and top-p's smallest prefix of the most likely whose mass reaches top_p (the first always
+    kept), renormalised after top-k as when the two are applied one after the other.
+    """
+    vocab = scaled.shape[-1]
+    ordered = scaled.sort(dim=-1, descending=True, stable=True).values
+    k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p for p in params], device=scaled.device)
+    rank = torch.arange(vocab, device=scaled.device)
+    ordered = ordered.masked_fill(rank >= k[:, None], float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    kept = ((probs.cumsum(-1) - probs) < top_p[:, None]) & (rank < k[:, None])
+    kept[:, 0] = True
+    last = kept.sum(-1, keepdim=True) - 1  # kept is a prefix: its length minus one is the cut-off rank
+    threshold = ordered.gather(-1, last)
+    return scaled.masked_fill(scaled < threshold, float("-inf"))
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """Pick one token id from a row of logits (V,)."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    """Pick one token id from a row of logits (V,): `sample_batch` for one row."""
+    return int(sample_batch(logits[None], SamplingBatch([params], [generator]))[0])
 
 
 @dataclass
