@@ -55,7 +55,7 @@ def sample_under(matcher, tok, seed: int, steps: int = 500, bias=0.0) -> tuple[l
 def test_json_schema_samples_validate(tokenizer):
     validator = jsonschema_rs.validator_for(SCHEMA)
     for seed in range(20):
-        [m] = matchers([Constraint("json_schema", SCHEMA)], tokenizer, tokenizer.stop_ids, tokenizer.vocab_size)
+        [m] = matchers([Constraint("json_schema", SCHEMA)], tokenizer, tokenizer.stop_ids)
         ids, stopped = sample_under(m, tokenizer, seed)
         assert stopped and m.done
         assert validator.is_valid(json.loads(tokenizer.decode(ids))), tokenizer.decode(ids)
@@ -67,16 +67,16 @@ def test_json_object_regex_and_choice(tokenizer):
              (Constraint("choice", ["red", "green apple", "ç€ (x)"]), lambda t: t in ("red", "green apple", "ç€ (x)"))]
     for constraint, check in cases:
         for seed in range(5):
-            [m] = matchers([constraint], tokenizer, tokenizer.stop_ids, tokenizer.vocab_size)
+            [m] = matchers([constraint], tokenizer, tokenizer.stop_ids)
             ids, stopped = sample_under(m, tokenizer, seed, bias=closing_bias(tokenizer))
             assert stopped and check(tokenizer.decode(ids)), (constraint, tokenizer.decode(ids))
 
 
 def test_a_choice_with_regex_characters_is_literal(tokenizer):
-    [m] = matchers([Constraint("choice", ["a.b", "(c)*"])], tokenizer, tokenizer.stop_ids, tokenizer.vocab_size)
+    [m] = matchers([Constraint("choice", ["a.b", "(c)*"])], tokenizer, tokenizer.stop_ids)
     texts = set()
     for seed in range(8):
-        m = matchers([Constraint("choice", ["a.b", "(c)*"])], tokenizer, tokenizer.stop_ids, tokenizer.vocab_size)[0]
+        m = matchers([Constraint("choice", ["a.b", "(c)*"])], tokenizer, tokenizer.stop_ids)[0]
         texts.add(tokenizer.decode(sample_under(m, tokenizer, seed)[0]))
     assert texts <= {"a.b", "(c)*"} and texts
 

@@ -29,8 +29,8 @@ def test_json_schema_holds_for_100_of_100_sampled_completions(client):
 
 
 def test_json_object_streamed_equals_not_streamed(client):
-    kwargs = {"model": "tiny", "prompt": "{", "max_tokens": 300, "temperature": 0.7, "seed": 5,
-              "response_format": {"type": "json_object"}, "logit_bias": {}}
+    kwargs = {"model": "tiny", "prompt": "{", "max_tokens": 200, "temperature": 0.7, "seed": 5, "logit_bias": {},
+              "extra_body": {"response_format": {"type": "json_object"}}}
     full = client.completions.create(**kwargs).choices[0]
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
     assert streamed == full.text
@@ -56,8 +56,8 @@ def test_a_constrained_request_leaves_others_in_its_batch_alone(client):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(2) as pool:
-        constrained = pool.submit(client.completions.create, model="tiny", prompt="x", max_tokens=40,
-                                  response_format=FORMAT, n=4, seed=1)
+        constrained = pool.submit(client.completions.create, model="tiny", prompt="x", max_tokens=40, n=4, seed=1,
+                                  extra_body={"response_format": FORMAT})
         beside = pool.submit(client.completions.create, model="tiny", prompt="Once upon", max_tokens=12,
                              temperature=0)
         assert beside.result().choices[0].text == alone

@@ -125,11 +125,13 @@ def answer(model, tokenizer, index: FaqIndex, question: str, max_new_tokens: int
 
 
 # The worked tool: an application serves the model without --faq and lets it look the FAQ up itself. The
-# schema bounds the query, so a constrained call always ends within a few dozen tokens.
+# schema bounds the query, so a constrained call always ends within CALL_TOKENS (48 characters, each at most 4
+# byte tokens, and the call's own syntax).
 FAQ_TOOL = {"type": "function", "function": {
     "name": "lookup_faq", "description": "Find the FAQ entry that answers a customer's question.",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["query"],
-                   "properties": {"query": {"type": "string", "minLength": 1, "maxLength": 64}}}}}
+                   "properties": {"query": {"type": "string", "minLength": 1, "maxLength": 48}}}}}
+CALL_TOKENS = 256
 
 
 def lookup_faq(index: FaqIndex, arguments: str) -> str:
@@ -147,7 +149,7 @@ def answer_with_tool(client, model: str, index: FaqIndex, question: str, max_tok
     messages = [{"role": "system", "content": "You answer customers from the FAQ."},
                 {"role": "user", "content": question}]
     first = client.chat.completions.create(model=model, messages=messages, tools=[FAQ_TOOL], tool_choice="required",
-                                           temperature=0, max_tokens=max_tokens)
+                                           temperature=0, max_tokens=CALL_TOKENS)
     call = first.choices[0].message.tool_calls[0]
     messages += [first.choices[0].message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": lookup_faq(index, call.function.arguments)}]

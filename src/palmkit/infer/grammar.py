@@ -121,9 +121,9 @@ def compile_grammar(constraint: Constraint) -> str:
 class Matcher:
     """One sequence's place in its grammar: the mask of tokens allowed next, advanced by each accepted token."""
 
-    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer, vocab: int):
+    def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer):
         self._m = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        self.vocab = vocab
+        self.vocab = tokenizer.vocab_size  # the width of its masks, in tokens
         if self._m.is_error():
             raise GrammarError(self._m.get_error())
 
@@ -163,8 +163,10 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(~allowed, float("-inf"))
 
 
-def matchers(constraints: Sequence[Constraint | None], tokenizer: Tokenizer, stop_ids: Sequence[int],
-             vocab: int) -> list[Matcher | None]:
-    """A fresh matcher per constrained choice (None for the unconstrained)."""
+def matchers(constraints: Sequence[Constraint | None], tokenizer: Tokenizer,
+             stop_ids: Sequence[int]) -> list[Matcher | None]:
+    """A fresh matcher per constrained choice (None for the unconstrained); `stop_ids` end a complete output."""
+    if all(c is None for c in constraints):
+        return [None] * len(constraints)
     ll = ll_tokenizer(tokenizer, tuple(sorted(set(stop_ids))))
-    return [None if c is None else Matcher(compile_grammar(c), ll, vocab) for c in constraints]
+    return [None if c is None else Matcher(compile_grammar(c), ll) for c in constraints]

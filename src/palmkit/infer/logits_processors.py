@@ -39,7 +39,7 @@ def apply_grammar(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> t
     if not rows:
         return logits
     vocab = logits.shape[-1]
-    mask = new_bitmask(len(rows), vocab)
+    mask = new_bitmask(len(rows), max(vocab, *(matchers[i].vocab for i in rows)))
     for k, i in enumerate(rows):
         matchers[i].fill_mask(mask, k)
     index = torch.tensor(rows, device=logits.device)

@@ -318,7 +318,10 @@ async def _generate(request: Request, chat: bool) -> Response:
         events = fixed_events(NO_ANSWER, len(choices))
     else:
         sink = Sink()
-        seqs = state.engine.submit(choices, sink, plan.stop_ids)
+        if any(params.constraint for _, params in choices):  # building grammar matchers takes milliseconds
+            seqs = await asyncio.to_thread(state.engine.submit, choices, sink, plan.stop_ids)
+        else:
+            seqs = state.engine.submit(choices, sink, plan.stop_ids)
         events = events_of(sink, len(seqs))
     output = _Output(shape, choices, logprobs, echoes, prompt_tokens)
     if body.stream:

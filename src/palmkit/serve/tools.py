@@ -49,8 +49,8 @@ def _text(message: ChatMessage) -> str:
 
 def _tools_message(tools: list[Tool]) -> dict:
     lines = [json.dumps({"name": t.function.name, "description": t.function.description or "",
-                         "parameters": t.function.parameters or {"type": "object"}}, ensure_ascii=False)
-             for t in tools]
+                         "parameters": t.function.parameters or {"type": "object"}}, ensure_ascii=False,
+                        separators=(",", ":")) for t in tools]
     return {"role": "system", "content": "You can call these tools. To call one, answer with only "
             f'{CALL_OPEN}{{"name": NAME, "arguments": {{...}}}}{CALL_CLOSE}.\nTools:\n' + "\n".join(lines)}
 
@@ -66,7 +66,7 @@ def chat_messages(messages: list[ChatMessage], tools: list[Tool] | None = None) 
             for call in m.tool_calls:
                 names[call.id] = call.function.name
                 content += CALL_OPEN + json.dumps({"name": call.function.name, "arguments": _arguments(call)},
-                                                  ensure_ascii=False) + CALL_CLOSE
+                                                  ensure_ascii=False, separators=(",", ":")) + CALL_CLOSE
         if m.role == "tool":
             result = {"name": m.name or names.get(m.tool_call_id or "", ""), "content": content}
             out.append({"role": "user", "content": f"<tool_response>{json.dumps(result, ensure_ascii=False)}"
