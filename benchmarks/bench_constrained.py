@@ -30,7 +30,8 @@ from bench_decode import make_checkpoint
 from bench_serve import start_server
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "plan", "urgent"],
-          "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0},
+          "properties": {"name": {"type": "string", "maxLength": 8},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 150},
                          "plan": {"enum": ["free", "pro", "team"]}, "urgent": {"type": "boolean"}}}
 
 

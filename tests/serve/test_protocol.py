@@ -51,6 +51,8 @@ TOO_LONG = "a " * 400  # the tiny model's context is 256 tokens
     ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, 400,
      "guided_choice", "invalid_value"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_choice": []}, 400, "guided_choice", "invalid_value"),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "guided_choice": ["a"], "ignore_eos": True}, 400,
+     "ignore_eos", "invalid_value"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "top_logprobs": 2}, 400, "top_logprobs",
      "unknown_parameter"),
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frequency_penalty": 2.5}, 400, "frequency_penalty",

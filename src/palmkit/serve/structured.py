@@ -42,6 +42,9 @@ def request_constraint(body: SamplingBody, tools: Constraint | None = None) -> C
     name, constraint = requested[0] if requested else ("tools", tools)
     if constraint is None:
         return None
+    if body.ignore_eos:  # a finished grammar allows only a stop token: past it there is nothing valid to write
+        raise APIError(400, f"'ignore_eos' cannot be combined with '{name}'.", param="ignore_eos",
+                       code="invalid_value")
     try:
         compile_grammar(constraint)
     except GrammarError as exc:
