@@ -6,8 +6,11 @@ load alone, then again beside one more client that sends `json_schema` requests 
 JSON differs and every step of theirs computes a grammar mask). Rounds alternate `--rounds` times so that load from
 elsewhere hits both alike; the figure is the unconstrained clients' completion tokens/s, and the ratio of the
 medians (with / without). It also counts how many constrained completions validated against the schema.
+`--baseline-src DIR` also serves the same checkpoint from another checkout's sources (e.g. the main branch's
+`src`, before structured output existed) and runs the unconstrained load on it in every round, for the ratio of
+this tree's unconstrained throughput to that one's.
 
-    python benchmarks/bench_constrained.py --preset small --clients 8 --rounds 3
+    python benchmarks/bench_constrained.py --preset small --clients 8 --rounds 5 --baseline-src /work/main/src
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import jsonschema_rs
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import make_checkpoint
-from bench_serve import start_server
+from bench_serve import free_port, start_process, start_server
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "plan", "urgent"],
           "properties": {"name": {"type": "string", "maxLength": 8},
@@ -81,13 +84,18 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per unconstrained client and round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--baseline-src", help="also serve from this source folder (PYTHONPATH) and load it alike")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        proc, base = start_server(make_checkpoint(Path(tmp), args.preset), None, 0)
+        checkpoint = make_checkpoint(Path(tmp), args.preset)
+        proc, base = start_server(checkpoint, None, 0)
+        baseline = start_baseline(checkpoint, args.baseline_src) if args.baseline_src else None
         try:
             unconstrained(base, 1, 1, 8)  # warm-up
-            alone, beside, counts = [], [], {"done": 0, "valid": 0}
+            alone, beside, before, counts = [], [], [], {"done": 0, "valid": 0}
             for _ in range(args.rounds):
+                if baseline:
+                    before.append(unconstrained(baseline[1], args.clients, args.requests, args.max_tokens))
                 alone.append(unconstrained(base, args.clients, args.requests, args.max_tokens))
                 stop = threading.Event()
                 side = threading.Thread(target=constrained_loop, args=(base, stop, counts))
@@ -96,15 +104,31 @@ def main() -> None:
                 stop.set()
                 side.join()
         finally:
-            proc.terminate()
-            proc.wait(30)
+            for p in (proc, *(baseline[:1] if baseline else ())):
+                p.terminate()
+                p.wait(30)
     print(f"{args.clients} unconstrained clients x {args.requests} requests of {args.max_tokens} greedy tokens, "
           f"{args.rounds} rounds, `{args.preset}` preset")
     print("| load | unconstrained completion tok/s (median) | rounds |\n|---|---|---|")
+    if before:
+        print(f"| alone, {args.baseline_src} | {statistics.median(before):.0f} | "
+              f"{', '.join(f'{x:.0f}' for x in before)} |")
     print(f"| alone | {statistics.median(alone):.0f} | {', '.join(f'{x:.0f}' for x in alone)} |")
     print(f"| + 1 json_schema client | {statistics.median(beside):.0f} | {', '.join(f'{x:.0f}' for x in beside)} |")
     print(f"\nratio (with / without): {statistics.median(beside) / statistics.median(alone):.3f}; "
           f"constrained completions: {counts['valid']} of {counts['done']} valid")
+    if before:
+        print(f"this tree alone / {args.baseline_src} alone: {statistics.median(alone) / statistics.median(before):.3f}"
+              f"; this tree with the constrained client / {args.baseline_src} alone: "
+              f"{statistics.median(beside) / statistics.median(before):.3f}")
+
+
+def start_baseline(checkpoint: Path, src: str):
+    """`palmkit serve` from another checkout's sources (its own command-line options)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+           "--engine.max_queue", "4096", "--model_name", "bench"]
+    return start_process(cmd, port, 0, 180, {"PYTHONPATH": src})
 
 
 if __name__ == "__main__":
