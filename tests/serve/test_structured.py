@@ -62,3 +62,12 @@ def test_a_constrained_request_leaves_others_in_its_batch_alone(client):
                              temperature=0)
         assert beside.result().choices[0].text == alone
         assert all(json.loads(c.text) for c in constrained.result().choices if c.finish_reason == "stop")
+
+
+def test_streamed_chat_json_schema_validates(client):
+    validator = jsonschema_rs.validator_for(SCHEMA)
+    for seed in range(3):
+        chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "A ticket"}],
+                                                response_format=FORMAT, seed=seed, max_tokens=200, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert validator.is_valid(json.loads(text)), text
