@@ -54,3 +54,22 @@ def test_rows_without_controls_are_inactive():
     assert not active([controls(), controls()], [None, None])
     assert active([controls(), controls(min_p=0.1)], [None, None])
     assert active([controls()], [object()])
+
+
+def test_the_batched_sampler_applies_them_per_row_and_leaves_its_input_alone():
+    from palmkit.infer.sampling import SamplingBatch, SamplingParams, make_generator, sample_batch
+
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, V, generator=g) * 3
+    kept = logits.clone()
+    top = logits.argmax(-1)
+    params = [SamplingParams(temperature=1.0, min_p=1.0, seed=0),  # only the most likely token survives min-p 1
+              SamplingParams(temperature=0, logit_bias={int(top[1]): -100.0}),
+              SamplingParams(temperature=0, repetition_penalty=1e6)]  # what was said can never be chosen again
+    batch = SamplingBatch(params, [make_generator(p.seed, "cpu") for p in params],
+                          histories=[((), ()), ((), ()), ([int(top[2])], [])])
+    tokens = sample_batch(logits, batch)
+    assert int(tokens[0]) == int(top[0])
+    assert int(tokens[1]) == int(logits[1].topk(2).indices[1])
+    assert int(tokens[2]) != int(top[2])
+    assert torch.equal(logits, kept)  # the engine's logits stay the model's, for log-probabilities
