@@ -125,13 +125,11 @@ def answer(model, tokenizer, index: FaqIndex, question: str, max_new_tokens: int
 
 
 # The worked tool: an application serves the model without --faq and lets it look the FAQ up itself. The
-# schema bounds the query, so a constrained call always ends within CALL_TOKENS (48 characters, each at most 4
-# byte tokens, and the call's own syntax).
+# schema bounds the query (48 characters), so a constrained call always ends within a bounded number of tokens.
 FAQ_TOOL = {"type": "function", "function": {
     "name": "lookup_faq", "description": "Find the FAQ entry that answers a customer's question.",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["query"],
                    "properties": {"query": {"type": "string", "minLength": 1, "maxLength": 48}}}}}
-CALL_TOKENS = 256
 
 
 def lookup_faq(index: FaqIndex, arguments: str) -> str:
@@ -142,14 +140,16 @@ def lookup_faq(index: FaqIndex, arguments: str) -> str:
                       else {"answer": None}, ensure_ascii=False)
 
 
-def answer_with_tool(client, model: str, index: FaqIndex, question: str, max_tokens: int = 96) -> tuple[str, dict]:
+def answer_with_tool(client, model: str, index: FaqIndex, question: str,
+                     max_tokens: int | None = None) -> tuple[str, dict]:
     """One customer question through an OpenAI-compatible server with the FAQ as a tool: the model must call
     lookup_faq (tool_choice "required", so its arguments are valid JSON of the tool's schema), the application
-    runs it and sends the result back as a `tool` message, and the model answers from it. (answer, the call)."""
+    runs it and sends the result back as a `tool` message, and the model answers from it in at most `max_tokens`
+    (None: the rest of the context, as the call itself). (answer, the call)."""
     messages = [{"role": "system", "content": "You answer customers from the FAQ."},
                 {"role": "user", "content": question}]
     first = client.chat.completions.create(model=model, messages=messages, tools=[FAQ_TOOL], tool_choice="required",
-                                           temperature=0, max_tokens=CALL_TOKENS)
+                                           temperature=0)
     call = first.choices[0].message.tool_calls[0]
     messages += [first.choices[0].message.model_dump(exclude_none=True),
                  {"role": "tool", "tool_call_id": call.id, "content": lookup_faq(index, call.function.arguments)}]
