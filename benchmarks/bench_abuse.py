@@ -68,7 +68,7 @@ def make_checkpoint(src: str, root: Path) -> Path:
 def start_server(src: str, checkpoint: Path, timeout: float = 180) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-           "--model_name", "bench", "--log_level", "critical"]
+           "--model_name", "bench", "--server.log_level", "critical"]
     from bench_serve import start_process  # imported here: bench_serve imports this tree's palmkit (and torch)
 
     return start_process(cmd, port, 0, timeout, {"PYTHONPATH": src})

@@ -73,7 +73,8 @@ def start_server(checkpoint: Path, max_batch: int | None, threads: int, timeout:
     base URL once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "palmkit.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port),
-           "--engine.max_queue", "4096", "--model_name", "bench", "--log_level", "warning", "--engine.dtype", dtype]
+           "--engine.max_queue", "4096", "--model_name", "bench", "--server.log_level", "warning",
+           "--engine.dtype", dtype]
     cmd += [*(["--engine.max_batch", str(max_batch)] if max_batch else []), *extra]
     return start_process(cmd, port, threads, timeout)
 

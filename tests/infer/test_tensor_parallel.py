@@ -157,8 +157,8 @@ def test_generate_command_tp_equals_one_process(checkpoint):
 def test_server_tp_answers_equal_one_process_server(checkpoint):
     port = free_port()
     server = torchrun("serve", "--checkpoint", str(checkpoint), "--port", str(port), "--tp", "2",
-                      "--engine.max_batch", "2", "--engine.prefill_tokens", "3", "--vocab_parallel", "false",
-                      "--log_level", "warning", stderr=subprocess.PIPE)
+                      "--engine.max_batch", "2", "--engine.prefill_tokens", "3", "--server.vocab_parallel", "false",
+                      "--server.log_level", "warning", stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     body = {"model": checkpoint.name, "max_tokens": 10, "temperature": 0}
     prompts = ["The quick brown fox", "Der", "a b c d e f g", "zh"]

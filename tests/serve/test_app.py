@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from palmkit.infer.engine import Engine, EngineOptions, EngineStopped
 from palmkit.model.checkpoint import load_checkpoint
 from palmkit.serve import app as app_module
-from palmkit.serve.app import create_app, serve
+from palmkit.serve.app import ServerOptions, create_app, serve
 from palmkit.serve.grounding import NO_ANSWER
 from palmkit.serve.limits import Limits
 from tests.conftest import Slow
@@ -334,7 +334,7 @@ def test_cors_for_any_origin_without_a_key_is_warned_about(loaded, caplog):
         create_app(Engine(model, tok, autotune=False), model_name="tiny", cors_origins=["*"], api_key="k")
         assert "cors_origins" not in caplog.text
         create_app(Engine(model, tok, autotune=False), model_name="tiny", cors_origins=["*"])
-    assert "--cors_origins '*' without an API key" in caplog.text
+    assert "--server.cors_origins '*' without an API key" in caplog.text
 
 
 def test_serve_threads_every_engine_option_to_a_tensor_parallel_engine(checkpoint, monkeypatch):
@@ -342,6 +342,6 @@ def test_serve_threads_every_engine_option_to_a_tensor_parallel_engine(checkpoin
     # rank 1 of a group: it gets no engine and returns once rank 0 lets it go
     monkeypatch.setattr(app_module, "tensor_parallel_engine", lambda *args: seen.append(args) or (None, {}))
     options = EngineOptions(dtype="bfloat16", max_queue=5, prefill_tokens=7)
-    serve(str(checkpoint), engine=options, tp=2, vocab_parallel=False)
+    serve(str(checkpoint), engine=options, tp=2, server=ServerOptions(vocab_parallel=False))
     assert seen == [(str(checkpoint), 2, options, False)]
     assert options.max_batch is None  # the documented default batch, decided where the model's memory is known

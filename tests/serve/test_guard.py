@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 
 from palmkit.infer.engine import Engine
 from palmkit.serve import app as app_module
-from palmkit.serve.app import create_app, serve
+from palmkit.serve.app import ServerOptions, create_app, serve
 from palmkit.serve.connections import GuardedH11Protocol
 from palmkit.serve.guard import LOOPBACK_NAMES
 from palmkit.serve.limits import Limits
@@ -106,7 +106,7 @@ def test_serve_on_loopback_checks_the_host_and_bounds_connections(checkpoint, mo
             pass
 
     monkeypatch.setattr(app_module.uvicorn, "Server", Recorder)
-    serve(str(checkpoint), host="127.0.0.1", port=1, allowed_hosts="proxy.internal",
+    serve(str(checkpoint), host="127.0.0.1", port=1, server=ServerOptions(allowed_hosts="proxy.internal"),
           limits=Limits(max_header_bytes=4096))
     config = configs[0]
     assert issubclass(config.http, GuardedH11Protocol) and config.h11_max_incomplete_event_size == 4096

@@ -40,6 +40,10 @@ def test_document_holds_the_bodies_and_errors(keyed):
         assert events["itemSchema"]["properties"]["data"]["type"] == "string" and "schema" not in events
         assert operation["security"] == [{"bearer": []}]
     assert doc["paths"]["/health"]["get"]["security"] == []
+    for path, field in (("/v1/embeddings", "input"), ("/tokenize", "prompt"), ("/detokenize", "tokens")):
+        operation = doc["paths"][path]["post"]
+        assert field in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert {str(s) for s in ERRORS} <= set(operation["responses"]) and operation["security"] == [{"bearer": []}]
     error = doc["components"]["schemas"]["ErrorBody"]
     assert error["properties"]["error"] == {"$ref": "#/components/schemas/ErrorDetail"}
 
@@ -60,4 +64,6 @@ def test_every_response_is_documented_and_none_is_a_server_error(keyed):
         capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-6000:]
     summary = run.stdout[run.stdout.index("SUMMARY"):]
-    assert "Tested: 7" in summary and "passed" in summary, summary
+    # the 7 routes of completions, chat, models, model, health, metrics and the page, and /v1/embeddings,
+    # /tokenize, /detokenize
+    assert "Tested: 10" in summary and "passed" in summary, summary

@@ -5,6 +5,9 @@ examples in exactly the format of serve/grounding.py, built from the FAQ itself 
 used as a pseudo-FAQ, so that the model learns to answer from the retrieved entry (a base model trained for
 minutes mostly learns the FAQ's own answers: tune again when the FAQ changes).
 `palmkit serve --checkpoint CKPT --faq FILE` then grounds every /v1/chat/completions request and the web page at `/`.
+
+The same FAQ also works as a tool (`FAQ_TOOL`, `answer_with_tool`): served without `--faq`, the model calls
+`lookup_faq` through OpenAI's tool-calling API, the application runs the search and sends the entry back.
 """
 
 from __future__ import annotations
@@ -121,6 +124,40 @@ def answer(model, tokenizer, index: FaqIndex, question: str, max_new_tokens: int
     return complete_ids(model, tokenizer, [prompt], params)[0].text.strip(), g
 
 
+# The worked tool: an application serves the model without --faq and lets it look the FAQ up itself. The
+# schema bounds the query (48 characters), so a constrained call always ends within a bounded number of tokens.
+FAQ_TOOL = {"type": "function", "function": {
+    "name": "lookup_faq", "description": "Find the FAQ entry that answers a customer's question.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["query"],
+                   "properties": {"query": {"type": "string", "minLength": 1, "maxLength": 48}}}}}
+
+
+def lookup_faq(index: FaqIndex, arguments: str) -> str:
+    """Run FAQ_TOOL: `arguments` is the call's JSON text; the result (JSON text) is the best entry, or none."""
+    query = json.loads(arguments)["query"]
+    hits = index.relevant(query) or index.search(query, 1)
+    return json.dumps({"question": hits[0].entry.question, "answer": hits[0].entry.answer} if hits
+                      else {"answer": None}, ensure_ascii=False)
+
+
+def answer_with_tool(client, model: str, index: FaqIndex, question: str,
+                     max_tokens: int | None = None) -> tuple[str, dict]:
+    """One customer question through an OpenAI-compatible server with the FAQ as a tool: the model must call
+    lookup_faq (tool_choice "required", so its arguments are valid JSON of the tool's schema), the application
+    runs it and sends the result back as a `tool` message, and the model answers from it in at most `max_tokens`
+    (None: the rest of the context, as the call itself). (answer, the call)."""
+    messages = [{"role": "system", "content": "You answer customers from the FAQ."},
+                {"role": "user", "content": question}]
+    first = client.chat.completions.create(model=model, messages=messages, tools=[FAQ_TOOL], tool_choice="required",
+                                           temperature=0)
+    call = first.choices[0].message.tool_calls[0]
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": lookup_faq(index, call.function.arguments)}]
+    final = client.chat.completions.create(model=model, messages=messages, tools=[FAQ_TOOL], tool_choice="none",
+                                           temperature=0, max_tokens=max_tokens)
+    return final.choices[0].message.content or "", {"name": call.function.name, "arguments": call.function.arguments}
+
+
 EXAMPLE_QUESTIONS = ["I forgot my password, how can I reset it?", "how do i cancel my subscription",
                      "What is the capital of France?"]
 
@@ -156,6 +193,7 @@ def recipe(checkpoint: str = "", faq: str = "", out: str = "runs/support", serve
     """
     import torch
 
+    from palmkit.serve.app import serve as serve_http  # the `serve` argument is the flag
 
     started = time.perf_counter()
     faq_path = Path(faq) if faq else default_faq()
@@ -197,5 +235,5 @@ def recipe(checkpoint: str = "", faq: str = "", out: str = "runs/support", serve
     del model
 
     print(f"serving on http://{host}:{port}/ (Ctrl-C stops)", flush=True)
-    serve(str(model_dir), host=host, port=port, faq=str(faq_path))
+    serve_http(str(model_dir), host=host, port=port, faq=str(faq_path))
     return None

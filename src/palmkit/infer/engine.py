@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from palmkit.errors import PalmkitError
+from palmkit.infer.grammar import Matcher, matchers
 from palmkit.infer.interface import LanguageModel
 from palmkit.infer.sampling import (
     SamplingBatch,
@@ -152,6 +153,7 @@ class Sequence_:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet delivered
     prompt_logprobs: list[TokenLogprob] | None = None  # not yet delivered
     at: float = field(default_factory=time.monotonic)  # when submitted, then when its last token came
+    matcher: Matcher | None = None  # its grammar's state, when its params carry a constraint (infer/grammar.py)
 
 
 class EngineBusy(Exception):
@@ -240,6 +242,10 @@ class Engine:
                                    stop_ids),
                           make_generator(p.seed, self.device))
                 for i, (prompt, p) in enumerate(requests)]
+        # a grammar's matcher (milliseconds to build for a large schema: a server submits those off its event loop)
+        for seq, m in zip(seqs, matchers([p.constraint for _, p in requests], self.tokenizer,
+                                         [self.config.eos_id, *stop_ids]), strict=True):
+            seq.matcher = m
         with self._cond:
             if not self.alive:
                 raise EngineStopped("The engine is not running.")
@@ -459,10 +465,14 @@ class Engine:
     def _sample(self, seqs: list[Sequence_], logits: torch.Tensor, events: list) -> None:
         logits = logits[:, : self.vocab]
         # one batched choice and one device-to-host copy for every row
-        tokens = sample_batch(logits, SamplingBatch([s.params for s in seqs], [s.generator for s in seqs])).tolist()
+        batch = SamplingBatch([s.params for s in seqs], [s.generator for s in seqs],
+                              histories=[(s.prompt, s.tokens) for s in seqs], matchers=[s.matcher for s in seqs])
+        tokens = sample_batch(logits, batch).tolist()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.params.logprobs is not None:
                 seq.logprobs += token_logprobs(logits[i:i + 1], [token], seq.params.logprobs)
+            if seq.matcher is not None:
+                seq.matcher.accept(token)
             self._accept(seq, token, events)
 
     def _accept(self, seq: Sequence_, token: int, events: list) -> None:

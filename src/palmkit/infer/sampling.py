@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from palmkit.errors import PalmkitError
+from palmkit.infer.grammar import Constraint, Matcher
+from palmkit.infer.logits_processors import active, apply_grammar, has_penalties, min_p_filter, penalize
 
 
 @dataclass
@@ -27,6 +29,15 @@ class SamplingParams:
     # prompt's tokens from the second on (the first has no context to be predicted from).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Per-request controls (infer/logits_processors.py has their definitions): min-p after temperature, penalties
+    # on what was already said (1.0 and 0.0: off), a bias per token id, and a grammar the output must match
+    # (infer/grammar.py). Only the serving engine applies penalties and grammars: it knows each row's history.
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and self.temperature < float("inf")):  # also rejects NaN
@@ -42,6 +53,9 @@ class SamplingParams:
                 raise PalmkitError(f"{name} must be None or >= 0, got {getattr(self, name)}")
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
+        if not 0 <= self.min_p <= 1 or not self.repetition_penalty > 0:
+            raise PalmkitError(f"need 0 <= min_p <= 1 and repetition_penalty > 0, got {self.min_p} and "
+                               f"{self.repetition_penalty}")
 
 
 def make_generator(seed: int | None, device: str | torch.device) -> torch.Generator | None:
@@ -67,13 +81,26 @@ class SamplingBatch:
 
     params: Sequence[SamplingParams]
     generators: Sequence[torch.Generator | None]
+    # each row's (prompt, output so far), for the penalties; its grammar's matcher (None: unconstrained)
+    histories: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+    matchers: Sequence[Matcher | None] | None = None
 
     def __post_init__(self) -> None:
         if len(self.params) != len(self.generators):
             raise PalmkitError(f"{len(self.params)} rows of parameters for {len(self.generators)} generators")
+        if self.matchers is None:
+            self.matchers = [None] * len(self.params)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits (B, V) each row's choice is made from."""
+        """The logits (B, V) each row's choice is made from: the grammar's mask, then the penalties and the bias
+        (a copy when any row has one: the caller's logits stay the model's own, for log-probabilities)."""
+        if not active(self.params, self.matchers):
+            return logits
+        logits = apply_grammar(logits.clone(), self.matchers)
+        for i, p in enumerate(self.params):
+            if has_penalties(p):
+                prompt, output = self.histories[i] if self.histories is not None else ((), ())
+                penalize(logits[i], p, prompt, output)
         return logits
 
     def uniforms(self, rows: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -97,6 +124,9 @@ def sample_batch(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     index = torch.tensor(drawn, device=device)
     temperature = torch.tensor([batch.params[i].temperature for i in drawn], device=device)
     scaled = logits[index] / temperature[:, None]
+    for r, i in enumerate(drawn):
+        if batch.params[i].min_p > 0:  # min-p after temperature (logits_processors.min_p_filter)
+            scaled[r] = min_p_filter(scaled[r], batch.params[i].min_p)
     cut = [r for r, i in enumerate(drawn) if batch.params[i].top_k or batch.params[i].top_p < 1]
     if cut:
         scaled[cut] = _cut(scaled[cut], [batch.params[drawn[r]] for r in cut])

@@ -37,8 +37,10 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
@@ -52,6 +54,7 @@ from palmkit.infer.tensor_parallel import tensor_parallel_engine
 from palmkit.model.chat_template import chat_template
 from palmkit.serve.classify import classify_router
 from palmkit.serve.connections import uvicorn_config
+from palmkit.serve.embeddings import embeddings_router
 from palmkit.serve.grounding import FaqIndex
 from palmkit.serve.guard import LOOPBACK_NAMES, PUBLIC_PATHS, Guard, engine_stopped, request_id, server_error
 from palmkit.serve.limits import Limits
@@ -61,6 +64,7 @@ from palmkit.serve.protocol import APIError
 from palmkit.serve.recommend import recommend_router
 from palmkit.serve.schema import error_responses, openapi_document
 from palmkit.serve.state import ServerState
+from palmkit.serve.tokenize import tokenize_router
 
 log = logging.getLogger("palmkit.serve")
 
@@ -134,16 +138,38 @@ async def _watch(engine: Engine, on_death: Callable[[], None] | None) -> None:
         on_death()
 
 
-def create_app(source: str | os.PathLike | Engine, model_name: str | None = None, api_key: str | None = None,
-               options: EngineOptions = EngineOptions(), template: str | None = None,
-               routers: Sequence[APIRouter] = (),
-               faq: str | os.PathLike | FaqIndex | None = None, limits: Limits = Limits(),
-               allowed_hosts: Iterable[str] | None = None,
-               on_engine_death: Callable[[], None] | None = None, cors_origins: Sequence[str] = ()) -> FastAPI:
-    """The FastAPI app serving a checkpoint folder or an Engine (options: how a folder's engine runs);
-    faq: a FAQ file (or index) that grounds chat requests; limits: what clients may send (serve/limits.py);
-    allowed_hosts: the only Host names answered (None: any); on_engine_death: called if the engine thread dies;
-    cors_origins: web origins whose pages may call the API ("*": any)."""
+@dataclass(frozen=True)
+class AppOptions:
+    """What `create_app` serves besides the model: its name, access, grounding and limits.
+
+    Args:
+        model_name: the model's name in the API (default: the checkpoint folder's name, or "palmkit")
+        api_key: require `Authorization: Bearer KEY` on every route but the chat page and /health
+        template: the chat template's name (default: the checkpoint's, else palmkit's)
+        faq: a FAQ file (or index) that grounds chat requests
+        limits: what clients may send (serve/limits.py)
+        allowed_hosts: the only Host names answered (None: any)
+        on_engine_death: called if the engine thread dies
+        cors_origins: web origins whose pages may call the API ("*": any)
+    """
+
+    model_name: str | None = None
+    api_key: str | None = None
+    template: str | None = None
+    faq: str | os.PathLike | FaqIndex | None = None
+    limits: Limits = Limits()
+    allowed_hosts: Iterable[str] | None = None
+    on_engine_death: Callable[[], None] | None = None
+    cors_origins: Sequence[str] = ()
+
+
+def create_app(source: str | os.PathLike | Engine, options: EngineOptions = EngineOptions(),
+               routers: Sequence[APIRouter] = (), app_options: AppOptions | None = None, **changes: Any) -> FastAPI:
+    """The FastAPI app serving a checkpoint folder or an Engine (options: how a folder's engine runs); routers:
+    more routes; `changes`: AppOptions fields that replace those of `app_options`
+    (`create_app(ckpt, model_name="m", api_key="k")`)."""
+    opts = replace(app_options or AppOptions(), **changes)
+    faq = opts.faq
     faq_index = FaqIndex.from_file(faq) if faq is not None and not isinstance(faq, FaqIndex) else faq
     if isinstance(source, Engine):
         engine, config, default_name = source, {}, "palmkit"
@@ -154,7 +180,7 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
-        watch = asyncio.create_task(_watch(engine, on_engine_death))
+        watch = asyncio.create_task(_watch(engine, opts.on_engine_death))
         try:
             yield
         finally:
@@ -162,18 +188,18 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
             engine.stop()
 
     # With a key the interactive docs are off (a browser cannot send the key); /openapi.json needs the key.
-    app = FastAPI(title="palmkit", lifespan=lifespan, docs_url=None if api_key else "/docs", redoc_url=None)
+    app = FastAPI(title="palmkit", lifespan=lifespan, docs_url=None if opts.api_key else "/docs", redoc_url=None)
     app.state.palmkit = state = ServerState(
-        engine=engine, model_name=model_name or default_name,
-        format_chat=chat_template(template or config.get("chat_template")), api_key=api_key or None,
-        metrics=Metrics(), created=int(time.time()), faq=faq_index, limits=limits)
+        engine=engine, model_name=opts.model_name or default_name,
+        format_chat=chat_template(opts.template or config.get("chat_template")), api_key=opts.api_key or None,
+        metrics=Metrics(), created=int(time.time()), faq=faq_index, limits=opts.limits)
     engine.token_observers.append(state.metrics.observe_token)
     _install_error_handlers(app)
     if config.get("task") == "classify":
         routers = [*routers, classify_router(source, engine)]
     if config.get("task") == "recommend":
         routers = [*routers, recommend_router(source, engine)]
-    for router in (api_router(), *routers):
+    for router in (api_router(), embeddings_router(), tokenize_router(), *routers):
         app.include_router(router, responses=error_responses())
 
     def openapi() -> dict:
@@ -182,10 +208,14 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    _add_own_routes(app, state)
+    _add_middleware(app, state, opts)
+    return app
 
-    if "*" in cors_origins and api_key is None:
-        log.warning("--cors_origins '*' without an API key: every web page a visitor opens can use this server "
-                    "through their browser; name the origins, or set --api_key")
+
+def _add_own_routes(app: FastAPI, state: ServerState) -> None:
+    """The chat page, /health and /metrics."""
+    engine, limits = state.engine, state.limits
     page = chat_page_html(state)  # nothing in it changes while the app runs
 
     @app.get("/", response_class=HTMLResponse)
@@ -208,12 +238,17 @@ def create_app(source: str | os.PathLike | Engine, model_name: str | None = None
         """Prometheus text exposition."""
         return Response(state.metrics.render(engine), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    app.add_middleware(Guard, state=state, allowed_hosts=allowed_hosts)
+
+def _add_middleware(app: FastAPI, state: ServerState, opts: AppOptions) -> None:
+    cors_origins = list(opts.cors_origins)
+    if "*" in cors_origins and opts.api_key is None:
+        log.warning("--server.cors_origins '*' without an API key: every web page a visitor opens can use this "
+                    "server through their browser; name the origins, or set --api_key")
+    app.add_middleware(Guard, state=state, allowed_hosts=opts.allowed_hosts)
     if cors_origins:  # outside the guard: a browser's preflight carries no key, and its refusals need the headers
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["X-Request-Id"])
     app.add_middleware(_Instrument, state=state)  # outermost: counts the guard's refusals too
-    return app
 
 
 def return_freed_memory() -> None:
@@ -243,10 +278,28 @@ def chat_page_html(state: ServerState) -> str:
     return page.replace("__PALMKIT_CONFIG__", json.dumps(config).replace("<", "\\u003c"))
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """How `palmkit serve` runs besides the model, its engine and its limits (`--server.FIELD`).
+
+    Args:
+        log_level: uvicorn's log level (critical, error, warning, info, debug)
+        allowed_hosts: comma-separated Host names answered besides the loopback ones when bound to loopback
+            (e.g. the name a local reverse proxy forwards); ignored on other addresses
+        cors_origins: comma-separated web origins (`https://app.example.com`) whose pages may call the API
+            from a browser, or `*` for any; none by default
+        vocab_parallel: with --tp, split the shared embedding by vocabulary (false: keep it whole on every rank)
+    """
+
+    log_level: str = "info"
+    allowed_hosts: str = ""
+    cors_origins: str = ""
+    vocab_parallel: bool = True
+
+
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          engine: EngineOptions = EngineOptions(), model_name: str | None = None, log_level: str = "info",
-          faq: str = "", limits: Limits = Limits(), allowed_hosts: str = "", tp: int = 1,
-          vocab_parallel: bool = True, cors_origins: str = "") -> None:
+          engine: EngineOptions = EngineOptions(), model_name: str | None = None, faq: str = "",
+          limits: Limits = Limits(), tp: int = 1, server: ServerOptions = ServerOptions()) -> None:
     """Serve CHECKPOINT over an OpenAI-compatible HTTP API (completions, chat, streaming) with batching.
 
     The chat page is at http://HOST:PORT/.
@@ -263,51 +316,51 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
             --engine.max_queue (requests waiting beyond those; more get 429), --engine.prefill_tokens (prompt
             tokens prefilled per step, default 128), --engine.device (README "Serve")
         model_name: the model's name in the API (default: the checkpoint folder's name)
-        log_level: uvicorn's log level (critical, error, warning, info, debug)
         faq: a FAQ file (CSV question,answer or JSONL) that grounds chat answers; questions it does not cover
             get a fixed "no answer" reply
         limits: what one client may send and hold (body size, connections, timeouts; README "Serve")
-        allowed_hosts: comma-separated Host names answered besides the loopback ones when bound to loopback
-            (e.g. the name a local reverse proxy forwards); ignored on other addresses
         tp: tensor-parallel processes: `torchrun --nproc_per_node=N -m palmkit.cli serve --tp N ...`; rank 0
             serves, each rank takes the GPU of its local rank (or the CPU); --engine.device is then ignored
-        vocab_parallel: with --tp, split the shared embedding by vocabulary (false: keep it whole on every
-            rank)
-        cors_origins: comma-separated web origins (`https://app.example.com`) whose pages may call the API
-            from a browser, or `*` for any; none by default
+        server: --server.log_level, --server.allowed_hosts, --server.cors_origins, --server.vocab_parallel
     """
     api_key = api_key or os.environ.get("PALMKIT_API_KEY") or None
     loopback = host in LOOPBACK_NAMES
-    hosts = [*LOOPBACK_NAMES, *(h.strip() for h in allowed_hosts.split(",") if h.strip())] if loopback else None
-    server: uvicorn.Server | None = None
+    hosts = [*LOOPBACK_NAMES, *(h.strip() for h in server.allowed_hosts.split(",") if h.strip())] if loopback else None
+    uvicorn_server: uvicorn.Server | None = None
     died = False
 
     def exit_on_engine_death() -> None:
         nonlocal died
         died = True
-        if server is not None:
-            server.should_exit = True
+        if uvicorn_server is not None:
+            uvicorn_server.should_exit = True
 
-    source: str | Engine = checkpoint
-    template = None
-    if tp > 1:  # rank 0 serves; the other ranks follow its forward passes until its engine stops
-        leader, config = tensor_parallel_engine(checkpoint, tp, engine, vocab_parallel)
-        if leader is None:
-            return
-        source, template = leader, config.get("chat_template")
-        model_name = model_name or Path(checkpoint).resolve().name
-    app = create_app(source, model_name=model_name, api_key=api_key, options=engine, template=template,
-                     faq=faq or None, limits=limits, allowed_hosts=hosts, on_engine_death=exit_on_engine_death,
-                     cors_origins=[o.strip() for o in cors_origins.split(",") if o.strip()])
+    source, template = _serving_source(checkpoint, tp, engine, server.vocab_parallel)
+    if source is None:  # a tensor-parallel follower: its leader's engine has stopped
+        return
+    app = create_app(source, engine, model_name=model_name or Path(checkpoint).resolve().name, api_key=api_key,
+                     template=template, faq=faq or None, limits=limits, allowed_hosts=hosts,
+                     on_engine_death=exit_on_engine_death,
+                     cors_origins=[o.strip() for o in server.cors_origins.split(",") if o.strip()])
     if not loopback and api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=log_level))
+    uvicorn_server = uvicorn.Server(uvicorn_config(app, limits, host=host, port=port, log_level=server.log_level))
     # What importing and loading made lives as long as the process: out of the cyclic collector's sight, a full
     # collection scans only what requests make (it scanned ~470k objects, a 0.6-1.1 s stall of every route on
     # 2 busy cores; benchmarks/README.md, "bench_abuse.py").
     gc.freeze()
     return_freed_memory()
-    server.run()
+    uvicorn_server.run()
     if died:  # status 1: a supervisor restarts a server whose engine is gone
         log.critical("exiting: the engine thread died")
         sys.exit(1)
+
+
+def _serving_source(checkpoint: str, tp: int, engine: EngineOptions,
+                    vocab_parallel: bool) -> tuple[str | Engine | None, str | None]:
+    """(what create_app serves, its chat template): the folder, or with --tp rank 0's engine (None on the other
+    ranks, which follow rank 0's forward passes until its engine stops)."""
+    if tp <= 1:
+        return checkpoint, None
+    leader, config = tensor_parallel_engine(checkpoint, tp, engine, vocab_parallel)
+    return leader, config.get("chat_template") if leader is not None else None

@@ -17,11 +17,13 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palmkit.infer.engine import Event, Sink, events_of
+from palmkit.infer.grammar import Constraint
 from palmkit.infer.sampling import SamplingParams
 from palmkit.model.chat_template import END, encode_chat
 from palmkit.serve.grounding import NO_ANSWER, Grounding, ground
@@ -37,6 +39,8 @@ from palmkit.serve.protocol import (
 )
 from palmkit.serve.schema import json_body
 from palmkit.serve.state import ServerState, server_state
+from palmkit.serve.structured import request_constraint
+from palmkit.serve.tools import chat_messages, parse_calls, rendered_tools, tool_constraint, tool_mode
 
 
 def _prompt_ids(state: ServerState, prompt: str | list) -> list[list[int]]:
@@ -52,14 +56,6 @@ def _prompt_ids(state: ServerState, prompt: str | list) -> list[list[int]]:
         raise APIError(400, f"Token prompts must be non-empty lists of ids in [0, {vocab}).", param="prompt",
                        code="invalid_value")
     return prompts
-
-
-def _chat_messages(body: ChatBody) -> list[dict]:
-    messages = []
-    for m in body.messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or ())
-        messages.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    return messages
 
 
 def _chat_ids(state: ServerState, messages: list[dict]) -> list[int]:
@@ -95,23 +91,46 @@ def _budget(state: ServerState, prompt: list[int], requested: int | None, defaul
     return requested if requested is not None else min(room, default or room)
 
 
-def _choices(state: ServerState, body: SamplingBody, prompts: list[list[int]], max_tokens: int | None,
-             default: int | None, logprobs: int | None, echo: bool) -> list[tuple[list[int], SamplingParams]]:
-    """One (prompt, params) per choice: n choices per prompt, the i-th seeded with seed + i."""
+def _logit_bias(body: SamplingBody, vocab: int) -> dict[int, float] | None:
+    """logit_bias with its token ids as ints; an id that is not a number in [0, vocab) is a 400."""
+    if not body.logit_bias:
+        return None
+    try:
+        bias = {int(k): v for k, v in body.logit_bias.items()}
+    except ValueError:
+        bias = {-1: 0.0}
+    if any(not 0 <= k < vocab for k in bias):
+        raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab}).", param="logit_bias",
+                       code="invalid_value")
+    return bias
+
+
+def _controls(body: SamplingBody, vocab: int, constraint: Constraint | None) -> dict:
+    """The per-request sampling controls of SamplingParams, with their "off" values where not sent."""
+    return {"min_p": body.min_p or 0.0, "repetition_penalty": body.repetition_penalty or 1.0,
+            "presence_penalty": body.presence_penalty or 0.0, "frequency_penalty": body.frequency_penalty or 0.0,
+            "logit_bias": _logit_bias(body, vocab), "constraint": constraint}
+
+
+def _choices(state: ServerState, body: SamplingBody, prompts: list[list[int]], budget: tuple[int | None, int | None],
+             logprobs: int | None, echo: bool, constraint: Constraint | None) -> list[tuple[list[int], SamplingParams]]:
+    """One (prompt, params) per choice: n choices per prompt, the i-th seeded with seed + i; budget: (max_tokens,
+    the default when it is None)."""
     n = body.n or 1  # prompts x n and the stop strings are bounded by state.check_request
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     # top_p 0 is legal for OpenAI and means "the most likely token": the smallest positive mass keeps just it
     top_p = 1.0 if body.top_p is None else max(body.top_p, 1e-9)
     temperature = 1.0 if body.temperature is None else body.temperature
+    controls = _controls(body, state.engine.vocab, constraint)
     out = []
     for prompt in prompts:
-        budget = _budget(state, prompt, max_tokens, default)
+        tokens = _budget(state, prompt, *budget)
         for _ in range(n):
             seed = None if body.seed is None else (body.seed + len(out)) % 2**64
-            out.append((prompt, SamplingParams(max_new_tokens=budget, temperature=temperature, top_p=top_p,
+            out.append((prompt, SamplingParams(max_new_tokens=tokens, temperature=temperature, top_p=top_p,
                                                top_k=max(body.top_k or 0, 0), seed=seed, stop=stop,
                                                stop_at_eos=not body.ignore_eos, logprobs=logprobs,
-                                               prompt_logprobs=logprobs if echo else None)))
+                                               prompt_logprobs=logprobs if echo else None, **controls)))
     return out
 
 
@@ -152,8 +171,9 @@ class _Logprobs:
 class _Shape:
     """How the two endpoints spell their responses."""
 
-    def __init__(self, chat: bool, model: str, extra: dict | None = None):
+    def __init__(self, chat: bool, model: str, extra: dict | None = None, tools: ChatBody | None = None):
         self.chat, self.model = chat, model
+        self.tools = tools  # a chat request whose completions may hold tool calls (serve/tools.py)
         self.extra = extra or {}  # palmkit's own fields (`faq`): on the full response and a stream's first chunk
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -174,11 +194,27 @@ class _Shape:
     def full(self, texts: list[str], finishes: list[str], usage: dict, logprobs: list[dict | None]) -> dict:
         rows = enumerate(zip(texts, finishes, logprobs, strict=True))
         if self.chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
-                        "finish_reason": f} for i, (t, f, lp) in rows]
+            choices = [{"index": i, "message": self.message(t), "logprobs": lp, "finish_reason": self.finish(t, f)}
+                       for i, (t, f, lp) in rows]
         else:
             choices = [{"index": i, "text": t, "logprobs": lp, "finish_reason": f} for i, (t, f, lp) in rows]
         return {**self._envelope(False), "choices": choices, "usage": usage, **self.extra}
+
+    def message(self, text: str) -> dict:
+        """A chat choice's message: its text, or the tool calls it holds."""
+        content, calls = parse_calls(text, self.tools) if self.tools else (text, [])
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+    def finish(self, text: str, finish: str) -> str:
+        return "tool_calls" if finish == "stop" and self.tools and parse_calls(text, self.tools)[1] else finish
+
+    def tool_chunk(self, index: int, text: str, finish: str) -> list[dict]:
+        """A tool-using choice's end, streamed: its text or its calls in one delta, then its finish reason."""
+        message = self.message(text)
+        delta = {"content": message["content"]} if "tool_calls" not in message else {"tool_calls": [
+            {"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return [{**self._envelope(True), "choices": [choice]}, self.chunk(index, finish=self.finish(text, finish))]
 
     def usage_chunk(self, usage: dict) -> dict:
         return {**self._envelope(True), "choices": [], "usage": usage}
@@ -215,71 +251,85 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def _generate(request: Request, chat: bool) -> Response:
-    state = server_state(request)
+@dataclass
+class _Plan:
+    """A generation request, checked and encoded, before the model runs."""
+
+    body: SamplingBody
+    chat: bool
+    prompts: list[list[int]]
+    choices: list[tuple[list[int], SamplingParams]]
+    stop_ids: list[int]
+    requested: int | None  # alternatives per token; None: no log-probabilities
+    echo: bool
+    grounding: Grounding | None
+    tools: ChatBody | None  # a chat request whose completions may hold tool calls
+
+
+async def _chat_prompt(state: ServerState, body: ChatBody) -> tuple[list[int], list[int], Grounding | None]:
+    """(prompt ids, stop ids, grounding) of a chat request; without an end-of-turn piece its marker is a stop string."""
+    messages = chat_messages(body.messages, rendered_tools(body))
+    grounding = await asyncio.to_thread(_ground, state, messages) if state.faq is not None else None
+    end = state.tokenizer.sp.piece_to_id(END)
+    has_end = end != state.tokenizer.sp.unk_id()
+    prompt = await asyncio.to_thread(_chat_ids, state, grounding.messages if grounding else messages)
+    if not has_end:  # a tokenizer without chat pieces can still write the marker as text
+        body.stop = [*([body.stop] if isinstance(body.stop, str) else body.stop or []), END]
+    return prompt, [end] if has_end else [], grounding
+
+
+async def _plan(state: ServerState, request: Request, chat: bool) -> _Plan:
     body = await read_json(request, ChatBody if chat else CompletionBody, state.limits)
     state.check_model(body.model)
     state.check_request(body)  # by its counts alone; what remains is bounded, and runs on worker threads
     if not chat and state.faq is not None:  # a raw prompt has no user turn to ground: the FAQ would be bypassed
         raise APIError(400, "This server answers only from its FAQ (--faq): use /v1/chat/completions.",
                        param="prompt", code="faq_only")
-    grounded = chat and state.faq is not None
-    grounding = await asyncio.to_thread(_ground, state, _chat_messages(body)) if grounded else None
+    grounding, mode = None, tool_mode(body) if chat else None
     if chat:
-        end = state.tokenizer.sp.piece_to_id(END)
-        has_end = end != state.tokenizer.sp.unk_id()
-        messages = grounding.messages if grounding else _chat_messages(body)
-        prompts, stop_ids = [await asyncio.to_thread(_chat_ids, state, messages)], [end] if has_end else []
-        if not has_end:  # a tokenizer without chat pieces can still write the marker as text
-            body.stop = [*([body.stop] if isinstance(body.stop, str) else body.stop or []), END]
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        default = None
+        prompt, stop_ids, grounding = await _chat_prompt(state, body)
+        prompts, budget = [prompt], (body.max_completion_tokens or body.max_tokens, None)
     else:
         prompts, stop_ids = await asyncio.to_thread(_prompt_ids, state, body.prompt), []
-        max_tokens, default = body.max_tokens, DEFAULT_COMPLETION_TOKENS
+        budget = (body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+    tools = tool_constraint(body, mode) if mode else None
+    constraint = await asyncio.to_thread(request_constraint, body, tools)
     requested, echo = _logprob_request(body, chat), not chat and body.echo
-    choices = _choices(state, body, prompts, max_tokens, default, requested, echo)
+    choices = _choices(state, body, prompts, budget, requested, echo, constraint)
     if requested is not None:  # the response's size is known now, before the model runs
         check_logprob_values(sum(len(p) * echo + params.max_new_tokens for p, params in choices), requested + 1,
                              state.limits)
-    logprobs = _Logprobs(state, body, chat, requested, len(choices))
+    return _Plan(body, chat, prompts, choices, stop_ids, requested, echo, grounding, body if mode else None)
+
+
+async def _generate(request: Request, chat: bool) -> Response:
+    state = server_state(request)
+    plan = await _plan(state, request, chat)
+    body, choices = plan.body, plan.choices
+    logprobs = _Logprobs(state, body, chat, plan.requested, len(choices))
     # the echoed prompt of each choice, told apart from the completion until the choice's first event
+    echo = plan.echo
     echoes = await asyncio.to_thread(lambda: [state.tokenizer.decode(p) if echo else None for p, _ in choices])
-    prompt_tokens = sum(len(p) for p in prompts)
-    shape = _Shape(chat, state.model_name, {"faq": grounding.info()} if grounding else None)
+    prompt_tokens = sum(len(p) for p in plan.prompts)
+    grounding = plan.grounding
+    shape = _Shape(chat, state.model_name, {"faq": grounding.info()} if grounding else None, plan.tools)
     if grounding and not grounding.grounded:  # nothing to answer from: say so rather than let the model invent
         seqs, prompt_tokens = [], 0
         events = fixed_events(NO_ANSWER, len(choices))
     else:
         sink = Sink()
-        seqs = state.engine.submit(choices, sink, stop_ids)
+        if any(params.constraint for _, params in choices):  # building grammar matchers takes milliseconds
+            seqs = await asyncio.to_thread(state.engine.submit, choices, sink, plan.stop_ids)
+        else:
+            seqs = state.engine.submit(choices, sink, plan.stop_ids)
         events = events_of(sink, len(seqs))
+    output = _Output(shape, choices, logprobs, echoes, prompt_tokens)
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        return EventStream(_stream(request, shape, events, choices, prompt_tokens, usage, logprobs, echoes),
-                           cleanup=lambda: state.engine.cancel(seqs),
+        return EventStream(_stream(request, output, events, usage), cleanup=lambda: state.engine.cancel(seqs),
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    texts, finishes, tokens = [""] * len(choices), ["length"] * len(choices), [0] * len(choices)
-
-    async def collect() -> None:
-        async for ev in events:
-            if ev.error:
-                raise generation_failed(request.scope, state.engine, ev.error)
-            entries = []
-            if echoes[ev.index] is not None:
-                texts[ev.index] = echoes[ev.index]
-                entries = prompt_entries(choices[ev.index][0], ev.prompt_logprobs)
-                echoes[ev.index] = None
-            texts[ev.index] += ev.text
-            entries += _entries(ev)
-            if len(entries) > 64:  # an echoed prompt: written out as JSON text off the event loop
-                await asyncio.to_thread(logprobs.collect, ev.index, entries)
-            else:
-                logprobs.collect(ev.index, entries)
-            finishes[ev.index] = ev.finish_reason or finishes[ev.index]
-            tokens[ev.index] = ev.completion_tokens
-
-    work, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(_wait_disconnect(request))
+    work, watch = asyncio.ensure_future(output.collect(request, events)), asyncio.ensure_future(
+        _wait_disconnect(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -289,55 +339,104 @@ async def _generate(request: Request, chat: bool) -> Response:
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # the client left: nobody is there to read it
     work.result()
-
     if not logprobs.on:
-        return JSONResponse(shape.full(texts, finishes, _usage(prompt_tokens, tokens), [None] * len(choices)))
+        return JSONResponse(output.full([None] * len(choices)))
+    return await asyncio.to_thread(output.respond)
 
-    def respond() -> Response:  # megabytes of JSON: joined off the event loop from each choice's JSON text
+
+class _Output:
+    """What the choices of one request have produced so far, and the response it makes."""
+
+    def __init__(self, shape: _Shape, choices: list[tuple[list[int], SamplingParams]], logprobs: _Logprobs,
+                 echoes: list[str | None], prompt_tokens: int):
+        n = len(choices)
+        self.shape, self.choices, self.logprobs, self.echoes = shape, choices, logprobs, echoes
+        self.prompt_tokens = prompt_tokens
+        self.texts, self.finishes, self.tokens = [""] * n, ["length"] * n, [0] * n
+
+    async def collect(self, request: Request, events: AsyncIterator[Event]) -> None:
+        """Gather every choice's events (a full, non-streamed response)."""
+        async for ev in events:
+            if ev.error:
+                raise generation_failed(request.scope, server_state(request).engine, ev.error)
+            entries = []
+            if self.echoes[ev.index] is not None:
+                self.texts[ev.index] = self.echoes[ev.index]
+                entries = prompt_entries(self.choices[ev.index][0], ev.prompt_logprobs)
+                self.echoes[ev.index] = None
+            self.texts[ev.index] += ev.text
+            entries += _entries(ev)
+            if len(entries) > 64:  # an echoed prompt: written out as JSON text off the event loop
+                await asyncio.to_thread(self.logprobs.collect, ev.index, entries)
+            else:
+                self.logprobs.collect(ev.index, entries)
+            self.finishes[ev.index] = ev.finish_reason or self.finishes[ev.index]
+            self.tokens[ev.index] = ev.completion_tokens
+
+    def usage(self) -> dict:
+        return _usage(self.prompt_tokens, self.tokens)
+
+    def full(self, logprobs: list) -> dict:
+        return self.shape.full(self.texts, self.finishes, self.usage(), logprobs)
+
+    def respond(self) -> Response:
+        """The full response with log-probabilities: megabytes of JSON, joined from each choice's JSON text (on a
+        worker thread)."""
         key = uuid.uuid4().hex  # a mark no text can hold: the echoed prompt is the client's
-        marks = [f"\x00{key}.{i}\x00" for i in range(len(choices))]
-        envelope = json.dumps(shape.full(texts, finishes, _usage(prompt_tokens, tokens), marks),
-                              ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        marks = [f"\x00{key}.{i}\x00" for i in range(len(self.choices))]
+        envelope = json.dumps(self.full(marks), ensure_ascii=False, allow_nan=False, separators=(",", ":"))
         pieces = re.split(rf'"\\u0000{key}\.(\d+)\\u0000"', envelope)
-        body = "".join(logprobs.text(int(p)) if k % 2 else p for k, p in enumerate(pieces))
+        body = "".join(self.logprobs.text(int(p)) if k % 2 else p for k, p in enumerate(pieces))
         return Response(body.encode(), media_type="application/json")
 
-    return await asyncio.to_thread(respond)
+    async def echo_chunk(self, ev: Event, extra: dict) -> str:
+        """A choice's echoed prompt, its first chunk (built off the event loop)."""
+        def build() -> str:
+            part = self.logprobs.part(ev.index, prompt_entries(self.choices[ev.index][0], ev.prompt_logprobs))
+            return _sse({**self.shape.chunk(ev.index, self.echoes[ev.index], logprobs=part), **extra})
+
+        text = await asyncio.to_thread(build)
+        self.echoes[ev.index] = None
+        return text
+
+    def chunks(self, ev: Event, extra: dict) -> list[str]:
+        """The chunks of one event; a tool-using choice's text is held back to its end (it may be a call)."""
+        out, shape = [], self.shape
+        self.texts[ev.index] += ev.text
+        text = None if shape.tools else ev.text  # None: a delta with no content
+        if text or ev.logprobs:
+            part = self.logprobs.part(ev.index, _entries(ev))
+            out.append(_sse({**shape.chunk(ev.index, text, logprobs=part), **extra}))
+        if ev.finish_reason and shape.tools:
+            out += [_sse({**c, **extra}) for c in shape.tool_chunk(ev.index, self.texts[ev.index], ev.finish_reason)]
+        elif ev.finish_reason:
+            out.append(_sse({**shape.chunk(ev.index, finish=ev.finish_reason), **extra}))
+        return out
 
 
 def _entries(ev: Event) -> list[Entry]:
     return [(lp.id, lp) for lp in ev.logprobs or ()]
 
 
-async def _stream(request: Request, shape: _Shape, events: AsyncIterator[Event],
-                  choices: list[tuple[list[int], SamplingParams]], prompt_tokens: int, include_usage: bool,
-                  logprobs: _Logprobs, echoes: list[str | None]) -> AsyncIterator[str]:
+async def _stream(request: Request, output: _Output, events: AsyncIterator[Event],
+                  include_usage: bool) -> AsyncIterator[str]:
     request.scope["palmkit.status"] = 499  # until the last event has gone out
-    n = len(choices)
-    tokens = [0] * n
+    shape = output.shape
     extra = {"usage": None} if include_usage else {}
     if shape.chat:
-        for i in range(n):
+        for i in range(len(output.choices)):
             yield _sse({**shape.chunk(i, role=True), **extra})
     async for ev in events:
         if ev.error:
             yield _sse(generation_failed(request.scope, server_state(request).engine, ev.error).body())
             break
-        tokens[ev.index] = ev.completion_tokens
-        if echoes[ev.index] is not None:  # the choice's first event: its prompt goes first, built off the loop
-            def echo_chunk(ev: Event = ev) -> str:
-                part = logprobs.part(ev.index, prompt_entries(choices[ev.index][0], ev.prompt_logprobs))
-                return _sse({**shape.chunk(ev.index, echoes[ev.index], logprobs=part), **extra})
-
-            yield await asyncio.to_thread(echo_chunk)
-            echoes[ev.index] = None
-        if ev.text or ev.logprobs:
-            part = logprobs.part(ev.index, _entries(ev))
-            yield _sse({**shape.chunk(ev.index, ev.text, logprobs=part), **extra})
-        if ev.finish_reason:
-            yield _sse({**shape.chunk(ev.index, finish=ev.finish_reason), **extra})
+        output.tokens[ev.index] = ev.completion_tokens
+        if output.echoes[ev.index] is not None:  # the choice's first event: its prompt goes first
+            yield await output.echo_chunk(ev, extra)
+        for chunk in output.chunks(ev, extra):
+            yield chunk
     if include_usage:
-        yield _sse(shape.usage_chunk(_usage(prompt_tokens, tokens)))
+        yield _sse(shape.usage_chunk(output.usage()))
     yield _sse("[DONE]")
     request.scope["palmkit.status"] = 200
 

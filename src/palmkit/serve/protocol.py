@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -12,6 +12,15 @@ MAX_BODY_BYTES = 1 << 20  # the default of serve.limits.Limits.max_body_bytes (-
 
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request, OpenAI's bound
+
+
+MAX_PATTERN_CHARS, MAX_CHOICES = 4096, 256  # a guided_regex's characters, a guided_choice's strings
+
+
+MAX_TOOLS = 64  # tools per chat request
 
 
 MAX_LOGPROBS = 20  # alternatives per token: chat's limit at OpenAI (its legacy completions stop at 5)
@@ -42,6 +51,22 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Body):
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """`response_format`: text (no constraint), any JSON object, or JSON valid against `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingBody(_Body):
     model_config = ConfigDict(extra="allow")  # kept so that unknown parameters can be refused by name
 
@@ -57,6 +82,18 @@ class SamplingBody(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
     return_tokens_as_token_ids: bool = False  # vLLM's extension: logprobs name tokens "token_id:ID"
+    # the sampling controls of OpenAI (penalties, logit_bias) and vLLM (min_p, repetition_penalty); infer/sampling.py
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS)
+    # structured output (infer/grammar.py): OpenAI's response_format, and vLLM's guided_* for a regex or a choice
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = Field(None, max_length=MAX_PATTERN_CHARS)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
 
 
 class CompletionBody(SamplingBody):
@@ -72,9 +109,44 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionDef(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ChatBody(SamplingBody):
@@ -82,15 +154,15 @@ class ChatBody(SamplingBody):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # this server makes at most one call per turn
 
 
 # OpenAI parameters this server does not implement: refused unless they carry the value that means "off"
 # (client libraries send some of them with that value).
-UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
-               "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "tools": (None, []),
-               "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False),
-               "functions": (None, []), "function_call": (None, "none"),
-               "response_format": (None, {"type": "text"}), "modalities": (None, ["text"])}
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "functions": (None, []), "function_call": (None, "none"),
+               "modalities": (None, ["text"])}
 
 # OpenAI parameters that only tell OpenAI about the caller or its bookkeeping: accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
