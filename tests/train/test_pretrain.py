@@ -190,3 +190,22 @@ def test_resume_with_no_checkpoint_that_loads_is_an_error(corpus, reference, tmp
     (run / "checkpoints" / "step-0000003" / "optimizer.safetensors").write_bytes(b"\0" * 10)
     with pytest.raises(PalmkitError, match=r"no checkpoint of .* can be loaded"):
         pretrain(str(corpus), str(run), TrainConfig(**BASE), resume=True)
+
+
+def test_a_peak_measured_low_is_measured_again_rather_than_reported_over_100_percent():
+    """A peak measured while other work held the cores would put MFU over 100% on every step."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from palmkit.train.pretrain import Pretraining
+
+    run = SimpleNamespace(flops_per_step=2e9, peak=1.0, peak_remeasures=0,
+                          engine=SimpleNamespace(dtype=torch.float32),
+                          d=SimpleNamespace(device=torch.device("cpu"), world_size=1))
+    mfu = Pretraining._mfu(run, seconds=1e3)  # 2 MFLOP/s achieved against a "peak" of 1 FLOP/s
+    assert run.peak_remeasures == 1 and run.peak > 1e6  # measured again: any CPU multiplies faster than 1 MFLOP/s
+    assert mfu == pytest.approx(2e6 / run.peak) and mfu < 1
+    peak = run.peak
+    Pretraining._mfu(run, seconds=1e3)  # under the peak now: nothing measured
+    assert run.peak_remeasures == 1 and run.peak == peak

@@ -106,6 +106,7 @@ class Pretraining:
         # MFU's denominator: the peak of every process's device, one device per process
         self.peak = measure_matmul_peak(self.engine.dtype, device=d.device, seconds=0.5) * d.world_size
         self.flops_per_step = self.model_cfg.flops_per_token(cfg.seq_len) * cfg.batch_tokens
+        self.peak_remeasures = 0
 
     def _batch_shape(self) -> tuple[int, int]:
         """(micro-batches per step, sequences per micro-batch) on each rank for the global batch."""
@@ -138,6 +139,19 @@ class Pretraining:
     def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return model(batch[0], targets=batch[1])  # (total, cross-entropy, z-loss)
 
+    def _mfu(self, seconds: float) -> float:
+        """Model FLOPs utilisation of a step that took `seconds`.
+
+        The peak is measured once at start, in half a second; on a shared machine that half second can fall while
+        other work holds the cores, and every step would then claim more than 100%. A step faster than the peak
+        proves the measurement low: it is measured again (a few times at most, each costing half a second)."""
+        achieved = self.flops_per_step / seconds
+        if achieved > self.peak and self.peak_remeasures < 3:
+            self.peak_remeasures += 1
+            again = measure_matmul_peak(self.engine.dtype, device=self.d.device, seconds=0.5) * self.d.world_size
+            self.peak = max(self.peak, again)
+        return achieved / self.peak
+
     def step(self) -> dict | None:
         """One optimiser step on the next global batch; its metrics, or None when the batch was skipped."""
         cfg, d = self.cfg, self.d
@@ -155,7 +169,7 @@ class Pretraining:
         total, ce, z = result.losses
         return {"step": self.step_no, "loss": ce, "z_loss": z, "total_loss": total, "grad_norm": result.grad_norm,
                 "lr": self.engine.lr, "tokens_per_s": cfg.batch_tokens / dt,
-                "mfu": self.flops_per_step / dt / self.peak, "tokens": self.step_no * cfg.batch_tokens,
+                "mfu": self._mfu(dt), "tokens": self.step_no * cfg.batch_tokens,
                 "skipped_batches": self.engine.skipped}
 
     def evaluate(self, bar: tqdm) -> dict:
