@@ -187,6 +187,11 @@ def test_generate_and_export_commands(tmp_path, checkpoint):
             "--sampling.temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hello") and "finish_reason=" in r.stdout
+    # one stop string as a plain value, as the old --stop took it (a list needs --sampling.stop+ per string)
+    r = run("generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--sampling.max_new_tokens", "5",
+            "--sampling.temperature", "0", "--sampling.stop", "zzz-never")
+    assert r.returncode == 0, r.stderr
+    assert "finish_reason=length" in r.stdout
     r = run("export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "hf" / "config.json").is_file()

@@ -22,7 +22,7 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # nucleus sampling mass; 1.0: no cut
     seed: int | None = None
-    stop: Sequence[str] = ()
+    stop: Sequence[str] | str = ()  # one stop string or several; one becomes a 1-tuple
     stop_at_eos: bool = True
     # Log-probabilities, of the model's own distribution (before temperature, top-k and top-p): None for none,
     # k >= 0 for each token's own and the k most likely alternatives'; of the generated tokens, and of the
