@@ -147,3 +147,40 @@ def test_a_client_that_stops_reading_a_stream_is_dropped_and_its_slots_freed(loa
         finally:
             sock.close()
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+
+
+def test_a_stream_nobody_reads_backs_up_into_the_engine_and_stops_decoding(loaded):
+    """With the server's small send buffer, an unread stream fills the engine's queue for it within a few hundred
+    events and the engine stops decoding it; the kernel's default buffer (grown to MBs) would take every event, so
+    the whole request would be decoded for a reader that never reads."""
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=8, autotune=False)
+    context = model.config.max_seq_len
+    limits = Limits(send_seconds=60)  # the default send buffer; long enough not to drop the reader in this test
+    with running(create_app(engine, model_name="tiny", limits=limits)) as base:
+        host, port = base.removeprefix("http://").split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: the window stays small
+        sock.connect((host, int(port)))
+        body = (b'{"model": "tiny", "prompt": "x", "max_tokens": %d, "n": 8, "logprobs": 20, "stream": true, '
+                b'"ignore_eos": true}' % (context - 4))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        try:
+            assert wait_for(lambda: engine.running == 8)
+
+            def decoded() -> int:
+                return sum(len(s.tokens) for s in list(engine._active))
+
+            before, stalled = -1, 0
+            deadline = time.monotonic() + 30
+            while stalled < 10 and time.monotonic() < deadline:  # one second without a decoded token
+                time.sleep(0.1)
+                now = decoded()
+                stalled, before = (stalled + 1 if now == before else 0), now
+            assert stalled == 10, "the engine kept decoding a stream nobody reads"
+            assert engine.running == 8 and 0 < before < 8 * (context - 4)  # paused mid-way, slots kept
+        finally:
+            sock.close()
+        assert wait_for(lambda: engine.running == 0, seconds=20)  # the reader left: its sequences are cancelled
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200

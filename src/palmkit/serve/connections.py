@@ -11,6 +11,8 @@ open forever. This module serves with h11, whose parser refuses a head past `max
   not closed at once: it may ask `GET /health` within a second (anything else is answered 503 and closed), so
   that a liveness probe is answered while idle sockets fill the server. At most HEALTH_SPARE such connections
   are kept; a new one closes the oldest, so idle ones cannot hold the spares either;
+- a small kernel send buffer per connection (`Limits.send_buffer_bytes`), so that a stream nobody reads is
+  held back in the engine's queue, where the engine sees it and stops decoding it, not in megabytes of socket;
 - a deadline for a client to read its response (`Limits.send_seconds`): uvicorn stops sending while the
   transport's buffer is full and waits for the client as long as it takes, holding the response, the request's
   engine sequences and every event they keep producing. The clock runs while writing is paused (the buffer past
@@ -64,8 +66,12 @@ class GuardedH11Protocol(H11Protocol):
     max_connections: int = Limits.max_connections
     max_connections_per_ip: int = Limits.max_connections_per_ip
     send_seconds: float = Limits.send_seconds
+    send_buffer_bytes: int = Limits.send_buffer_bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
         self._head_timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self.spare, self.opened = False, time.monotonic()
@@ -141,7 +147,8 @@ def guarded_protocol(limits: Limits) -> type[GuardedH11Protocol]:
     """The protocol class with these limits (uvicorn makes one instance per connection)."""
     return type("GuardedH11Protocol", (GuardedH11Protocol,),
                 {"head_seconds": limits.head_seconds, "max_connections": limits.max_connections,
-                 "max_connections_per_ip": limits.max_connections_per_ip, "send_seconds": limits.send_seconds})
+                 "max_connections_per_ip": limits.max_connections_per_ip, "send_seconds": limits.send_seconds,
+                 "send_buffer_bytes": limits.send_buffer_bytes})
 
 
 def uvicorn_config(app, limits: Limits, **kwargs) -> uvicorn.Config:

@@ -62,6 +62,10 @@ class Limits:
     send_seconds: float = 30.0
     """A client that reads nothing of its response for this long (the server's send buffer stays full) is
     dropped: its connection is aborted, its sequences cancelled and what was waiting to be sent is freed."""
+    send_buffer_bytes: int = 64 << 10
+    """The kernel's send buffer of each connection (SO_SNDBUF). Left to itself Linux grows it to 4 MiB, which takes
+    thousands of streamed events from a client that reads none of them; kept small, an unread stream backs up into
+    the engine's queue within a few hundred events, and the engine stops decoding it until it is read."""
     max_logprob_values: int = 1 << 17
     """Log-probabilities one response may hold: tokens (echoed prompt and completion) x (logprobs + 1) x
     choices, counted before any work (about 30 bytes each in JSON)."""
